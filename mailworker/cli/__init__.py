@@ -1,0 +1,1 @@
+"""The ``mailworker`` command line."""

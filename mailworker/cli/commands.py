@@ -1,0 +1,264 @@
+"""Implementations of the ``mailworker`` subcommands (parsing lives in ``main``)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+from typing import Any
+
+import redis
+
+from mailworker.cli.output import CLIError, print_json, table
+from mailworker.config import ConfigError
+
+__all__ = ["check", "classify", "demo", "dlq_list", "dlq_purge", "dlq_retry", "dlq_show",
+           "scheduler", "send", "stats", "status", "worker"]
+
+
+def classify(exc: BaseException) -> CLIError:
+    """Turn any exception into a one-line CLIError with a hint and an exit code."""
+    from mailworker.message import InvalidMessageError
+
+    if isinstance(exc, CLIError):
+        return exc
+    if isinstance(exc, ConfigError):
+        return CLIError(str(exc), "see config/README.md for every setting", 3)
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        from mailworker.runtime import get_runtime
+
+        try:
+            url = get_runtime().settings.redis_url
+        except Exception:
+            url = "MAILWORKER_REDIS_URL"
+        return CLIError(f"cannot reach Redis at {_safe_url(url)}: {exc}",
+                        "start Redis or set MAILWORKER_REDIS_URL; nothing was changed", 4)
+    if isinstance(exc, InvalidMessageError):
+        return CLIError(str(exc), "fix the message; nothing was queued", 2)
+    if isinstance(exc, (ValueError, TypeError)):
+        return CLIError(str(exc), None, 2)
+    return CLIError(f"{type(exc).__name__}: {exc}",
+                    "run with MAILWORKER_DEBUG=1 for a traceback", 1)
+
+
+def _safe_url(url: str) -> str:
+    from mailworker.logging import redact_secrets
+
+    return str(redact_secrets(None, "", {"u": url})["u"])
+
+
+def _runtime() -> Any:
+    from mailworker.runtime import get_runtime
+
+    rt = get_runtime()
+    rt.redis.ping()  # fail fast with exit code 4 instead of hanging in a command
+    return rt
+
+
+def worker(args: argparse.Namespace) -> int:
+    from mailworker.cli.run_worker import run_worker
+
+    rt = _runtime()
+    queues = args.queues.split(",") if args.queues else list(rt.settings.queues)
+    unknown = [q for q in queues if q not in rt.settings.queues]
+    if unknown:
+        raise CLIError(f"unknown queue(s): {', '.join(unknown)}",
+                       f"known queues: {', '.join(rt.settings.queues)}", 3)
+    return run_worker(queues=queues, concurrency=args.concurrency, pool=args.pool,
+                      scheduler=not args.no_scheduler, loglevel=args.loglevel)
+
+
+def scheduler(args: argparse.Namespace) -> int:
+    from mailworker.logging import configure_logging
+    from mailworker.scheduler import Scheduler
+
+    configure_logging()
+    rt = _runtime()
+    sched = Scheduler(rt.settings, rt.store)
+    try:
+        sched.run()
+    except KeyboardInterrupt:
+        sched.stop()
+    return 0
+
+
+def send(args: argparse.Namespace) -> int:
+    import mailworker
+
+    _runtime()
+    text = sys.stdin.read() if args.text == "-" else args.text
+    mid = mailworker.send(sender=args.sender, to=args.to, cc=args.cc, bcc=args.bcc,
+                          subject=args.subject, text=text, html=args.html, relay=args.relay,
+                          queue=args.queue, idempotency_key=args.idempotency_key)
+    if args.json:
+        print_json({"id": mid})
+    else:
+        print(mid)
+    return 0
+
+
+def _ts(t: float | None) -> str:
+    if not t:
+        return "-"
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_record(rec: Any, history: bool) -> None:
+    print(f"message  {rec.id}")
+    print(f"state    {rec.state.value}{'  (possible duplicate)' if rec.possible_duplicate else ''}")
+    print(f"relay    {rec.relay}   queue {rec.queue}   attempts {rec.attempts}")
+    print(f"created  {_ts(rec.created_at)}   expires {_ts(rec.expires_at)}   "
+          f"next {_ts(rec.next_attempt_at)}")
+    if rec.dead_reason:
+        print(f"reason   {rec.dead_reason}")
+    rows = [(r.address, r.state.value, r.reply.code if r.reply else "",
+             r.reply.enhanced_code if r.reply else "", (r.reply.text if r.reply else "")[:60],
+             r.attempts) for r in rec.recipients]
+    print(table(["recipient", "state", "code", "enhanced", "last reply", "attempts"], rows))
+    if history:
+        print("\nhistory")
+        hrows = [(a.number, _ts(a.started_at), a.outcome, a.relay,
+                  "; ".join(f"{x.get('recipient') or '*'} {x.get('code')} {x.get('text', '')[:40]}"
+                            for x in a.replies)[:100]) for a in rec.history]
+        print(table(["#", "at", "outcome", "relay", "replies"], hrows))
+
+
+def status(args: argparse.Namespace) -> int:
+    rt = _runtime()
+    rec = rt.store.get(args.id)
+    if rec is None:
+        raise CLIError(f"no message with id {args.id!r}",
+                       "ids are printed by 'mailworker send'; records expire after retention", 1)
+    if args.json:
+        print_json(rec.summary())
+    else:
+        _print_record(rec, history=False)
+    return 0
+
+
+def _filter(args: argparse.Namespace) -> Any:
+    from mailworker.dlq import DeadLetterFilter
+    from mailworker.policy import parse_duration
+
+    try:
+        older = parse_duration(args.older_than) if args.older_than else None
+        newer = parse_duration(args.newer_than) if args.newer_than else None
+    except ValueError as exc:
+        raise CLIError(str(exc), "durations look like 90s, 15m, 24h, 7d", 2) from None
+    return DeadLetterFilter(relay=args.relay, code=args.code, exception=args.exception,
+                            domain=args.domain, older_than=older, newer_than=newer)
+
+
+def _has_filter(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k) for k in ("relay", "code", "exception", "domain",
+                                          "older_than", "newer_than"))
+
+
+def dlq_list(args: argparse.Namespace) -> int:
+    from mailworker.dlq import list_dead
+
+    _runtime()
+    recs = list_dead(_filter(args))
+    if args.json:
+        print_json([r.summary() for r in recs])
+        return 0
+    rows = [(r.id, _ts(r.dead_at), r.relay, r.sender,
+             ",".join(x.address for x in r.recipients if x.state.value == "failed")[:40],
+             (r.dead_reason or "")[:60]) for r in recs]
+    print(table(["id", "dead since", "relay", "sender", "failed recipients", "reason"], rows))
+    print(f"{len(recs)} dead letter(s)")
+    return 0
+
+
+def dlq_show(args: argparse.Namespace) -> int:
+    rt = _runtime()
+    rec = rt.store.get(args.id)
+    if rec is None:
+        raise CLIError(f"no message with id {args.id!r}", "list dead letters with "
+                       "'mailworker dlq list'", 1)
+    if args.json:
+        from dataclasses import asdict
+
+        print_json(asdict(rec))
+    else:
+        _print_record(rec, history=True)
+    return 0
+
+
+def _bulk(args: argparse.Namespace, action: str) -> int:
+    from mailworker import dlq
+
+    _runtime()
+    if not args.ids and not _has_filter(args) and not args.all:
+        raise CLIError(f"'dlq {action}' with no id and no filter would act on every dead letter",
+                       "name ids, add a filter (--relay, --code, ...), or pass --all", 2)
+    fn = dlq.retry if action == "retry" else dlq.purge
+    ids = fn(args.ids or None, None if args.ids else _filter(args), dry_run=args.dry_run)
+    if args.json:
+        print_json({"action": action, "dry_run": args.dry_run, "ids": ids})
+    else:
+        verb = {"retry": "retried", "purge": "purged"}[action]
+        prefix = "would be " if args.dry_run else ""
+        for mid in ids:
+            print(mid)
+        print(f"{len(ids)} dead letter(s) {prefix}{verb}")
+    return 0
+
+
+def dlq_retry(args: argparse.Namespace) -> int:
+    return _bulk(args, "retry")
+
+
+def dlq_purge(args: argparse.Namespace) -> int:
+    return _bulk(args, "purge")
+
+
+def _queue_depths(rt: Any) -> dict[str, int]:
+    out = {}
+    for q in rt.settings.queues:
+        try:
+            out[q] = int(rt.redis.llen(q)) if rt.settings.broker == rt.settings.redis_url else -1
+        except redis.ResponseError:
+            out[q] = -1
+    return out
+
+
+def stats(args: argparse.Namespace) -> int:
+    rt = _runtime()
+    while True:
+        snap = {"queues": _queue_depths(rt), **rt.store.counts(),
+                "relays": rt.store.relay_stats()}
+        paused = {name: rt.store.relay_pause(name) for name in rt.settings.relays}
+        snap["paused"] = {k: {"reason": v[0], "seconds_left": round(v[1], 1)}
+                          for k, v in paused.items() if v}
+        if args.json:
+            print_json(snap)
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            print(f"mailworker stats  {_ts(time.time())} UTC")
+            print(table(["queue", "waiting on broker"], list(snap["queues"].items())))
+            print(f"\nin flight {snap['in_flight']}   deferred {snap['deferred']}   "
+                  f"dead letters {snap['dead']}\n")
+            rows = [(name, c.get("delivered", 0), c.get("deferred", 0), c.get("failed", 0),
+                     c.get("dead", 0), c.get("attempts", 0),
+                     "paused: " + snap["paused"][name]["reason"] if name in snap["paused"] else "")
+                    for name, c in sorted(snap["relays"].items())]
+            print(table(["relay", "delivered", "deferred", "failed rcpts", "dead", "attempts",
+                         "note"], rows))
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def check(args: argparse.Namespace) -> int:
+    from mailworker.cli.check import run_check
+
+    return run_check(args.relay)
+
+
+def demo(args: argparse.Namespace) -> int:
+    from mailworker.demo import run_demo
+
+    return run_demo(messages=args.messages)

@@ -1,0 +1,141 @@
+"""The ``mailworker`` command.
+
+Exit codes (documented in the README):
+
+=====  =====================================================================
+0      success
+1      the operation ran and found a problem (e.g. ``check`` failed, message unknown)
+2      bad command-line input (unknown option, malformed address or argument)
+3      configuration error (unknown relay, malformed DSN, bad config file)
+4      Redis (store or broker) unreachable
+=====  =====================================================================
+
+Every error is one line on stderr with a hint, never a traceback (``MAILWORKER_DEBUG=1``
+shows the traceback for bug reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from mailworker.cli import commands
+from mailworker.cli.output import CLIError
+
+__all__ = ["build_parser", "main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mailworker",
+        description="Reliable email delivery: workers, status and dead-letter tools.",
+    )
+    p.add_argument("--config", help="TOML config file (default: $MAILWORKER_CONFIG)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    w = sub.add_parser("worker", help="run a complete worker: consumer, scheduler and sweeper")
+    w.add_argument("-Q", "--queues", default=None,
+                   help="comma-separated queues (default: all configured queues)")
+    w.add_argument("-c", "--concurrency", type=int, default=None,
+                   help="parallel deliveries (default: 8 threads)")
+    w.add_argument("-P", "--pool", default="threads", choices=["threads", "prefork", "solo"],
+                   help="Celery execution pool (default: threads; see README for why)")
+    w.add_argument("--no-scheduler", action="store_true",
+                   help="do not run the scheduler/sweeper in this process")
+    w.add_argument("-l", "--loglevel", default="INFO")
+    w.set_defaults(func=commands.worker)
+
+    s = sub.add_parser("scheduler", help="run only the scheduler/sweeper (one tick per second)")
+    s.set_defaults(func=commands.scheduler)
+
+    snd = sub.add_parser("send", help="enqueue one message")
+    snd.add_argument("--from", dest="sender", default=None)
+    snd.add_argument("--to", action="append", required=True, help="repeat for several")
+    snd.add_argument("--cc", action="append", default=[])
+    snd.add_argument("--bcc", action="append", default=[])
+    snd.add_argument("--subject", default="")
+    snd.add_argument("--text", default=None, help="plain-text body ('-' reads stdin)")
+    snd.add_argument("--html", default=None)
+    snd.add_argument("--relay", default=None)
+    snd.add_argument("--queue", default=None)
+    snd.add_argument("--idempotency-key", default=None)
+    snd.add_argument("--json", action="store_true")
+    snd.set_defaults(func=commands.send)
+
+    st = sub.add_parser("status", help="show a message's state per recipient")
+    st.add_argument("id")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=commands.status)
+
+    d = sub.add_parser("dlq", help="dead letters: list, show, retry, purge")
+    dsub = d.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    for name, helptext in (("list", "list dead letters"), ("retry", "queue them again"),
+                           ("purge", "delete them for good")):
+        a = dsub.add_parser(name, help=helptext)
+        if name != "list":
+            a.add_argument("ids", nargs="*", help="message ids (default: all matching filters)")
+            a.add_argument("--dry-run", action="store_true", help="only say what would happen")
+            a.add_argument("--all", action="store_true",
+                           help="required to act on every dead letter with no id or filter")
+        a.add_argument("--relay")
+        a.add_argument("--code", type=int, help="reply code, e.g. 550")
+        a.add_argument("--exception", help="exception class, e.g. SMTPDataError")
+        a.add_argument("--domain", help="recipient domain")
+        a.add_argument("--older-than", help="e.g. 1h, 2d")
+        a.add_argument("--newer-than", help="e.g. 30m")
+        a.add_argument("--json", action="store_true")
+        a.set_defaults(func=getattr(commands, f"dlq_{name}"))
+    sh = dsub.add_parser("show", help="one dead letter with its whole history")
+    sh.add_argument("id")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=commands.dlq_show)
+
+    stats = sub.add_parser("stats", help="queue depths, deferred, dead letters, per-relay counts")
+    stats.add_argument("--json", action="store_true")
+    stats.add_argument("--watch", type=float, nargs="?", const=2.0, default=None,
+                       metavar="SECONDS", help="refresh every SECONDS (default 2) until Ctrl-C")
+    stats.set_defaults(func=commands.stats)
+
+    chk = sub.add_parser("check", help="connect to a relay: EHLO, TLS, AUTH; print the transcript")
+    chk.add_argument("relay", nargs="?", default=None, help="relay name or DSN")
+    chk.set_defaults(func=commands.check)
+
+    demo = sub.add_parser("demo", help="see mail flow with nothing installed (embedded broker, "
+                                       "store and SMTP server)")
+    demo.add_argument("-n", "--messages", type=int, default=200)
+    demo.set_defaults(func=commands.demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        os.environ["MAILWORKER_CONFIG"] = args.config
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+    except CLIError as exc:
+        print(f"mailworker: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # the last line of defence: one line, not a traceback
+        err = commands.classify(exc)
+        if os.environ.get("MAILWORKER_DEBUG"):
+            traceback.print_exc()
+        print(f"mailworker: error: {err}", file=sys.stderr)
+        if err.hint:
+            print(f"hint: {err.hint}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Settings: one immutable value built from defaults, a TOML file and the environment.
+
+Precedence, lowest first: built-in defaults, the TOML file named by ``MAILWORKER_CONFIG``
+(or passed explicitly), then ``MAILWORKER_*`` environment variables. Every setting is
+documented in ``config/README.md``. A bad value fails at load with a message that names
+the setting and what it accepts: a worker that starts is a worker whose config parsed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mailworker.policy import Policy, parse_duration
+from mailworker.relay import InvalidRelayError, Relay, parse_relay
+
+__all__ = ["ConfigError", "QueueSettings", "Settings", "load_settings"]
+
+DEFAULT_QUEUES = ("transactional", "bulk")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names it and what it accepts."""
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """Per-queue delivery limits; a message may shorten its own lifetime."""
+
+    name: str
+    lifetime: float = 86400.0
+    max_attempts: int = 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a producer, worker or scheduler needs to know."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str | None = None
+    key_prefix: str = "mw"
+    relays: Mapping[str, Relay] = field(default_factory=dict)
+    default_relay: str = "default"
+    queues: Mapping[str, QueueSettings] = field(
+        default_factory=lambda: {q: QueueSettings(q) for q in DEFAULT_QUEUES}
+    )
+    default_queue: str = "transactional"
+    default_sender: str | None = None
+    max_message_size: int = 10 * 1024 * 1024
+    retention: float = 7 * 86400.0
+    lease_seconds: float = 300.0
+    stuck_after: float = 120.0
+    batch_size: int = 50
+    tick_interval: float = 1.0
+    task_time_limit: float = 600.0
+    visibility_timeout: float = 3600.0
+    policy: Policy = field(default_factory=Policy)
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
+
+    def relay(self, name: str | None = None) -> Relay:
+        """The named relay (default relay when None); a clear error for an unknown name."""
+        name = name or self.default_relay
+        try:
+            return self.relays[name]
+        except KeyError:
+            known = ", ".join(sorted(self.relays)) or "none configured"
+            raise ConfigError(
+                f"unknown relay {name!r} (known: {known}); define it with "
+                f"MAILWORKER_RELAY_{name.upper()}=smtp://host:port or [relays] in the config file"
+            ) from None
+
+    def queue(self, name: str | None = None) -> QueueSettings:
+        name = name or self.default_queue
+        try:
+            return self.queues[name]
+        except KeyError:
+            known = ", ".join(sorted(self.queues))
+            raise ConfigError(
+                f"unknown queue {name!r} (known: {known}); add it under [queues.{name}] "
+                "in the config file"
+            ) from None
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+_SCALARS: dict[str, type] = {
+    "redis_url": str, "broker_url": str, "key_prefix": str, "default_relay": str,
+    "default_queue": str, "default_sender": str, "max_message_size": int,
+    "retention": float, "lease_seconds": float, "stuck_after": float, "batch_size": int,
+    "tick_interval": float, "task_time_limit": float, "visibility_timeout": float,
+}
+_DURATIONS = {"retention", "lease_seconds", "stuck_after", "tick_interval",
+              "task_time_limit", "visibility_timeout"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _SCALARS[name]
+    try:
+        if name in _DURATIONS:
+            return parse_duration(value)
+        if kind is int:
+            number = int(value)
+            if number <= 0:
+                raise ValueError
+            return number
+        return str(value)
+    except (TypeError, ValueError):
+        hint = "a duration like 30, '90s', '15m', '24h'" if name in _DURATIONS else "a positive whole number"
+        raise ConfigError(f"setting {name}={value!r} is not {hint}") from None
+
+
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build :class:`Settings` from the TOML file and ``MAILWORKER_*`` variables."""
+    env = os.environ if environ is None else environ
+    path = path or env.get("MAILWORKER_CONFIG")
+    doc: dict[str, Any] = {}
+    if path:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+
+    values: dict[str, Any] = {}
+    top = doc.get("mailworker", doc)
+    for key, value in top.items():
+        if key in _SCALARS:
+            values[key] = _coerce(key, value)
+        elif key not in {"relays", "queues", "retry"}:
+            raise ConfigError(f"config file: unknown setting {key!r}; see config/README.md")
+    for key in _SCALARS:
+        var = f"MAILWORKER_{key.upper()}"
+        if env.get(var):
+            values[key] = _coerce(key, env[var])
+
+    relays: dict[str, Relay] = {}
+    try:
+        for name, spec in (top.get("relays") or {}).items():
+            if isinstance(spec, str):
+                relays[name] = parse_relay(name, spec, dict(env))
+            else:
+                spec = dict(spec)
+                dsn = spec.pop("dsn", None)
+                if not dsn:
+                    raise ConfigError(f"config file: relay {name!r} needs a dsn")
+                relay = parse_relay(name, dsn, dict(env))
+                relays[name] = relay.with_options(**spec) if spec else relay
+        for var, dsn in env.items():
+            if var.startswith("MAILWORKER_RELAY_") and dsn:
+                name = var.removeprefix("MAILWORKER_RELAY_").lower()
+                relays[name] = parse_relay(name, dsn, dict(env))
+    except InvalidRelayError as exc:
+        raise ConfigError(str(exc)) from None
+    values["relays"] = relays
+
+    queues = {q: QueueSettings(q) for q in DEFAULT_QUEUES}
+    for name, spec in (top.get("queues") or {}).items():
+        try:
+            queues[name] = QueueSettings(
+                name,
+                lifetime=parse_duration(spec.get("lifetime", 86400)),
+                max_attempts=int(spec.get("max_attempts", 20)),
+            )
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"config file: queue {name!r}: {exc}") from None
+    values["queues"] = queues
+
+    try:
+        values["policy"] = Policy.from_config(top.get("retry") or {})
+    except ValueError as exc:
+        raise ConfigError(f"config file: [retry]: {exc}") from None
+
+    settings = Settings(**values)
+    if settings.default_queue not in settings.queues:
+        settings.queue()  # raises with the list of known queues
+    return settings

@@ -1,0 +1,187 @@
+"""One delivery pass over a batch of message ids: claim, send, decide, save.
+
+This is what a Celery task calls; it knows nothing of Celery. A batch is grouped by relay
+and each group goes over one pooled connection with ``send_many``, so a busy connection
+costs one round trip per message and the per-task overhead is paid once per batch.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import structlog
+
+from mailworker.config import ConfigError, Settings
+from mailworker.hooks import Hooks
+from mailworker.outcome import Step, apply_expiry, apply_relay_hold, apply_result
+from mailworker.policy import Action, Policy
+from mailworker.smtp import Envelope, PoolManager, SendResult
+from mailworker.store import Claim, MessageState, Record, Store
+
+__all__ = ["Deliverer", "PassReport"]
+
+log = structlog.get_logger("mailworker.delivery")
+
+# How long a relay is paused for a configuration problem (bad credentials, bad certificate)
+# before workers try it again. Mail stays queued meanwhile; an operator can resume sooner.
+CONFIG_PAUSE_SECONDS = 300.0
+
+
+@dataclass
+class PassReport:
+    """What one pass did, for the task's return value and tests."""
+
+    claimed: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    states: dict[str, int] = field(default_factory=dict)
+    lost_leases: int = 0
+
+
+class Deliverer:
+    """Claims records, delivers them through the pools, saves outcomes, fires hooks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        pools: PoolManager,
+        hooks: Hooks | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.pools = pools
+        self.hooks = hooks or Hooks()
+        self.clock = clock
+        self.rng = rng
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._policies: dict[str, Policy] = {}
+
+    def policy_for(self, queue: str) -> Policy:
+        if queue not in self._policies:
+            q = self.settings.queues.get(queue)
+            base = self.settings.policy
+            self._policies[queue] = (
+                replace(base, max_attempts=q.max_attempts, lifetime=q.lifetime) if q else base
+            )
+        return self._policies[queue]
+
+    def run(self, ids: Sequence[str], task_id: str | None = None) -> PassReport:
+        report = PassReport()
+        if not ids:
+            return report
+        s = self.settings
+        now = self.clock()
+        token = uuid.uuid4().hex
+        claims = self.store.claim_many(
+            list(dict.fromkeys(ids)), token, s.lease_seconds,
+            watchdog=now + s.lease_seconds + s.stuck_after,
+        )
+        ready: dict[str, list[Claim]] = defaultdict(list)
+        release: list[Claim] = []
+        saves: list[tuple[Claim, Step]] = []
+        for mid, claim in claims.items():
+            if isinstance(claim, str):
+                report.skipped[claim] = report.skipped.get(claim, 0) + 1
+                continue
+            rec = claim.record
+            if rec.state.final:
+                self.store.forget_inflight([mid])
+                release.append(claim)
+                report.skipped["final"] = report.skipped.get("final", 0) + 1
+            elif rec.next_attempt_at and rec.next_attempt_at > now + 1.0 and not claim.interrupted_at:
+                release.append(claim)  # a stale wake-up for a record that is not due yet
+                report.skipped["not_due"] = report.skipped.get("not_due", 0) + 1
+            elif now >= rec.expires_at:
+                saves.append((claim, apply_expiry(rec, now)))
+            else:
+                ready[rec.relay].append(claim)
+        self.store.release_many(release)
+        report.claimed = sum(len(v) for v in ready.values())
+
+        for relay_name, group in ready.items():
+            saves.extend(self._deliver_group(relay_name, group, task_id))
+
+        ok = self.store.commit_many((c, st.score, st.counters) for c, st in saves)
+        for (claim, step), saved in zip(saves, ok, strict=True):
+            if not saved:
+                report.lost_leases += 1
+                log.warning("delivery.lease_lost", message_id=claim.record.id,
+                            hint="the attempt outlived its lease; raise lease_seconds")
+                continue
+            report.states[step.state.value] = report.states.get(step.state.value, 0) + 1
+            self._announce(claim.record, step)
+        return report
+
+    def _deliver_group(
+        self, relay_name: str, group: list[Claim], task_id: str | None
+    ) -> list[tuple[Claim, Step]]:
+        now = self.clock()
+        try:
+            relay = self.settings.relay(relay_name)
+        except ConfigError as exc:
+            # The relay vanished from config after the message was queued: hold the mail
+            # (an operator fixes config) rather than fail it.
+            return [(c, apply_relay_hold(c.record, now, now + CONFIG_PAUSE_SECONDS, str(exc)))
+                    for c in group]
+        paused = self.store.relay_pause(relay_name)
+        if paused:
+            reason, left = paused
+            return [(c, apply_relay_hold(c.record, now, now + left, f"relay paused: {reason}"))
+                    for c in group]
+
+        envelopes = [
+            Envelope(c.record.sender, tuple(r.address for r in c.record.open_recipients), c.raw,
+                     message_id=c.record.id)
+            for c in group
+        ]
+        started = self.clock()
+        with structlog.contextvars.bound_contextvars(task_id=task_id, relay=relay_name):
+            try:
+                results: list[SendResult | BaseException] = list(
+                    self.pools.get(relay).send_many(envelopes)
+                )
+            except Exception as exc:  # connection-level failure: applies to every message
+                results = [exc] * len(envelopes)
+        finished = self.clock()
+
+        out: list[tuple[Claim, Step]] = []
+        pause: tuple[float, str] | None = None
+        for claim, result in zip(group, results, strict=True):
+            step = apply_result(
+                claim.record, result, policy=self.policy_for(claim.record.queue),
+                now=finished, started_at=started, relay=relay_name, task_id=task_id,
+                worker=self.worker, interrupted=claim.interrupted_at is not None, rng=self.rng,
+            )
+            d = step.relay_decision
+            if d is not None:
+                seconds = CONFIG_PAUSE_SECONDS if d.action is Action.PAUSE_RELAY else d.delay
+                if pause is None or seconds > pause[0]:
+                    pause = (seconds, d.reason)
+            out.append((claim, step))
+        if pause is not None:
+            seconds, reason = pause
+            self.store.pause_relay(relay_name, seconds, reason)
+            log.error("relay.paused", relay=relay_name, seconds=round(seconds, 1), reason=reason)
+        return out
+
+    def _announce(self, record: Record, step: Step) -> None:
+        if step.state is MessageState.DELIVERED:
+            log.info("delivery.delivered", message_id=record.id,
+                     possible_duplicate=record.possible_duplicate)
+            self.hooks.fire("delivered", record)
+        elif step.state is MessageState.DEAD:
+            log.warning("delivery.dead_lettered", message_id=record.id, reason=record.dead_reason)
+            self.hooks.fire("failed", record)
+            self.hooks.fire("dead_lettered", record)
+        elif step.state is MessageState.DEFERRED:
+            log.info("delivery.deferred", message_id=record.id,
+                     next_attempt_at=record.next_attempt_at, last_error=record.last_error)

@@ -1,0 +1,129 @@
+"""Dead letters: list, inspect, retry and purge messages that ended undelivered.
+
+A dead letter keeps its whole history (every attempt's replies). Retrying one sends again
+only to the recipients that were not delivered; delivered recipients are final.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mailworker.runtime import get_runtime
+from mailworker.scheduler import Publisher, publish_ids
+from mailworker.store import Attempt, MessageState, RcptState, Record
+
+__all__ = ["DeadLetterFilter", "list_dead", "purge", "retry", "show"]
+
+
+@dataclass(frozen=True)
+class DeadLetterFilter:
+    """Which dead letters an operation applies to; every given field must match."""
+
+    relay: str | None = None
+    code: int | None = None            # a failed recipient's (or the last error's) reply code
+    exception: str | None = None       # class name of the last error, e.g. "SMTPDataError"
+    domain: str | None = None          # a failed recipient's domain
+    older_than: float | None = None    # seconds since dead-lettered
+    newer_than: float | None = None
+
+    def matches(self, rec: Record, now: float) -> bool:
+        failed = [r for r in rec.recipients if r.state is RcptState.FAILED]
+        if self.relay and rec.relay != self.relay:
+            return False
+        if self.domain:
+            want = self.domain.lower().lstrip("@")
+            if not any(r.address.rsplit("@", 1)[-1].lower() == want for r in failed):
+                return False
+        if self.code is not None:
+            codes = {r.reply.code for r in failed if r.reply}
+            codes |= {a.error.get("code") for a in rec.history[-1:] if a.error}
+            if self.code not in codes:
+                return False
+        if self.exception:
+            classes = {a.error.get("class") for a in rec.history if a.error}
+            if self.exception not in classes:
+                return False
+        age = now - (rec.dead_at or rec.updated_at or rec.created_at)
+        if self.older_than is not None and age < self.older_than:
+            return False
+        return not (self.newer_than is not None and age > self.newer_than)
+
+
+def list_dead(flt: DeadLetterFilter | None = None, limit: int = 1000) -> list[Record]:
+    """Dead letters matching *flt*, oldest first."""
+    store = get_runtime().store
+    flt = flt or DeadLetterFilter()
+    now = time.time()
+    out: list[Record] = []
+    ids = store.dead_ids()
+    for start in range(0, len(ids), 500):
+        for rec in store.get_many(ids[start:start + 500]):
+            if rec is not None and rec.state is MessageState.DEAD and flt.matches(rec, now):
+                out.append(rec)
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+def show(message_id: str) -> Record | None:
+    return get_runtime().store.get(message_id)
+
+
+def _select(ids: Sequence[str] | None, flt: DeadLetterFilter | None) -> list[Record]:
+    if ids:
+        recs = get_runtime().store.get_many(list(ids))
+        return [r for r in recs if r is not None and r.state is MessageState.DEAD]
+    return list_dead(flt, limit=1_000_000)
+
+
+def retry(ids: Sequence[str] | None = None, flt: DeadLetterFilter | None = None,
+          dry_run: bool = False, publish: Publisher | None = None) -> list[str]:
+    """Queue dead letters again for their undelivered recipients; return the ids retried.
+
+    The message gets a fresh lifetime from its queue and a fresh attempt budget; its
+    history is kept, with an entry saying an operator retried it.
+    """
+    rt = get_runtime()
+    selected = _select(ids, flt)
+    if dry_run or not selected:
+        return [r.id for r in selected]
+    now = time.time()
+    token = uuid.uuid4().hex
+    claims = rt.store.claim_many([r.id for r in selected], token, 30.0, now + rt.settings.stuck_after)
+    saves = []
+    for claim in claims.values():
+        if isinstance(claim, str) or claim.record.state is not MessageState.DEAD:
+            continue
+        rec = claim.record
+        for r in rec.recipients:
+            if r.state is RcptState.FAILED:
+                r.state, r.attempts, r.reason = RcptState.PENDING, 0, None
+        q = rt.settings.queues.get(rec.queue)
+        rec.state, rec.attempts, rec.next_attempt_at = MessageState.QUEUED, 0, None
+        rec.expires_at = now + (q.lifetime if q else 86400.0)
+        rec.dead_reason, rec.dead_at = None, None
+        rec.history.append(Attempt(number=len(rec.history) + 1, started_at=now,
+                                   finished_at=now, outcome="operator_retry", relay=rec.relay))
+        saves.append((claim, now + rt.settings.stuck_after, {"dlq_retried": 1}))
+    ok = rt.store.commit_many(saves)
+    done = [c.record for (c, _, _), saved in zip(saves, ok, strict=True) if saved]
+    publish = publish or publish_ids
+    by_queue: dict[str, list[str]] = {}
+    for rec in done:
+        by_queue.setdefault(rec.queue, []).append(rec.id)
+    for queue, qids in by_queue.items():
+        for i in range(0, len(qids), rt.settings.batch_size):
+            publish(qids[i:i + rt.settings.batch_size], queue)
+    return [r.id for r in done]
+
+
+def purge(ids: Sequence[str] | None = None, flt: DeadLetterFilter | None = None,
+          dry_run: bool = False) -> list[str]:
+    """Delete dead letters for good; return the ids purged (or that would be)."""
+    selected = [r.id for r in _select(ids, flt)]
+    if not dry_run:
+        get_runtime().store.purge(selected)
+    return selected

@@ -1,0 +1,91 @@
+"""structlog set-up: JSON in production, console in development, secrets always redacted.
+
+Every log line passes through :func:`redact_secrets`, so a password or an AUTH payload
+cannot reach a log line even if a caller binds it by mistake. The SMTP layer also never
+logs AUTH arguments in the first place (defence in depth).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+__all__ = ["configure_logging", "get_logger", "redact_command", "redact_secrets"]
+
+_SECRET_KEYS = re.compile(r"(pass(word)?|secret|token|credential|auth_payload|api_key)", re.I)
+_DSN_PASSWORD = re.compile(r"(\w[\w+.-]*://[^:/@\s]*:)[^@\s]*@")
+_AUTH_CMD = re.compile(r"^(AUTH\s+\S+)(\s+.*)?$", re.I | re.S)
+REDACTED = "***"
+
+
+def redact_command(command: str) -> str:
+    """An SMTP command line fit for logging: AUTH arguments are replaced."""
+    m = _AUTH_CMD.match(command.strip())
+    if m:
+        return m.group(1).upper() + (f" {REDACTED}" if m.group(2) else "")
+    return command.strip()
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _DSN_PASSWORD.sub(rf"\g<1>{REDACTED}@", value)
+    return value
+
+
+def redact_secrets(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: blank secret-looking keys, strip passwords out of DSNs."""
+    for key in list(event_dict):
+        if _SECRET_KEYS.search(key):
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _redact_value(event_dict[key])
+    if "command" in event_dict and isinstance(event_dict["command"], str):
+        event_dict["command"] = redact_command(event_dict["command"])
+    return event_dict
+
+
+def configure_logging(
+    fmt: str | None = None, level: str | None = None, stream: TextIO | None = None
+) -> None:
+    """Configure structlog once for the process.
+
+    *fmt* is ``"json"`` or ``"console"`` (default: ``MAILWORKER_LOG_FORMAT``, else console
+    on a terminal and JSON otherwise). *level* defaults to ``MAILWORKER_LOG_LEVEL`` or INFO.
+    """
+    fmt = fmt or os.environ.get("MAILWORKER_LOG_FORMAT") or (
+        "console" if sys.stderr.isatty() else "json"
+    )
+    level_name = (level or os.environ.get("MAILWORKER_LOG_LEVEL") or "INFO").upper()
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level_name, logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str = "mailworker") -> Any:
+    """A structlog logger; the processors above apply to every event it emits."""
+    return structlog.get_logger(name)

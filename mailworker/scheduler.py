@@ -1,0 +1,106 @@
+"""The scheduler tick: promote due deferred mail, wake stuck mail, publish wake-ups.
+
+Long waits live in Redis (DESIGN.md principle 4), so something must look at the clock:
+each tick moves due records from the deferred set to the in-flight set and publishes a
+``deliver`` task per batch. The same tick sweeps: a record in flight past its watchdog
+with no lease (its broker message was lost, or its worker died) is woken again. Leases
+make a duplicate wake-up harmless, so the sweeper can err on the side of waking.
+
+Any number of schedulers may run; a Redis lock lets one tick at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from mailworker.config import Settings
+from mailworker.store import Store
+
+__all__ = ["Publisher", "Scheduler", "publish_ids"]
+
+log = structlog.get_logger("mailworker.scheduler")
+Publisher = Callable[[Sequence[str], str], None]
+"""Publishes one wake-up for a batch of ids on a queue."""
+
+
+def publish_ids(ids: Sequence[str], queue: str) -> None:
+    """The default publisher: one ``mailworker.deliver`` task per batch."""
+    from mailworker.celery_app import deliver
+
+    deliver.apply_async(args=[list(ids)], queue=queue, routing_key=queue)
+
+
+class Scheduler:
+    """Runs :meth:`tick` every ``settings.tick_interval`` seconds while it holds the lock."""
+
+    def __init__(self, settings: Settings, store: Store, publish: Publisher = publish_ids,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.publish = publish
+        self.clock = clock
+        self.identity = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self.lock_key = store.key("scheduler", "lock")
+
+    def _hold_lock(self) -> bool:
+        ttl = max(1000, int(self.settings.tick_interval * 5000))
+        r = self.store.redis
+        if r.set(self.lock_key, self.identity, nx=True, px=ttl):
+            return True
+        current = r.get(self.lock_key)
+        if current is not None and current.decode() == self.identity:
+            r.pexpire(self.lock_key, ttl)
+            return True
+        return False
+
+    def tick(self, limit: int = 5000) -> int:
+        """One pass; returns how many ids were woken."""
+        s = self.settings
+        now = self.clock()
+        watchdog = now + s.stuck_after
+        due = self.store.promote_due(now, limit, watchdog)
+        stuck = self.store.sweep(now, limit, watchdog)
+        if stuck:
+            log.warning("scheduler.swept", count=len(stuck))
+        ids = list(dict.fromkeys([*due, *stuck]))
+        if not ids:
+            return 0
+        groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for mid, rec in zip(ids, self.store.get_many(ids), strict=True):
+            if rec is None:
+                self.store.forget_inflight([mid])
+                continue
+            groups[(rec.queue, rec.relay)].append(mid)
+        for (queue, _relay), group in groups.items():
+            for i in range(0, len(group), s.batch_size):
+                self.publish(group[i:i + s.batch_size], queue)
+        log.debug("scheduler.tick", promoted=len(due), swept=len(stuck))
+        return len(ids)
+
+    def run(self) -> None:
+        """Tick until :meth:`stop`; survives Redis outages (logs and tries again)."""
+        log.info("scheduler.started", interval=self.settings.tick_interval)
+        while not self._stop.is_set():
+            try:
+                if self._hold_lock():
+                    while self.tick() >= 5000 and not self._stop.is_set():
+                        pass
+            except Exception as exc:  # Redis restarting, broker down: keep trying
+                log.warning("scheduler.tick_failed", error=f"{type(exc).__name__}: {exc}")
+            self._stop.wait(self.settings.tick_interval)
+        log.info("scheduler.stopped")
+
+    def start_thread(self) -> threading.Thread:
+        t = threading.Thread(target=self.run, name="mailworker-scheduler", daemon=True)
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        self._stop.set()

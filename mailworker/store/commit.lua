@@ -1,0 +1,31 @@
+-- Save an attempt's outcome and move the record to its next place, if we still hold the lease.
+-- KEYS: 1 record, 2 lease, 3 inflight, 4 deferred, 5 dead, 6 stats hash
+-- ARGV: 1 token, 2 id, 3 doc json, 4 state, 5 score, 6 retention seconds (0 = keep),
+--       7.. stats field/increment pairs
+-- Returns 1 when saved, 0 when the lease was lost (someone else owns the record now).
+if redis.call("GET", KEYS[2]) ~= ARGV[1] then return 0 end
+local id, state, score = ARGV[2], ARGV[4], ARGV[5]
+redis.call("HSET", KEYS[1], "doc", ARGV[3])
+redis.call("HDEL", KEYS[1], "sending")
+redis.call("ZREM", KEYS[3], id)
+redis.call("ZREM", KEYS[4], id)
+if state == "deferred" then
+  redis.call("ZADD", KEYS[4], score, id)
+elseif state == "queued" then
+  redis.call("ZADD", KEYS[3], score, id)
+elseif state == "dead" then
+  redis.call("ZADD", KEYS[5], score, id)
+end
+if state ~= "dead" then
+  redis.call("ZREM", KEYS[5], id)
+end
+if state == "delivered" and tonumber(ARGV[6]) > 0 then
+  redis.call("EXPIRE", KEYS[1], ARGV[6])
+elseif state == "dead" then
+  redis.call("PERSIST", KEYS[1])
+end
+for i = 7, #ARGV, 2 do
+  redis.call("HINCRBY", KEYS[6], ARGV[i], ARGV[i + 1])
+end
+redis.call("DEL", KEYS[2])
+return 1

@@ -1,0 +1,140 @@
+"""The message record: envelope, per-recipient state and the history of every attempt.
+
+A record is plain data, stored as one JSON document beside the raw MIME bytes. It is the
+truth about a message (DESIGN.md principle 1); a broker message only says "look at id X".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+__all__ = ["Attempt", "MessageState", "RecipientState", "RcptState", "Record", "Reply"]
+
+
+class MessageState(StrEnum):
+    """Where a message is. ``delivered`` and ``dead`` are final."""
+
+    QUEUED = "queued"        # waiting for a worker (a wake-up is, or will be, on the broker)
+    SENDING = "sending"      # a worker holds the lease
+    DEFERRED = "deferred"    # waiting in the deferred set until next_attempt_at
+    DELIVERED = "delivered"  # every recipient delivered
+    DEAD = "dead"            # ended with at least one recipient undelivered: in the dead-letter set
+
+    @property
+    def final(self) -> bool:
+        return self in (MessageState.DELIVERED, MessageState.DEAD)
+
+
+class RcptState(StrEnum):
+    PENDING = "pending"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+    @property
+    def open(self) -> bool:
+        """Still to be sent to: a retry sends only to these."""
+        return self in (RcptState.PENDING, RcptState.DEFERRED)
+
+
+@dataclass
+class Reply:
+    """The last word from a server about one recipient (or the whole message)."""
+
+    code: int | None
+    text: str
+    enhanced_code: str | None = None
+    stage: str | None = None
+
+
+@dataclass
+class RecipientState:
+    address: str
+    state: RcptState = RcptState.PENDING
+    attempts: int = 0
+    reply: Reply | None = None
+    updated_at: float | None = None
+    possible_duplicate: bool = False
+    reason: str | None = None
+
+
+@dataclass
+class Attempt:
+    """One delivery attempt, kept forever with the record (dead letters show it all)."""
+
+    number: int
+    started_at: float
+    finished_at: float
+    outcome: str
+    relay: str
+    task_id: str | None = None
+    worker: str | None = None
+    error: dict[str, Any] | None = None
+    replies: list[dict[str, Any]] = field(default_factory=list)
+    decision: dict[str, Any] | None = None
+
+
+@dataclass
+class Record:
+    id: str
+    queue: str
+    relay: str
+    sender: str
+    recipients: list[RecipientState]
+    created_at: float
+    expires_at: float
+    size: int
+    message_id: str | None = None
+    state: MessageState = MessageState.QUEUED
+    attempts: int = 0
+    next_attempt_at: float | None = None
+    send_at: float | None = None
+    possible_duplicate: bool = False
+    idempotency_key: str | None = None
+    updated_at: float | None = None
+    last_error: str | None = None
+    dead_reason: str | None = None
+    dead_at: float | None = None
+    sending_since: float | None = None
+    history: list[Attempt] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def open_recipients(self) -> list[RecipientState]:
+        return [r for r in self.recipients if r.state.open]
+
+    def recipient(self, address: str) -> RecipientState:
+        for r in self.recipients:
+            if r.address == address:
+                return r
+        raise KeyError(address)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Record:
+        d = json.loads(raw)
+        d["state"] = MessageState(d["state"])
+        d["recipients"] = [
+            RecipientState(
+                **{
+                    **r,
+                    "state": RcptState(r["state"]),
+                    "reply": Reply(**r["reply"]) if r.get("reply") else None,
+                }
+            )
+            for r in d["recipients"]
+        ]
+        d["history"] = [Attempt(**a) for a in d.get("history", [])]
+        return cls(**d)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``mailworker.status()`` returns: state per recipient, no message body."""
+        d = asdict(self)
+        d.pop("history")
+        d["attempt_count"] = len(self.history)
+        return d

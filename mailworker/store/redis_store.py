@@ -1,0 +1,255 @@
+"""The Redis store: records, leases, the deferred and in-flight sets, dead letters, counters.
+
+Every transition that touches more than one key runs as a Lua script, so a crash between
+two writes cannot leave a record half-moved. Batch operations go through one pipeline:
+one round trip for many messages.
+
+Keys (``P`` is the configurable prefix)::
+
+    P:m:<id>         hash: doc (JSON Record), raw (MIME bytes)
+    P:lease:<id>     lease token, with a TTL; only its holder talks SMTP for <id>
+    P:inflight       zset id -> watchdog time: queued or sending; the sweeper looks past it
+    P:deferred       zset id -> next attempt time
+    P:dead           zset id -> dead-lettered time
+    P:idem:<key>     idempotency key -> id
+    P:stats:<relay>  hash of counters (delivered, failed, dead, deferred, attempts)
+    P:pause:<relay>  relay paused (auth, TLS, host backoff) until the key expires
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis
+
+from mailworker.store.record import Record
+
+__all__ = ["Claim", "Store"]
+
+
+def _script(name: str) -> str:
+    return resources.files("mailworker.store").joinpath(f"{name}.lua").read_text()
+
+
+@dataclass
+class Claim:
+    """A record this worker holds the lease on.
+
+    ``interrupted_at`` is set when an earlier holder started sending and never saved an
+    outcome (killed mid-send): whatever it sent is unknown, so this attempt may duplicate.
+    """
+
+    record: Record
+    raw: bytes
+    token: str
+    interrupted_at: float | None = None
+
+
+class Store:
+    """Message records in Redis. Thread-safe (redis-py pools connections)."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "mw", retention: float = 7 * 86400):
+        self.redis = client
+        self.prefix = prefix
+        self.retention = int(retention)
+        self._enqueue = client.register_script(_script("enqueue"))
+        self._claim = client.register_script(_script("claim"))
+        self._commit = client.register_script(_script("commit"))
+        self._promote = client.register_script(_script("promote"))
+        self._sweep = client.register_script(_script("sweep"))
+        self._release = client.register_script(_script("release"))
+
+    # -- keys ---------------------------------------------------------------------------
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    @property
+    def inflight_key(self) -> str:
+        return self.key("inflight")
+
+    @property
+    def deferred_key(self) -> str:
+        return self.key("deferred")
+
+    @property
+    def dead_key(self) -> str:
+        return self.key("dead")
+
+    # -- enqueue ------------------------------------------------------------------------
+    def enqueue_many(
+        self, items: Sequence[tuple[Record, bytes]], watchdog: float
+    ) -> list[str]:
+        """Write new records in one round trip; return each one's id.
+
+        A record whose idempotency key was seen before is not written; the id of the
+        first message with that key is returned in its place.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for record, raw in items:
+            due = record.send_at if record.send_at and record.send_at > time.time() else None
+            zset = self.deferred_key if due else self.inflight_key
+            idem = self.key("idem", record.idempotency_key) if record.idempotency_key else ""
+            self._enqueue(
+                keys=[self.key("m", record.id), zset, idem],
+                args=[record.id, record.to_json(), raw, due or watchdog, self.retention],
+                client=pipe,
+            )
+        return [_str(v) for v in pipe.execute()]
+
+    # -- leases -------------------------------------------------------------------------
+    def claim_many(
+        self, ids: Sequence[str], token: str, lease_seconds: float, watchdog: float
+    ) -> dict[str, Claim | str]:
+        """Take leases on *ids*; each maps to a :class:`Claim` or "missing"/"locked"."""
+        pipe = self.redis.pipeline(transaction=False)
+        for mid in ids:
+            self._claim(
+                keys=[self.key("m", mid), self.key("lease", mid), self.inflight_key],
+                args=[token, int(lease_seconds * 1000), watchdog, mid, time.time()],
+                client=pipe,
+            )
+        out: dict[str, Claim | str] = {}
+        for mid, (status, doc, raw, sending) in zip(ids, pipe.execute(), strict=True):
+            status = _str(status)
+            if status != "ok":
+                out[mid] = status
+                continue
+            interrupted = float(_str(sending)) if sending else None
+            out[mid] = Claim(Record.from_json(doc), bytes(raw), token, interrupted)
+        return out
+
+    def commit_many(
+        self, items: Iterable[tuple[Claim, float, dict[str, int]]]
+    ) -> list[bool]:
+        """Save each claimed record in its new state; place it by *score*.
+
+        Returns False for a record whose lease was lost (it took longer than the lease):
+        its outcome is not written, and the record's new owner decides.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        n = 0
+        for claim, score, counters in items:
+            rec = claim.record
+            flat: list[Any] = []
+            for k, v in counters.items():
+                flat += [k, v]
+            self._commit(
+                keys=[
+                    self.key("m", rec.id), self.key("lease", rec.id), self.inflight_key,
+                    self.deferred_key, self.dead_key, self.key("stats", rec.relay),
+                ],
+                args=[claim.token, rec.id, rec.to_json(), rec.state.value, score,
+                      self.retention, *flat],
+                client=pipe,
+            )
+            n += 1
+        return [bool(v) for v in pipe.execute()] if n else []
+
+    def release_many(self, claims: Sequence[Claim]) -> None:
+        """Give up leases without writing (e.g. the records were not due)."""
+        if not claims:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for c in claims:
+            mid = c.record.id
+            self._release(keys=[self.key("m", mid), self.key("lease", mid)], args=[c.token],
+                          client=pipe)
+        pipe.execute()
+
+    def forget_inflight(self, ids: Sequence[str]) -> None:
+        if ids:
+            self.redis.zrem(self.inflight_key, *ids)
+
+    # -- scheduler ------------------------------------------------------------------------
+    def promote_due(self, now: float, limit: int, watchdog: float) -> list[str]:
+        ids = self._promote(keys=[self.deferred_key, self.inflight_key], args=[now, limit, watchdog])
+        return [_str(i) for i in ids]
+
+    def sweep(self, now: float, limit: int, watchdog: float) -> list[str]:
+        ids = self._sweep(keys=[self.inflight_key], args=[now, limit, watchdog, self.key("lease", "")])
+        return [_str(i) for i in ids]
+
+    # -- reads ----------------------------------------------------------------------------
+    def get(self, mid: str) -> Record | None:
+        doc = self.redis.hget(self.key("m", mid), "doc")
+        return Record.from_json(doc) if doc else None
+
+    def get_many(self, ids: Sequence[str]) -> list[Record | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for mid in ids:
+            pipe.hget(self.key("m", mid), "doc")
+        return [Record.from_json(d) if d else None for d in pipe.execute()]
+
+    def raw(self, mid: str) -> bytes | None:
+        v = self.redis.hget(self.key("m", mid), "raw")
+        return bytes(v) if v is not None else None
+
+    def dead_ids(self, older_than: float | None = None, limit: int = 10_000) -> list[str]:
+        hi = f"({older_than}" if older_than is not None else "+inf"
+        return [_str(i) for i in self.redis.zrangebyscore(self.dead_key, "-inf", hi, 0, limit)]
+
+    def purge(self, ids: Sequence[str]) -> int:
+        """Delete dead letters for good."""
+        if not ids:
+            return 0
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(self.dead_key, *ids)
+        for mid in ids:
+            pipe.delete(self.key("m", mid))
+        return int(pipe.execute()[0])
+
+    def counts(self) -> dict[str, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(self.inflight_key)
+        pipe.zcard(self.deferred_key)
+        pipe.zcard(self.dead_key)
+        inflight, deferred, dead = pipe.execute()
+        return {"in_flight": int(inflight), "deferred": int(deferred), "dead": int(dead)}
+
+    def relay_stats(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for key in self.redis.scan_iter(match=self.key("stats", "*"), count=1000):
+            name = _str(key).rsplit(":", 1)[-1]
+            out[name] = {_str(k): int(v) for k, v in self.redis.hgetall(key).items()}
+        return out
+
+    # -- relay pauses -----------------------------------------------------------------------
+    def pause_relay(self, relay: str, seconds: float, reason: str) -> None:
+        """Hold all mail for *relay* for *seconds* (fleet-wide: every worker sees it)."""
+        self.redis.set(self.key("pause", relay), reason, px=max(1, int(seconds * 1000)))
+
+    def relay_pause(self, relay: str) -> tuple[str, float] | None:
+        """(reason, seconds left) when the relay is paused."""
+        pipe = self.redis.pipeline(transaction=False)
+        key = self.key("pause", relay)
+        pipe.get(key)
+        pipe.pttl(key)
+        reason, ttl = pipe.execute()
+        if reason is None or ttl is None or ttl < 0:
+            return None
+        return _str(reason), ttl / 1000.0
+
+    def resume_relay(self, relay: str) -> None:
+        self.redis.delete(self.key("pause", relay))
+
+    # -- health ---------------------------------------------------------------------------
+    def persistence_warning(self) -> str | None:
+        """A warning when Redis would lose accepted mail on restart (AOF off)."""
+        try:
+            conf = self.redis.config_get("appendonly")
+        except redis.ResponseError:
+            return None  # CONFIG is disabled (managed Redis); cannot tell.
+        if _str(conf.get("appendonly", "no")) != "yes":
+            return (
+                "Redis persistence is off (appendonly no): a Redis restart loses queued mail. "
+                "Run Redis with --appendonly yes (see README, 'Redis persistence')."
+            )
+        return None
+
+
+def _str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

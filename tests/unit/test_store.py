@@ -1,0 +1,134 @@
+"""Store transitions on fakeredis (fast) and on a real Redis (the same tests, parametrized)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+import redis
+
+from mailworker.store import MessageState, RcptState, RecipientState, Record, Store
+
+
+def make_record(**kw: object) -> Record:
+    now = time.time()
+    defaults: dict[str, object] = dict(
+        id=uuid.uuid4().hex, queue="transactional", relay="default", sender="a@example.com",
+        recipients=[RecipientState("b@example.com"), RecipientState("c@example.com")],
+        created_at=now, expires_at=now + 3600, size=100,
+    )
+    defaults.update(kw)
+    return Record(**defaults)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["fake", "real"])
+def store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    if request.param == "fake":
+        client = fakeredis.FakeRedis()
+    else:
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+    yield Store(client, prefix=f"u{uuid.uuid4().hex[:6]}", retention=60)
+
+
+def test_enqueue_and_read_back(store: Store) -> None:
+    rec = make_record()
+    [mid] = store.enqueue_many([(rec, b"raw")], watchdog=time.time() + 60)
+    assert mid == rec.id
+    back = store.get(mid)
+    assert back is not None and back.recipients[1].address == "c@example.com"
+    assert store.raw(mid) == b"raw"
+    assert store.counts() == {"in_flight": 1, "deferred": 0, "dead": 0}
+
+
+def test_idempotency_key_returns_first_id(store: Store) -> None:
+    a, b = make_record(idempotency_key="k1"), make_record(idempotency_key="k1")
+    ids = store.enqueue_many([(a, b"1"), (b, b"2")], watchdog=time.time() + 60)
+    assert ids == [a.id, a.id]
+    assert store.get(b.id) is None
+
+
+def test_send_at_goes_to_deferred(store: Store) -> None:
+    rec = make_record(send_at=time.time() + 100, state=MessageState.DEFERRED)
+    store.enqueue_many([(rec, b"x")], watchdog=time.time() + 60)
+    assert store.counts()["deferred"] == 1
+    assert store.promote_due(time.time(), 10, time.time() + 60) == []
+    assert store.promote_due(time.time() + 101, 10, time.time() + 60) == [rec.id]
+    assert store.counts() == {"in_flight": 1, "deferred": 0, "dead": 0}
+
+
+def test_lease_is_exclusive_and_commit_needs_it(store: Store) -> None:
+    rec = make_record()
+    store.enqueue_many([(rec, b"x")], watchdog=time.time() + 60)
+    first = store.claim_many([rec.id], "t1", 30, time.time() + 60)[rec.id]
+    second = store.claim_many([rec.id], "t2", 30, time.time() + 60)[rec.id]
+    assert second == "locked"
+    assert not isinstance(first, str)
+    first.record.state = MessageState.DELIVERED
+    for r in first.record.recipients:
+        r.state = RcptState.DELIVERED
+    stolen = type(first)(first.record, first.raw, "not-the-token")
+    assert store.commit_many([(stolen, time.time(), {})]) == [False]
+    assert store.commit_many([(first, time.time(), {"delivered": 2})]) == [True]
+    assert store.get(rec.id).state is MessageState.DELIVERED  # type: ignore[union-attr]
+    assert store.counts()["in_flight"] == 0
+    assert store.relay_stats()["default"]["delivered"] == 2
+    assert 0 < store.redis.ttl(store.key("m", rec.id)) <= 60  # retention applies
+
+
+def test_interrupted_send_is_reported_to_next_holder(store: Store) -> None:
+    rec = make_record()
+    store.enqueue_many([(rec, b"x")], watchdog=time.time() + 60)
+    store.claim_many([rec.id], "t1", 0.05, time.time() + 60)  # holder "dies"
+    store.redis.delete(store.key("lease", rec.id))  # lease expired
+    claim = store.claim_many([rec.id], "t2", 30, time.time() + 60)[rec.id]
+    assert not isinstance(claim, str) and claim.interrupted_at is not None
+
+
+def test_release_clears_sending_marker(store: Store) -> None:
+    rec = make_record()
+    store.enqueue_many([(rec, b"x")], watchdog=time.time() + 60)
+    c = store.claim_many([rec.id], "t1", 30, time.time() + 60)[rec.id]
+    assert not isinstance(c, str)
+    store.release_many([c])
+    again = store.claim_many([rec.id], "t2", 30, time.time() + 60)[rec.id]
+    assert not isinstance(again, str) and again.interrupted_at is None
+
+
+def test_sweep_finds_unleased_records_past_watchdog(store: Store) -> None:
+    now = time.time()
+    a, b = make_record(), make_record()
+    store.enqueue_many([(a, b"x"), (b, b"y")], watchdog=now - 1)
+    store.claim_many([b.id], "t", 30, now - 1)  # b is being worked on
+    assert store.sweep(now, 10, now + 60) == [a.id]
+    assert store.sweep(now, 10, now + 60) == []  # watchdog bumped
+
+
+def test_dead_letters_and_purge(store: Store) -> None:
+    rec = make_record()
+    store.enqueue_many([(rec, b"x")], watchdog=time.time() + 60)
+    c = store.claim_many([rec.id], "t", 30, time.time() + 60)[rec.id]
+    assert not isinstance(c, str)
+    c.record.state = MessageState.DEAD
+    store.commit_many([(c, time.time(), {"dead": 1})])
+    assert store.dead_ids() == [rec.id]
+    assert store.redis.ttl(store.key("m", rec.id)) == -1  # dead letters wait for an operator
+    assert store.purge([rec.id]) == 1
+    assert store.get(rec.id) is None and store.dead_ids() == []
+
+
+def test_relay_pause(store: Store) -> None:
+    assert store.relay_pause("r") is None
+    store.pause_relay("r", 30, "535 auth failed")
+    reason, left = store.relay_pause("r")  # type: ignore[misc]
+    assert reason == "535 auth failed" and 0 < left <= 30
+    store.resume_relay("r")
+    assert store.relay_pause("r") is None
+
+
+def test_record_json_round_trip() -> None:
+    rec = make_record(metadata={"k": "v"})
+    rec.recipients[0].state = RcptState.FAILED
+    assert Record.from_json(rec.to_json()) == rec
