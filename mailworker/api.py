@@ -22,10 +22,11 @@ from mailworker.runtime import get_runtime
 from mailworker.scheduler import Publisher, publish_ids
 from mailworker.store import MessageState, RecipientState, Record
 
-__all__ = ["send", "send_many", "send_message", "status"]
+__all__ = ["enqueue_prepared", "prepare_many", "send", "send_many", "send_message", "status"]
 
 log = structlog.get_logger("mailworker.api")
 When = datetime | timedelta | float | int | None
+Prepared = tuple[Record, bytes]
 
 
 def _epoch(value: When, now: float, field: str) -> float | None:
@@ -50,7 +51,7 @@ def _record(built: BuiltMessage, settings: Settings, *, relay: str | None, queue
     start = _epoch(send_at, now, "send_at")
     expiry = _epoch(expires_at, now, "expires_at")
     if expiry is None:
-        expiry = max(now, start or now) + q.lifetime
+        expiry = max(now, start or now) + settings.lifetime(q.name)
     if expiry <= now:
         raise ValueError("expires_at is in the past; the message would never be sent")
     return Record(
@@ -142,45 +143,56 @@ def send_message(
     metadata: Mapping[str, Any] | None = None,
 ) -> str:
     """Accept a ready-made :class:`email.message.EmailMessage` (Bcc is stripped)."""
-    rt = get_runtime()
-    built = from_email_message(message, sender=sender, recipients=recipients,
-                               max_size=rt.settings.max_message_size)
-    rec = _record(built, rt.settings, relay=relay, queue=queue,
-                  idempotency_key=idempotency_key, send_at=send_at, expires_at=expires_at,
-                  metadata=metadata, now=time.time())
-    return _enqueue([(rec, built.data)])[0]
+    return send_many([dict(message=message, sender=sender, recipients=recipients, relay=relay,
+                           queue=queue, idempotency_key=idempotency_key, send_at=send_at,
+                           expires_at=expires_at, metadata=metadata)])[0]
 
 
-def send_many(messages: Iterable[Mapping[str, Any] | Message]) -> list[str]:
-    """Accept many messages in one Redis round trip and few broker publishes.
+def prepare_many(messages: Iterable[Mapping[str, Any] | Message]) -> list[Prepared]:
+    """Validate and build records without queuing them (see :func:`enqueue_prepared`).
 
-    Each item is a mapping of :func:`send` keyword arguments, or an ``EmailMessage``.
-    Every item is validated before any is queued: one bad item raises and queues none,
-    so a caller never has to work out which half of a batch went out.
+    Framework integrations use the pair to raise bad input inside the request but queue
+    only after the database transaction commits. Each item is a mapping of :func:`send`
+    keyword arguments (or ``message=`` an ``email.message.Message`` with optional
+    ``sender``/``recipients`` and routing keys), or a bare ``Message``.
     """
-    rt = get_runtime()
-    s = rt.settings
+    s = get_runtime().settings
     now = time.time()
-    items: list[tuple[Record, bytes]] = []
+    items: list[Prepared] = []
     for i, item in enumerate(messages):
         try:
-            if isinstance(item, Message):
-                built = from_email_message(item, max_size=s.max_message_size)
-                routing: dict[str, Any] = {}
+            args: dict[str, Any] = {"message": item} if isinstance(item, Message) else dict(item)
+            routing = {k: args.pop(k, None) for k in _ROUTING}
+            if "message" in args:
+                built = from_email_message(args["message"], sender=args.get("sender"),
+                                           recipients=args.get("recipients"),
+                                           max_size=s.max_message_size)
             else:
-                args = dict(item)
-                routing = {k: args.pop(k, None) for k in _ROUTING}
                 if not args.get("sender"):
                     args["sender"] = s.default_sender
                     if not args["sender"]:
                         raise ValueError(
-                            "sender is required (or set MAILWORKER_DEFAULT_SENDER)")
+                            "sender is required: pass sender=... or set MAILWORKER_DEFAULT_SENDER")
                 built = build_message(max_size=s.max_message_size, **args)
             items.append((_record(built, s, now=now, **routing), built.data))
         except (ValueError, TypeError) as exc:
             exc.add_note(f"(item {i} of the batch; nothing in the batch was queued)")
             raise
-    return _enqueue(items) if items else []
+    return items
+
+
+def enqueue_prepared(items: Sequence[Prepared]) -> list[str]:
+    """Queue records made by :func:`prepare_many`; returns their ids."""
+    return _enqueue(list(items)) if items else []
+
+
+def send_many(messages: Iterable[Mapping[str, Any] | Message]) -> list[str]:
+    """Accept many messages in one Redis round trip and few broker publishes.
+
+    Every item is validated before any is queued: one bad item raises and queues none,
+    so a caller never has to work out which part of a batch went out.
+    """
+    return enqueue_prepared(prepare_many(messages))
 
 
 def status(message_id: str) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ import structlog
 from celery import Celery, signals
 from kombu import Queue
 
-from mailworker.config import DEFAULT_QUEUES, Settings
+from mailworker.config import DEFAULT_QUEUES, Settings, load_settings
 
 __all__ = ["DELIVER_TASK", "app", "reconfigure"]
 
@@ -56,22 +56,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def reconfigure(settings: Settings) -> None:
     """Point the app at (new) settings; called by :func:`mailworker.runtime.configure`."""
     app.conf.update(celery_config(settings))
-    # Drop cached broker connections so the next publish uses the new broker URL.
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
+    # Forget the cached pools (as Celery does after fork) so the next publish looks up the
+    # pool for the new broker URL. Not closed: kombu shares them process-wide by URL.
+    app._pool = None
     app.amqp._producer_pool = None
 
 
-def _initial_config() -> None:
-    # Loaded on first use of the app (worker start or first publish), not at import,
-    # so importing mailworker never reads the environment.
-    from mailworker.runtime import get_runtime
+def _settings_at_import() -> Settings:
+    from mailworker import runtime
 
-    app.conf.update(celery_config(get_runtime().settings))
+    current = runtime.current()
+    return current.settings if current is not None else load_settings()
 
 
-app.on_configure.connect(lambda sender=None, **kw: _initial_config(), weak=False)
+# `celery -A mailworker.celery_app worker` needs the broker at import; the settings come
+# from the runtime if the app configured one, else from the environment.
+reconfigure(_settings_at_import())
 
 
 @app.task(name=DELIVER_TASK, bind=True, acks_late=True, ignore_result=True)

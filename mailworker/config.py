@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from mailworker.policy import Policy, parse_duration
 from mailworker.relay import InvalidRelayError, Relay, parse_relay
@@ -21,6 +22,7 @@ from mailworker.relay import InvalidRelayError, Relay, parse_relay
 __all__ = ["ConfigError", "QueueSettings", "Settings", "load_settings"]
 
 DEFAULT_QUEUES = ("transactional", "bulk")
+_SECRET_OPTIONS = {"username_env", "password_env", "password_file"}
 
 
 class ConfigError(ValueError):
@@ -32,8 +34,8 @@ class QueueSettings:
     """Per-queue delivery limits; a message may shorten its own lifetime."""
 
     name: str
-    lifetime: float = 86400.0
-    max_attempts: int = 20
+    lifetime: float | None = None      # None: the [retry] policy's lifetime (default 24 h)
+    max_attempts: int | None = None    # None: the [retry] policy's max_attempts (default 20)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,11 @@ class Settings:
                 "in the config file"
             ) from None
 
+    def lifetime(self, queue: str | None = None) -> float:
+        """How long a message on *queue* may keep trying: the queue's, else the policy's."""
+        q = self.queues.get(queue or self.default_queue)
+        return q.lifetime if q is not None and q.lifetime is not None else self.policy.lifetime
+
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
@@ -113,7 +120,8 @@ def _coerce(name: str, value: Any) -> Any:
             return number
         return str(value)
     except (TypeError, ValueError):
-        hint = "a duration like 30, '90s', '15m', '24h'" if name in _DURATIONS else "a positive whole number"
+        hint = ("a duration like 30, '90s', '15m', '24h'" if name in _DURATIONS
+                else "a positive whole number")
         raise ConfigError(f"setting {name}={value!r} is not {hint}") from None
 
 
@@ -150,12 +158,15 @@ def load_settings(
             if isinstance(spec, str):
                 relays[name] = parse_relay(name, spec, dict(env))
             else:
-                spec = dict(spec)
-                dsn = spec.pop("dsn", None)
+                options = dict(spec)
+                dsn = options.pop("dsn", None)
                 if not dsn:
                     raise ConfigError(f"config file: relay {name!r} needs a dsn")
+                secrets = {k: options.pop(k) for k in list(options) if k in _SECRET_OPTIONS}
+                if secrets:
+                    dsn += ("&" if "?" in dsn else "?") + urlencode(secrets)
                 relay = parse_relay(name, dsn, dict(env))
-                relays[name] = relay.with_options(**spec) if spec else relay
+                relays[name] = relay.with_options(**options) if options else relay
         for var, dsn in env.items():
             if var.startswith("MAILWORKER_RELAY_") and dsn:
                 name = var.removeprefix("MAILWORKER_RELAY_").lower()
@@ -166,14 +177,21 @@ def load_settings(
 
     queues = {q: QueueSettings(q) for q in DEFAULT_QUEUES}
     for name, spec in (top.get("queues") or {}).items():
+        unknown = set(spec) - {"lifetime", "max_attempts"}
+        if unknown:
+            raise ConfigError(f"config file: [queues.{name}]: unknown key(s) "
+                              f"{', '.join(sorted(unknown))}; allowed: lifetime, max_attempts")
         try:
+            attempts = int(spec["max_attempts"]) if "max_attempts" in spec else None
+            if attempts is not None and attempts < 1:
+                raise ValueError("max_attempts must be at least 1")
             queues[name] = QueueSettings(
                 name,
-                lifetime=parse_duration(spec.get("lifetime", 86400)),
-                max_attempts=int(spec.get("max_attempts", 20)),
+                lifetime=parse_duration(spec["lifetime"]) if "lifetime" in spec else None,
+                max_attempts=attempts,
             )
         except (TypeError, ValueError, AttributeError) as exc:
-            raise ConfigError(f"config file: queue {name!r}: {exc}") from None
+            raise ConfigError(f"config file: [queues.{name}]: {exc}") from None
     values["queues"] = queues
 
     try:

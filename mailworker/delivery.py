@@ -14,15 +14,15 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import structlog
 
 from mailworker.config import ConfigError, Settings
 from mailworker.hooks import Hooks
-from mailworker.outcome import Step, apply_expiry, apply_relay_hold, apply_result
+from mailworker.outcome import Step, apply_expiry, apply_relay_hold, apply_result, requeue
 from mailworker.policy import Action, Policy
-from mailworker.smtp import Envelope, PoolManager, SendResult
+from mailworker.smtp import Envelope, NotAttempted, PoolManager, SendResult
 from mailworker.store import Claim, MessageState, Record, Store
 
 __all__ = ["Deliverer", "PassReport"]
@@ -70,7 +70,7 @@ class Deliverer:
             q = self.settings.queues.get(queue)
             base = self.settings.policy
             self._policies[queue] = (
-                replace(base, max_attempts=q.max_attempts, lifetime=q.lifetime) if q else base
+                base.with_limits(max_attempts=q.max_attempts, lifetime=q.lifetime) if q else base
             )
         return self._policies[queue]
 
@@ -97,7 +97,8 @@ class Deliverer:
                 self.store.forget_inflight([mid])
                 release.append(claim)
                 report.skipped["final"] = report.skipped.get("final", 0) + 1
-            elif rec.next_attempt_at and rec.next_attempt_at > now + 1.0 and not claim.interrupted_at:
+            elif (rec.next_attempt_at and rec.next_attempt_at > now + 1.0
+                  and not claim.interrupted_at):
                 release.append(claim)  # a stale wake-up for a record that is not due yet
                 report.skipped["not_due"] = report.skipped.get("not_due", 0) + 1
             elif now >= rec.expires_at:
@@ -156,6 +157,10 @@ class Deliverer:
         out: list[tuple[Claim, Step]] = []
         pause: tuple[float, str] | None = None
         for claim, result in zip(group, results, strict=True):
+            if isinstance(result, NotAttempted):
+                # Behind a message that broke the connection; nothing of it was sent.
+                out.append((claim, requeue(claim.record, finished)))
+                continue
             step = apply_result(
                 claim.record, result, policy=self.policy_for(claim.record.queue),
                 now=finished, started_at=started, relay=relay_name, task_id=task_id,
@@ -169,8 +174,21 @@ class Deliverer:
             out.append((claim, step))
         if pause is not None:
             seconds, reason = pause
+            failures = self.store.relay_failed(relay_name)
+            if seconds != CONFIG_PAUSE_SECONDS:
+                # Host-level trouble backs off per relay, growing with consecutive failures,
+                # instead of burning every queued message's attempts.
+                seconds = self.settings.policy.relay_backoff.delay(failures, self.rng)
             self.store.pause_relay(relay_name, seconds, reason)
-            log.error("relay.paused", relay=relay_name, seconds=round(seconds, 1), reason=reason)
+            log.error("relay.paused", relay=relay_name, seconds=round(seconds, 1), reason=reason,
+                      consecutive_failures=failures)
+            for claim, step in out:
+                if step.state is MessageState.DEFERRED and claim.record.next_attempt_at:
+                    due = max(claim.record.next_attempt_at, finished + seconds)
+                    if due <= claim.record.expires_at:
+                        claim.record.next_attempt_at = step.score = due
+        elif any(isinstance(r, SendResult) for r in results):
+            self.store.relay_succeeded(relay_name)
         return out
 
     def _announce(self, record: Record, step: Step) -> None:

@@ -92,7 +92,8 @@ def retry(ids: Sequence[str] | None = None, flt: DeadLetterFilter | None = None,
         return [r.id for r in selected]
     now = time.time()
     token = uuid.uuid4().hex
-    claims = rt.store.claim_many([r.id for r in selected], token, 30.0, now + rt.settings.stuck_after)
+    claims = rt.store.claim_many([r.id for r in selected], token, 30.0,
+                                 now + rt.settings.stuck_after)
     saves = []
     for claim in claims.values():
         if isinstance(claim, str) or claim.record.state is not MessageState.DEAD:
@@ -101,9 +102,8 @@ def retry(ids: Sequence[str] | None = None, flt: DeadLetterFilter | None = None,
         for r in rec.recipients:
             if r.state is RcptState.FAILED:
                 r.state, r.attempts, r.reason = RcptState.PENDING, 0, None
-        q = rt.settings.queues.get(rec.queue)
         rec.state, rec.attempts, rec.next_attempt_at = MessageState.QUEUED, 0, None
-        rec.expires_at = now + (q.lifetime if q else 86400.0)
+        rec.expires_at = now + rt.settings.lifetime(rec.queue)
         rec.dead_reason, rec.dead_at = None, None
         rec.history.append(Attempt(number=len(rec.history) + 1, started_at=now,
                                    finished_at=now, outcome="operator_retry", relay=rec.relay))

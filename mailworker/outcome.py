@@ -25,7 +25,7 @@ from mailworker.smtp.errors import (
 )
 from mailworker.store.record import Attempt, MessageState, RcptState, Record, Reply
 
-__all__ = ["Step", "apply_expiry", "apply_relay_hold", "apply_result"]
+__all__ = ["Step", "apply_expiry", "apply_relay_hold", "apply_result", "requeue"]
 
 
 @dataclass
@@ -129,17 +129,17 @@ def apply_result(
     else:
         exc = result
         d = policy.decide(error=exc, attempt=attempt_no, age=age, lifetime=lifetime, rng=rng)
-        code, enh, stage = error_code(exc), error_enhanced_code(exc), error_stage(exc)
+        ecode, enh, stage = error_code(exc), error_enhanced_code(exc), error_stage(exc)
         text = error_text(exc)
-        error_info = {"class": type(exc).__name__, "code": code, "enhanced_code": enh,
+        error_info = {"class": type(exc).__name__, "code": ecode, "enhanced_code": enh,
                       "stage": stage.value if stage else None, "text": text}
-        replies.append(_reply_dict(None, code, text, enh, stage.value if stage else None))
+        replies.append(_reply_dict(None, ecode, text, enh, stage.value if stage else None))
         record.last_error = text
         outcome = d.action.value
         if d.scope is Scope.RELAY:
             relay_decision = d
         for addr in open_addrs:
-            settle(addr, code, text, enh, stage, d)
+            settle(addr, ecode, text, enh, stage, d)
 
     if counted:
         record.attempts = attempt_no
@@ -149,6 +149,11 @@ def apply_result(
         replies=replies,
     ))
     counters["attempts"] = 1
+    if retry_now and not counters.get("delivered"):
+        # "Too many recipients" on a transaction that took nobody: retrying at once would
+        # loop, so back off like any temporary failure.
+        retry_now = False
+        delays.append(policy.backoff.delay(attempt_no, rng))
     step = _next_state(record, now, delays, retry_now, counters)
     step.relay_decision = relay_decision
     return step
@@ -164,7 +169,9 @@ def _next_state(record: Record, now: float, delays: list[float], retry_now: bool
             record.state = MessageState.DEAD
             record.dead_at = now
             record.dead_reason = "; ".join(
-                f"{r.address}: {r.reason or (r.reply.text if r.reply else 'failed')}"
+                f"{r.address}: "
+                + (f"{r.reply.code or ''} {r.reply.text}".strip() if r.reply else "failed")
+                + (f" ({r.reason})" if r.reason else "")
                 for r in failed
             )
             record.next_attempt_at = None
@@ -197,6 +204,15 @@ def apply_expiry(record: Record, now: float, counters: dict[str, int] | None = N
         r.updated_at = now
         counters["failed"] = counters.get("failed", 0) + 1
     return _next_state(record, now, [], False, counters)
+
+
+def requeue(record: Record, now: float) -> Step:
+    """Queue again at once, untouched: nothing was sent, so nothing is counted."""
+    record.state = MessageState.QUEUED
+    record.next_attempt_at = now
+    record.updated_at = now
+    record.sending_since = None
+    return Step(MessageState.QUEUED, now, {})
 
 
 def apply_relay_hold(record: Record, now: float, until: float, reason: str) -> Step:

@@ -115,8 +115,9 @@ class Relay:
         return f"{scheme}://{user}{self.host}:{self.port}"
 
 
+_TYPE_NAMES: dict[str, type] = {"float": float, "int": int, "bool": bool}
 _OPTION_TYPES: dict[str, type] = {
-    f.name: (float if f.type == "float" else int if f.type == "int" else bool if f.type == "bool" else str)
+    f.name: _TYPE_NAMES.get(str(f.type), str)
     for f in fields(Relay)
     if f.name not in {"name", "host", "port", "security", "username", "password"}
 }
@@ -128,7 +129,8 @@ def _coerce_options(name: str, raw: dict[str, str]) -> dict[str, Any]:
         kind = _OPTION_TYPES.get(key)
         if kind is None:
             known = ", ".join(sorted(_OPTION_TYPES))
-            raise InvalidRelayError(f"relay {name!r}: unknown option {key!r}; known options: {known}")
+            raise InvalidRelayError(
+                f"relay {name!r}: unknown option {key!r}; known options: {known}")
         try:
             if kind is bool:
                 low = value.lower()
@@ -159,7 +161,8 @@ def parse_relay(name: str, dsn: str, environ: dict[str, str] | None = None) -> R
     """
     env = os.environ if environ is None else environ
     if not dsn or not dsn.strip():
-        raise InvalidRelayError(f"relay {name!r}: the DSN is empty; expected e.g. smtp://mail.example.com:25")
+        raise InvalidRelayError(
+            f"relay {name!r}: the DSN is empty; expected e.g. smtp://mail.example.com:25")
     try:
         parts = urlsplit(dsn.strip())
     except ValueError as exc:
@@ -181,7 +184,8 @@ def parse_relay(name: str, dsn: str, environ: dict[str, str] | None = None) -> R
             f"relay {name!r}: port in {_redact_dsn(dsn)!r} is not a number from 1 to 65535"
         ) from None
     if parts.path not in ("", "/"):
-        raise InvalidRelayError(f"relay {name!r}: unexpected path {parts.path!r}; options go after '?'")
+        raise InvalidRelayError(
+            f"relay {name!r}: unexpected path {parts.path!r}; options go after '?'")
     raw = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False))
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None

@@ -17,13 +17,13 @@ from mailworker.config import Settings, load_settings
 from mailworker.smtp import PoolManager, pools
 from mailworker.store import Store
 
-__all__ = ["Runtime", "configure", "get_runtime", "reset_runtime"]
+__all__ = ["Runtime", "configure", "current", "get_runtime", "reset_runtime"]
 
 
 @dataclass
 class Runtime:
     settings: Settings
-    redis: redis.Redis
+    redis: redis.Redis[bytes]
     store: Store
     pools: PoolManager
 
@@ -32,7 +32,7 @@ _lock = threading.Lock()
 _runtime: Runtime | None = None
 
 
-def _build(settings: Settings, client: redis.Redis | None = None) -> Runtime:
+def _build(settings: Settings, client: redis.Redis[bytes] | None = None) -> Runtime:
     client = client or redis.Redis.from_url(
         settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
     )
@@ -67,6 +67,11 @@ def configure(
         from mailworker import celery_app  # local: the app reads the runtime's broker
 
         celery_app.reconfigure(_runtime.settings)
+    return _runtime
+
+
+def current() -> Runtime | None:
+    """The runtime if one was built or configured, without building one."""
     return _runtime
 
 

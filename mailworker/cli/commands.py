@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import signal
 import sys
 import time
 from typing import Any
@@ -76,10 +77,13 @@ def scheduler(args: argparse.Namespace) -> int:
     configure_logging()
     rt = _runtime()
     sched = Scheduler(rt.settings, rt.store)
-    try:
-        sched.run()
-    except KeyboardInterrupt:
-        sched.stop()
+
+    def _stop(_signum: int, _frame: object) -> None:
+        sched.stop()  # finish the current tick, then return: a clean exit on SIGTERM
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    sched.run()
     return 0
 
 

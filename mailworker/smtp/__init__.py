@@ -1,0 +1,24 @@
+"""The SMTP layer: pooled, pipelined connections on smtplib, and a log line per reply.
+
+Nothing here knows about Celery or Redis (see DESIGN.md, "The SMTP layer").
+"""
+
+from mailworker.smtp.connection import Connection
+from mailworker.smtp.errors import DeliveryUncertain, NotAttempted, Stage
+from mailworker.smtp.pipeline import Envelope, RecipientResult, SendResult
+from mailworker.smtp.pool import Pool, PoolManager, PoolStats, PoolTimeout, pools
+
+__all__ = [
+    "Connection",
+    "DeliveryUncertain",
+    "Envelope",
+    "NotAttempted",
+    "Pool",
+    "PoolManager",
+    "PoolStats",
+    "PoolTimeout",
+    "RecipientResult",
+    "SendResult",
+    "Stage",
+    "pools",
+]

@@ -23,24 +23,148 @@ reached the server, so it can go again at once.
 
 from __future__ import annotations
 
+import re
 import smtplib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mailworker.smtp.errors import DeliveryUncertain, NotAttempted, Stage, annotate
-from mailworker.smtp.message import (
-    Envelope,
-    Prepared,
-    RecipientResult,
-    SendResult,
-    prepare,
-    rcpt_lines,
+from mailworker.smtp.errors import (
+    DeliveryUncertain,
+    NotAttempted,
+    Stage,
+    annotate,
+    enhanced_code_of,
 )
 from mailworker.smtp.replylog import ReplyLog
 
-__all__ = ["Session", "Wire"]
+__all__ = ["Envelope", "RecipientResult", "SendResult", "Session", "Wire", "prepare"]
+
+_BAD_ADDRESS = re.compile(r"[\r\n\x00<>]")
+_EOL = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One message to send: the SMTP envelope and the RFC 5322 bytes.
+
+    Addresses are checked here, when the envelope is made, so a CR or LF can never be
+    smuggled into an SMTP command; enclosing angle brackets are dropped.
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+    message_id: str | None = None  # ours; bound on every log event of the transaction
+
+    def __post_init__(self) -> None:
+        rcpts = (self.recipients,) if isinstance(self.recipients, str) else self.recipients
+        if not rcpts:
+            raise ValueError("an envelope needs at least one recipient")
+        object.__setattr__(self, "sender", _address(self.sender, allow_empty=True))
+        object.__setattr__(self, "recipients", tuple(_address(r) for r in rcpts))
+
+
+def _address(addr: str, allow_empty: bool = False) -> str:
+    a = addr.strip()
+    if a[:1] == "<" and a[-1:] == ">":
+        a = a[1:-1]
+    if _BAD_ADDRESS.search(a) or (not a and not allow_empty):
+        raise ValueError(f"invalid envelope address {addr!r}: empty, or has CR, LF, NUL or <>")
+    return a
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """What the server finally said about one recipient, and at which stage."""
+
+    recipient: str
+    code: int | None  # None: the connection died before a reply decided it
+    text: str
+    enhanced_code: str | None
+    stage: Stage
+
+    @property
+    def accepted(self) -> bool:
+        """True only for a 2xx reply after the final dot: the server took the message."""
+        return self.stage is Stage.AFTER_DOT and self.code is not None and self.code < 300
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """Per-recipient outcome of one envelope, in envelope order."""
+
+    envelope: Envelope
+    recipients: tuple[RecipientResult, ...]
+    transactions: int  # >1 when 452 "too many recipients" split the envelope
+
+    @property
+    def accepted(self) -> tuple[RecipientResult, ...]:
+        return tuple(r for r in self.recipients if r.accepted)
+
+    @property
+    def refused(self) -> tuple[RecipientResult, ...]:
+        return tuple(r for r in self.recipients if not r.accepted)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """An envelope turned into wire bytes for one server's capabilities."""
+
+    sender: str
+    mail: bytes  # "MAIL FROM:<...> params\r\n"
+    mail_cmd: str  # the same, for the log
+    content: bytes  # CRLF, dot-stuffed, ending in CRLF.CRLF
+
+
+def prepare(envelope: Envelope, capabilities: dict[str, str]) -> Prepared:
+    """Check SIZE and SMTPUTF8 against the server and build the wire bytes.
+
+    Raises before anything is sent: ``SMTPDataError(552)`` when the server's advertised
+    SIZE is too small, ``SMTPNotSupportedError`` when an address needs SMTPUTF8 and the
+    server lacks it. Line endings become CRLF and leading dots are doubled, each by a
+    single C-level pass (no per-line Python loop); the common already-CRLF case is only
+    counted, not copied.
+    """
+    data = envelope.data
+    lf = data.count(b"\n")
+    if data.count(b"\r") != lf or data.count(b"\r\n") != lf:
+        data = _EOL.sub(b"\r\n", data)
+    size = len(data)  # RFC 1870: CRLF line ends, before dot-stuffing
+    params: list[str] = []
+    if "size" in capabilities:
+        params.append(f"SIZE={size}")
+        limit = capabilities["size"].strip()
+        if limit.isdigit() and 0 < int(limit) < size:
+            raise smtplib.SMTPDataError(
+                552, f"5.3.4 Message size exceeds server limit ({size} > {limit} bytes)".encode())
+    utf8 = not (envelope.sender.isascii() and all(r.isascii() for r in envelope.recipients))
+    if utf8 and "smtputf8" not in capabilities:
+        raise smtplib.SMTPNotSupportedError(
+            "an envelope address is not ASCII and the server does not offer SMTPUTF8")
+    if (utf8 or not data.isascii()) and "8bitmime" in capabilities:
+        params.append("BODY=8BITMIME")
+    if utf8:
+        params.append("SMTPUTF8")
+    if data[:1] == b"." or b"\n." in data:
+        data = _LEADING_DOT.sub(b"..", data)
+    if data and data[-2:] != b"\r\n":
+        data += b"\r\n"
+    cmd = f"MAIL FROM:<{envelope.sender}>"
+    if params:
+        cmd = f"{cmd} {' '.join(params)}"
+    return Prepared(envelope.sender, cmd.encode() + b"\r\n", cmd, data + b".\r\n")
+
+
+def rcpt_lines(recipients: Iterable[str]) -> list[tuple[bytes, str]]:
+    """``RCPT TO`` lines as (wire bytes, log text)."""
+    out = []
+    for r in recipients:
+        cmd = f"RCPT TO:<{r}>"
+        out.append((cmd.encode() + b"\r\n", cmd))
+    return out
 
 _RSET = b"RSET\r\n"
 _DATA = b"DATA\r\n"
@@ -75,13 +199,11 @@ class _Txn:
     prep: Prepared
     recipients: tuple[str, ...]
     lines: list[tuple[bytes, str]]
-    started: float = 0.0
     deadline: float = 0.0
     mail: tuple[int, bytes] | None = None
     accepted: list[str] = field(default_factory=list)
     refused: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     retry: list[str] = field(default_factory=list)
-    dot_sent: bool = False
 
     @property
     def commands(self) -> bytes:
@@ -99,8 +221,6 @@ class _Outcome:
     fatal: bool = False  # the connection failed on it: raised even if some were accepted
 
     def decide(self, rcpts: Sequence[str], code: int | None, text: str, stage: Stage) -> None:
-        from mailworker.smtp.errors import enhanced_code_of  # noqa: PLC0415 - cold path
-
         enhanced = enhanced_code_of(text)
         for r in rcpts:
             self.decided[r] = RecipientResult(r, code, text, enhanced, stage)
@@ -117,6 +237,7 @@ class Session:
         self,
         wire: Wire,
         log: ReplyLog,
+        *,
         relay: str,
         deadline: float,
         capabilities: dict[str, str],
@@ -137,17 +258,17 @@ class Session:
         for i, env in enumerate(envelopes):
             try:
                 prep = prepare(env, self.capabilities)
-            except (ValueError, smtplib.SMTPException) as exc:
-                outcomes[i].error = annotate(exc, Stage.MAIL, self.relay)
+            except (ValueError, smtplib.SMTPException) as refused:
+                outcomes[i].error = annotate(refused, Stage.MAIL, self.relay)
                 outcomes[i].fatal = True
             else:
                 todo.append(_Txn(i, prep, env.recipients, rcpt_lines(env.recipients)))
         self._cur = None
         try:
             if todo and self.wire.peer_spoke():
-                exc = smtplib.SMTPServerDisconnected(
-                    "the server spoke before MAIL (closed, or sent an unsolicited reply)")
-                raise _Abort(exc, Stage.MAIL, todo[0])
+                raise _Abort(smtplib.SMTPServerDisconnected(
+                    "the server spoke before MAIL (closed, or sent an unsolicited reply)"),
+                    Stage.MAIL, todo[0])
             if self.pipelining:
                 self._pipelined(todo)
             else:
@@ -174,14 +295,13 @@ class Session:
             if cur is not None:
                 self._start(cur)
                 parts.append(cur.commands)
-            if dot is not None and cur is not None and self.wire.peer_spoke():
+            if dot is not None and self.wire.peer_spoke():
                 raise _Abort(smtplib.SMTPServerDisconnected(
                     "connection closed by the server after 354, before the content"),
                     Stage.DATA, dot)
             started = self._write(b"".join(parts), dot, cur, trailing=cur is not None)
             if pending:
                 if dot is not None:
-                    dot.dot_sent = True
                     self._final(dot, started)
                 else:  # the reply to a bare terminator carries no news; keep in step
                     code, text = self._read(cur, Stage.MAIL, "<dot>", started)
@@ -222,9 +342,7 @@ class Session:
                     raise _Abort(smtplib.SMTPServerDisconnected(
                         "connection closed by the server after 354, before the content"),
                         Stage.DATA, cur)
-                started = self._write(pending, cur, None, trailing=False)
-                cur.dot_sent = True
-                self._final(cur, started)
+                self._final(cur, self._write(pending, cur, None, trailing=False))
 
     # -- reply handlers (shared by both paths) ---------------------------------------------
     def _rset_reply(self, cur: _Txn, started: float) -> None:
@@ -264,18 +382,21 @@ class Session:
             if rcpt not in retry:
                 oc.decide((rcpt,), c, txt.decode("utf-8", "replace"), Stage.RCPT)
         exc: smtplib.SMTPException | None = None
+        enhanced = None
         if t.mail is not None:
             exc = smtplib.SMTPSenderRefused(t.mail[0], t.mail[1], t.prep.sender)
             oc.decide(t.recipients, t.mail[0], t.mail[1].decode("utf-8", "replace"), Stage.MAIL)
             stage = Stage.MAIL
         elif not t.accepted:
             exc, stage = smtplib.SMTPRecipientsRefused(dict(t.refused)), Stage.RCPT
+            codes = {enhanced_code_of(txt) for _, txt in t.refused.values()}
+            enhanced = codes.pop() if len(codes) == 1 else None
         elif code != 354:
             assert code is not None
             exc, stage = smtplib.SMTPDataError(code, text), Stage.DATA
             oc.decide(t.accepted, code, text.decode("utf-8", "replace"), Stage.DATA)
         if exc is not None:
-            oc.fail(annotate(exc, stage, self.relay))
+            oc.fail(annotate(exc, stage, self.relay, enhanced))
             self.needs_rset = True
             # RFC 2920: a server may still say 354; end that empty message at once.
             return _TERMINATOR if code == 354 else b""
@@ -293,12 +414,12 @@ class Session:
             return
         oc.fail(annotate(smtplib.SMTPDataError(code, text), Stage.AFTER_DOT, self.relay))
         if code == 421:  # the message is refused, and the connection is going away
+            oc.fatal = True
             raise _Abort(smtplib.SMTPDataError(code, text), Stage.AFTER_DOT, None)
 
     # -- I/O with failures turned into aborts ----------------------------------------------
     def _start(self, t: _Txn) -> None:
-        t.started = self.clock()
-        t.deadline = t.started + self.deadline
+        t.deadline = self.clock() + self.deadline
 
     def _write(self, data: bytes, dot: _Txn | None, cur: _Txn | None, *,
                trailing: bool = True, stage: Stage = Stage.MAIL) -> float:
@@ -327,19 +448,15 @@ class Session:
         log = self.log
         if log.enabled:
             mid = self._outcomes[t.index].envelope.message_id if t is not None else None
-            log.reply(command, code, text, started, self.clock(), mid, recipient)
+            log.reply(command, code, text, started, self.clock(), message_id=mid,
+                      recipient=recipient)
         return code, text
 
     # -- results ------------------------------------------------------------------------
     def _distribute(self, abort: _Abort, todo: deque[_Txn]) -> None:
         """The connection died: the message it died on gets the error, the rest NotAttempted."""
         failing = abort.txn
-        affected = [t for t in (failing, self._cur, *todo) if t is not None]
-        seen: set[int] = set()
-        for t in affected:
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
+        for t in dict.fromkeys(t for t in (failing, self._cur, *todo) if t is not None):
             oc = self._outcomes[t.index]
             if oc.fatal:
                 continue
@@ -353,10 +470,7 @@ class Session:
             else:
                 exc, stage = NotAttempted("not attempted: the connection failed on an earlier "
                                           f"message ({abort.exc})"), Stage.MAIL
-            code = exc.smtp_code if isinstance(exc, smtplib.SMTPResponseException) else None
-            if isinstance(exc, smtplib.SMTPRecipientsRefused):
-                code = 421
-            text = str(exc)
+            code, text = _code_text(exc)
             undecided = [r for r in t.recipients if r not in oc.decided]
             oc.decide(undecided, code, text, stage)
             oc.error, oc.fatal = annotate(exc, stage, self.relay), True
@@ -374,3 +488,14 @@ class Session:
 
 def _renamed(r: RecipientResult, recipient: str) -> RecipientResult:
     return RecipientResult(recipient, r.code, r.text, r.enhanced_code, r.stage)
+
+
+def _code_text(exc: BaseException) -> tuple[int | None, str]:
+    """The reply an exception carries, as recipient results record it."""
+    if isinstance(exc, smtplib.SMTPResponseException):
+        err = exc.smtp_error
+        return exc.smtp_code, err.decode("utf-8", "replace") if isinstance(err, bytes) else err
+    if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
+        code, err = next(iter(exc.recipients.values()))
+        return code, err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err)
+    return None, str(exc)

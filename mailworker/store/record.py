@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["Attempt", "MessageState", "RecipientState", "RcptState", "Record", "Reply"]
+__all__ = ["Attempt", "MessageState", "RcptState", "RecipientState", "Record", "Reply"]
 
 
 class MessageState(StrEnum):

@@ -52,7 +52,9 @@ class Claim:
 class Store:
     """Message records in Redis. Thread-safe (redis-py pools connections)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "mw", retention: float = 7 * 86400):
+    def __init__(
+        self, client: redis.Redis[bytes], prefix: str = "mw", retention: float = 7 * 86400
+    ) -> None:
         self.redis = client
         self.prefix = prefix
         self.retention = int(retention)
@@ -113,8 +115,8 @@ class Store:
                 client=pipe,
             )
         out: dict[str, Claim | str] = {}
-        for mid, (status, doc, raw, sending) in zip(ids, pipe.execute(), strict=True):
-            status = _str(status)
+        for mid, (raw_status, doc, raw, sending) in zip(ids, pipe.execute(), strict=True):
+            status = _str(raw_status)
             if status != "ok":
                 out[mid] = status
                 continue
@@ -166,11 +168,13 @@ class Store:
 
     # -- scheduler ------------------------------------------------------------------------
     def promote_due(self, now: float, limit: int, watchdog: float) -> list[str]:
-        ids = self._promote(keys=[self.deferred_key, self.inflight_key], args=[now, limit, watchdog])
+        ids = self._promote(keys=[self.deferred_key, self.inflight_key],
+                            args=[now, limit, watchdog])
         return [_str(i) for i in ids]
 
     def sweep(self, now: float, limit: int, watchdog: float) -> list[str]:
-        ids = self._sweep(keys=[self.inflight_key], args=[now, limit, watchdog, self.key("lease", "")])
+        ids = self._sweep(keys=[self.inflight_key],
+                          args=[now, limit, watchdog, self.key("lease", "")])
         return [_str(i) for i in ids]
 
     # -- reads ----------------------------------------------------------------------------
@@ -235,6 +239,17 @@ class Store:
 
     def resume_relay(self, relay: str) -> None:
         self.redis.delete(self.key("pause", relay))
+
+    def relay_failed(self, relay: str) -> int:
+        """Count a host-level failure; returns consecutive failures (resets after 1 h quiet)."""
+        key = self.key("relayfail", relay)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.expire(key, 3600)
+        return int(pipe.execute()[0])
+
+    def relay_succeeded(self, relay: str) -> None:
+        self.redis.delete(self.key("relayfail", relay))
 
     # -- health ---------------------------------------------------------------------------
     def persistence_warning(self) -> str | None:

@@ -1,0 +1,1 @@
+"""mailshop: a tiny Django project that sends its order mail through mailworker."""

@@ -1,0 +1,151 @@
+"""Framework integrations (``mailworker.contrib.django``, ``mailworker.contrib.flask``).
+
+What both share lives here: turning a framework's settings mapping into
+:class:`~mailworker.config.Settings`, configuring the process runtime from it once, and
+reading Django-style message objects (Django's ``EmailMessage``, Flask-Mailman's).
+
+Precedence, lowest first: built-in defaults, the TOML file (``CONFIG``), ``MAILWORKER_*``
+environment variables, then the framework's settings. The framework wins because it is
+where the app author wrote the value for *this* app; the environment still fills in
+whatever the app leaves out, so workers and web processes can share one set of variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+from mailworker.config import ConfigError, QueueSettings, Settings, load_settings
+from mailworker.policy import parse_duration
+from mailworker.relay import InvalidRelayError, parse_relay
+from mailworker.runtime import configure, current
+
+__all__ = [
+    "ROUTING_ATTRIBUTES",
+    "build_settings",
+    "django_style_item",
+    "ensure_runtime",
+    "is_django_style",
+    "options_key",
+]
+
+#: Keys a settings mapping may hold besides the scalar ``Settings`` fields.
+_STRUCTURED = ("config", "relays", "queues")
+_NOT_SCALAR = {"relays", "queues", "policy"}
+#: Scalars applied after relays and queues are merged, so they may name new ones.
+_LATE = ("default_queue", "default_relay")
+
+
+def _scalar_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(Settings) if f.name not in _NOT_SCALAR)
+
+
+def build_settings(
+    options: Mapping[str, Any], *, where: str, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """:class:`Settings` from lower-case option names (``redis_url``, ``relays``, ...).
+
+    ``relays`` maps a relay name to a DSN, or to a mapping with ``dsn`` and relay options;
+    ``queues`` maps a queue name to ``{"lifetime": "24h", "max_attempts": 20}``; ``config``
+    names a TOML file. Values are checked as strictly as the environment's; a bad one
+    raises :class:`~mailworker.config.ConfigError` prefixed with *where* (the setting's
+    name in the framework), so the message points at the line to fix.
+    """
+    scalars = _scalar_names()
+    unknown = sorted(set(options) - set(scalars) - set(_STRUCTURED))
+    if unknown:
+        known = ", ".join(n.upper() for n in (*_STRUCTURED, *scalars))
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(k.upper() for k in unknown)}; "
+                          f"known: {known}")
+    env = dict(os.environ if environ is None else environ)
+    # Scalars go through the environment path of load_settings, so they are coerced and
+    # checked by exactly the code that checks MAILWORKER_* variables.
+    for name in scalars:
+        value = options.get(name)
+        if value is not None and name not in _LATE:
+            env[f"MAILWORKER_{name.upper()}"] = str(value)
+    try:
+        settings = load_settings(options.get("config") or None, env)
+        relays = dict(settings.relays)
+        for name, spec in (options.get("relays") or {}).items():
+            if isinstance(spec, str):
+                relays[name] = parse_relay(name, spec, env)
+            else:
+                extra = dict(spec)
+                dsn = extra.pop("dsn", None)
+                if not dsn:
+                    raise ConfigError(f"relay {name!r} needs a dsn")
+                relay = parse_relay(name, dsn, env)
+                relays[name] = relay.with_options(**extra) if extra else relay
+        queues = dict(settings.queues)
+        for name, spec in (options.get("queues") or {}).items():
+            queues[name] = _queue(name, spec or {})
+        late = {k: str(options[k]) for k in _LATE if options.get(k) is not None}
+        settings = settings.with_(relays=relays, queues=queues, **late)
+        settings.queue()  # the default queue must exist; the error lists the known ones
+    except (ConfigError, InvalidRelayError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return settings
+
+
+def _queue(name: str, spec: Mapping[str, Any]) -> QueueSettings:
+    try:
+        return QueueSettings(name, lifetime=parse_duration(spec.get("lifetime", 86400)),
+                   max_attempts=int(spec.get("max_attempts", 20)))
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"queue {name!r}: {exc}") from None
+
+
+def options_key(options: Mapping[str, Any]) -> str:
+    """A stable key for a settings mapping, so equal configurations share one Settings."""
+    return json.dumps(options, sort_keys=True, default=repr)
+
+
+_lock = threading.Lock()
+
+
+def ensure_runtime(settings: Settings) -> None:
+    """Make *settings* the process runtime's, configuring it only when they changed.
+
+    The runtime is process-wide (one Redis client, one set of SMTP pools), so this is
+    cheap when called on every send: an identity check, and a rebuild only when another
+    configuration (another Flask app, ``override_settings``) was used in between.
+    """
+    with _lock:
+        rt = current()
+        if rt is None or rt.settings is not settings:
+            configure(settings)
+
+
+#: ``mailworker_<name>`` attributes on a message object that route it (see the docs).
+ROUTING_ATTRIBUTES = ("relay", "queue", "idempotency_key", "send_at", "expires_at", "metadata")
+
+
+def is_django_style(obj: object) -> bool:
+    """True for Django's ``EmailMessage`` and look-alikes (Flask-Mailman)."""
+    return callable(getattr(obj, "message", None)) and callable(getattr(obj, "recipients", None))
+
+
+def django_style_item(msg: Any, **defaults: Any) -> dict[str, Any]:
+    """A :func:`mailworker.api.prepare_many` item for a Django-style message.
+
+    The envelope is the message's own (``from_email``, ``recipients()``: To + Cc + Bcc),
+    as Django's SMTP backend uses. ``mailworker_relay`` etc. attributes on the message
+    win over *defaults*.
+    """
+    item: dict[str, Any] = {
+        "message": msg.message(),
+        "sender": msg.from_email or None,
+        "recipients": list(msg.recipients()),
+    }
+    for name in ROUTING_ATTRIBUTES:
+        value = getattr(msg, f"mailworker_{name}", None)
+        if value is None:
+            value = defaults.get(name)
+        if value is not None:
+            item[name] = value
+    return item

@@ -1,0 +1,40 @@
+"""The Django app: ``INSTALLED_APPS += ["mailworker.contrib.django"]``.
+
+Installing it is optional for sending (``EMAIL_BACKEND`` alone works) and needed for two
+things: the ``manage.py mailworker`` command, and re-reading ``settings.MAILWORKER`` when
+tests change it with ``override_settings``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Django ships no type information (django-stubs is not a dependency).
+from django.apps import AppConfig  # type: ignore[import-untyped]
+from django.test.signals import setting_changed  # type: ignore[import-untyped]
+
+
+class MailworkerConfig(AppConfig):  # type: ignore[misc]  # Django's classes are untyped
+    name = "mailworker.contrib.django"
+    label = "mailworker"
+    verbose_name = "mailworker"
+
+    def ready(self) -> None:
+        # Imported here, Django's idiom: ready() runs once the app registry is complete.
+        from mailworker.contrib.django.signals import connect_hooks  # noqa: PLC0415
+
+        connect_hooks()
+        watch_settings()
+
+
+def _changed(*, setting: str, **_: Any) -> None:
+    if setting == "MAILWORKER":
+        # Lazy: importing the backend pulls in the mail machinery, needed only once used.
+        from mailworker.contrib.django.backend import reset  # noqa: PLC0415
+
+        reset()
+
+
+def watch_settings() -> None:
+    """Re-read ``settings.MAILWORKER`` after ``override_settings`` changes it."""
+    setting_changed.connect(_changed, dispatch_uid="mailworker.settings")

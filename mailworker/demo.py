@@ -1,0 +1,187 @@
+"""``mailworker demo``: watch mail flow in one process, with nothing else installed.
+
+It runs the real code paths: ``send_many`` writes records to a store, a Celery worker
+(in a thread, on kombu's in-memory broker) claims and delivers them through the SMTP
+pool to ``mailworker.testing``'s server, the scheduler retries a greylisted recipient,
+and a refused recipient ends in the dead-letter store. The store is fakeredis (with Lua,
+so the same atomic scripts run); with ``MAILWORKER_REDIS_URL`` set, the demo uses that
+Redis for both the store and the broker instead.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+__all__ = ["run_demo"]
+
+GREYLISTED = "greylisted@example.org"
+REFUSED = "nobody@example.org"
+
+
+def _embedded_redis() -> Any:
+    try:
+        import fakeredis
+    except ImportError:
+        from mailworker.cli.output import CLIError
+
+        raise CLIError("the embedded demo needs fakeredis",
+                       "pip install 'mailworker[demo]', or set MAILWORKER_REDIS_URL to use a "
+                       "real Redis", 1) from None
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+def run_demo(messages: int = 200, out: Any = None, timeout: float = 60.0) -> int:
+    """Run the demo; print progress, a summary table and reply-log lines. 0 on success."""
+    import structlog
+    from celery.contrib.testing.worker import start_worker
+
+    from mailworker import api
+    from mailworker.celery_app import app
+    from mailworker.config import Settings
+    from mailworker.policy import Backoff, Policy
+    from mailworker.runtime import configure
+    from mailworker.scheduler import Scheduler
+    from mailworker.testing import Fault, SMTPTestServer
+
+    out = out or sys.stdout
+    real_redis = os.environ.get("MAILWORKER_REDIS_URL")
+    log_buffer = io.StringIO()
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.JSONRenderer()],
+        logger_factory=structlog.PrintLoggerFactory(log_buffer),
+        cache_logger_on_first_use=False,
+    )
+
+    server = SMTPTestServer(hostname="demo.mx")
+    server.start()
+    server.add_fault(Fault.reply("RCPT", 451, "4.7.1 Greylisted, please try again",
+                                 match=GREYLISTED, times=1))
+    server.add_fault(Fault.reply("RCPT", 550, "5.1.1 No such user here", match=REFUSED))
+    from mailworker.relay import parse_relay
+
+    relay = parse_relay("default", server.dsn())
+    prefix = f"demo{int(time.time())}"
+    settings = Settings(
+        redis_url=real_redis or "redis://embedded",
+        broker_url=real_redis or "memory://",
+        key_prefix=prefix,
+        relays={"default": relay},
+        default_sender="demo@example.com",
+        tick_interval=0.2,
+        stuck_after=10.0,
+        policy=Policy(backoff=Backoff(initial=1.0, factor=1.0, maximum=1.0, jitter=0.0)),
+    )
+    rt = configure(settings, redis_client=None if real_redis else _embedded_redis())
+    if not real_redis:
+        # kombu's in-memory transport polls; its 1 s default would dominate a short demo.
+        app.conf.update(broker_transport_options={"polling_interval": 0.02})
+    sched = Scheduler(rt.settings, rt.store)
+    print(f"mailworker demo: {messages} messages -> embedded SMTP server "
+          f"{server.host}:{server.port}", file=out)
+    print(f"store: {'Redis at ' + real_redis if real_redis else 'embedded (fakeredis)'}; "
+          f"broker: {'Redis' if real_redis else 'in-memory'}", file=out)
+    started = time.perf_counter()
+    rc = 0
+    try:
+        with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False,
+                          queues=list(settings.queues), loglevel="ERROR", hostname="demo@localhost",
+                          shutdown_timeout=30.0):
+            sched.start_thread()
+            batch = [{"to": f"user{i}@example.com", "subject": f"Welcome #{i}",
+                      "text": f"Hello user {i}!\n", "metadata": {"n": i}}
+                     for i in range(max(0, messages - 2))]
+            batch.append({"to": GREYLISTED, "subject": "Greylisted once", "text": "4xx then ok"})
+            batch.append({"to": REFUSED, "subject": "Refused", "text": "5xx: dead letter"})
+            t0 = time.perf_counter()
+            ids = api.send_many(batch)
+            enqueue_ms = (time.perf_counter() - t0) * 1000
+            print(f"enqueued {len(ids)} messages in {enqueue_ms:.1f} ms", file=out)
+            recs = _wait(rt.store, ids, out, timeout)
+            sched.stop()
+            rc = _summary(out, ids, recs, server, time.perf_counter() - started,
+                          log_buffer.getvalue())
+            print("stopping the worker...", file=out)
+    finally:
+        sched.stop()
+        rt.pools.close_all()
+        server.stop()
+    return rc
+
+
+def _summary(out: Any, ids: list[str], recs: list[Any], server: Any, elapsed: float,
+             log_text: str) -> int:
+    from mailworker.cli.output import table
+
+    states = Counter(r.state.value for r in recs if r is not None)
+    grey = next(r for r in recs if r and r.recipients[0].address == GREYLISTED)
+    dead = next(r for r in recs if r and r.recipients[0].address == REFUSED)
+    rows = [
+        ("messages", len(ids)),
+        ("delivered", states.get("delivered", 0)),
+        ("dead-lettered", states.get("dead", 0)),
+        ("not final", len(ids) - states.get("delivered", 0) - states.get("dead", 0)),
+        ("greylisted message", f"{grey.state.value} after {len(grey.history)} attempts"),
+        ("refused message", f"{dead.state.value}: {dead.dead_reason}"),
+        ("SMTP connections opened", server.connections_opened),
+        ("time", f"{elapsed:.2f} s"),
+    ]
+    print("\nsummary", file=out)
+    print(table(["", "value"], rows), file=out)
+    print("\nreply log (a few of the smtp.reply events):", file=out)
+    for line in _sample_replies(log_text):
+        print("  " + line, file=out)
+    print("\nnext: 'make test' runs the suite; README.md shows how to run real workers.",
+          file=out)
+    ok = (states.get("delivered", 0) == len(ids) - 1 and states.get("dead", 0) == 1
+          and grey.state.value == "delivered" and len(grey.history) == 2)
+    return 0 if ok else 1
+
+
+def _wait(store: Any, ids: list[str], out: Any, timeout: float) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    last = ""
+    tty = bool(getattr(out, "isatty", lambda: False)())
+    next_print = 0.0
+    while True:
+        recs = store.get_many(ids)
+        counts = Counter(r.state.value for r in recs if r is not None)
+        final = counts.get("delivered", 0) + counts.get("dead", 0)
+        line = (f"  delivered {counts.get('delivered', 0):>5}  deferred "
+                f"{counts.get('deferred', 0):>3}  dead {counts.get('dead', 0):>3}  "
+                f"of {len(ids)}")
+        done = final == len(ids) or time.monotonic() > deadline
+        if tty and line != last:
+            out.write("\r" + line)
+            out.flush()
+        elif not tty and (done or time.monotonic() >= next_print):
+            out.write(line + "\n")
+            next_print = time.monotonic() + 1.0
+        last = line
+        if done:
+            if tty:
+                out.write("\n")
+            return list(recs)
+        time.sleep(0.1)
+
+
+def _sample_replies(text: str, n: int = 6) -> list[str]:
+    events = []
+    for line in text.splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if ev.get("event") == "smtp.reply":
+            keep = {k: ev[k] for k in ("command", "code", "enhanced_code", "text", "latency_ms",
+                                       "message_id", "recipient") if ev.get(k) is not None}
+            events.append(json.dumps(keep))
+    picked = events[:3] + [e for e in events if '"code": 451' in e or '"code": 550' in e][:2]
+    return (picked + events[-1:])[:n]

@@ -1,0 +1,415 @@
+"""One SMTP connection on ``smtplib``: TLS, AUTH, pipelined sends, and the pool's questions.
+
+The session set-up (EHLO, STARTTLS, ``login()``) is smtplib's own code; we subclass
+``smtplib.SMTP`` / ``smtplib.SMTP_SSL`` only to replace the socket I/O underneath it:
+
+* ``getreply()`` reads from our own buffer instead of ``sock.makefile()``. That lets the
+  pool see, without a round trip, whether an idle connection holds unread bytes, lets
+  STARTTLS refuse plaintext that arrived before the handshake (command injection), and
+  checks a wall-clock deadline between reads.
+* every reply is logged (:mod:`mailworker.smtp.replylog`) with the command it answers;
+  while ``login()`` runs, the commands are logged redacted, so neither the password nor
+  its base64 ever reaches a log line.
+
+The TCP connect and the TLS handshake are done here rather than in ``smtplib.connect`` so
+that a failure is annotated with the right stage (connect vs tls). A TLS failure never
+falls back to clear text; the socket is closed.
+"""
+
+from __future__ import annotations
+
+import functools
+import select
+import smtplib
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mailworker.logging import redact_command
+from mailworker.relay import Relay
+from mailworker.smtp.errors import NotAttempted, Stage, annotate
+from mailworker.smtp.pipeline import Envelope, SendResult, Session
+from mailworker.smtp.replylog import ReplyLog
+
+__all__ = ["Connection"]
+
+_MAXLINE = 8192
+_RECV = 65536
+_QUIT_TIMEOUT = 2.0
+_PLAIN_AUTH_REFUSED = (
+    "5.7.0 mailworker refuses to send credentials over an unencrypted connection; "
+    "use smtps:// or smtp+starttls://, or set allow_plain_auth=true"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _fqdn() -> str:
+    """smtplib would call ``socket.getfqdn()`` (a DNS lookup) for every connection."""
+    return socket.getfqdn()
+
+
+@functools.lru_cache(maxsize=32)
+def _ssl_context(ca_file: str | None, verify: bool) -> ssl.SSLContext:
+    """Contexts are cached: loading the CA store costs milliseconds per connection."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if ca_file:
+        ctx.load_default_certs()  # ca_file is an *extra* CA, not the only one
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class _WireMixin:
+    """Buffered reply reader and logged writer under smtplib (see the module docstring)."""
+
+    sock: Any
+    command_encoding: str
+    log: ReplyLog
+    clock: Callable[[], float]
+    deadline: float | None = None
+    timeout: float
+    _timeout_now: float = 0.0
+    _rbuf = b""
+    _rpos = 0
+    _last_cmd = "<greeting>"
+    _sent_at = 0.0
+    _secret = False
+
+    def putcmd(self, cmd: str, args: str = "") -> None:
+        s = f"{cmd} {args}" if args else cmd
+        if "\r" in s or "\n" in s:
+            raise ValueError("SMTP command contains CR or LF")
+        verb = cmd.upper()
+        if self._secret:  # inside login(): the AUTH argument and any continuation are secret
+            self._last_cmd = redact_command(s) if verb == "AUTH" else "AUTH ***"
+        else:
+            self._last_cmd = f"{verb} {args}" if args else verb
+        try:
+            self.write(f"{s}\r\n".encode(self.command_encoding))
+        except OSError as err:
+            self.close()
+            raise smtplib.SMTPServerDisconnected(f"write failed: {err}") from err
+
+    def getreply(self) -> tuple[int, bytes]:
+        code, text = self.read_reply()
+        if self.log.enabled:
+            self.log.reply(self._last_cmd, code, text, self._sent_at, self.clock())
+        return code, text
+
+    def write(self, data: bytes) -> None:
+        if self.sock is None:
+            raise smtplib.SMTPServerDisconnected("not connected")
+        self._sent_at = self.clock()
+        self.sock.sendall(data)
+
+    def read_reply(self) -> tuple[int, bytes]:
+        """One (possibly multi-line) reply; a malformed line closes the connection."""
+        buf, pos = self._rbuf, self._rpos
+        lines: list[bytes] = []
+        while True:
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                if len(buf) - pos > _MAXLINE:
+                    self._desync(b"over-long reply line")
+                buf, pos = buf[pos:] + self._recv(), 0
+                continue
+            line, pos = buf[pos:end], end + 1
+            self._rbuf, self._rpos = buf, pos
+            code, sep = line[:3], line[3:4]
+            if not code.isdigit() or sep not in (b" ", b"-", b"\r", b""):
+                self._desync(line)
+            lines.append(line[4:].strip(b" \t\r"))
+            if sep != b"-":
+                text = lines[0] if len(lines) == 1 else b"\n".join(lines)
+                return int(code), text
+
+    def _recv(self) -> bytes:
+        sock = self.sock
+        if sock is None:
+            raise smtplib.SMTPServerDisconnected("not connected")
+        wait = self.timeout
+        if self.deadline is not None:
+            remaining = self.deadline - self.clock()
+            if remaining <= 0:
+                self.close()
+                raise smtplib.SMTPServerDisconnected(
+                    f"transaction deadline exceeded waiting for the reply to {self._last_cmd}")
+            wait = min(wait, remaining)
+        if wait != self._timeout_now:
+            sock.settimeout(wait)
+            self._timeout_now = wait
+        try:
+            data: bytes = sock.recv(_RECV)
+        except TimeoutError as err:
+            self.close()
+            what = "transaction deadline" if wait < self.timeout else f"timeout of {wait:g}s"
+            raise smtplib.SMTPServerDisconnected(
+                f"{what} exceeded waiting for a reply") from err
+        except OSError as err:
+            self.close()
+            raise smtplib.SMTPServerDisconnected(f"connection lost: {err}") from err
+        if not data:
+            self.close()
+            raise smtplib.SMTPServerDisconnected("connection closed by the server")
+        return data
+
+    def _desync(self, line: bytes) -> None:
+        self.close()
+        raise smtplib.SMTPServerDisconnected(
+            f"malformed reply {line[:80]!r}: replies out of step, connection closed")
+
+    def buffered(self) -> bool:
+        """Unread reply bytes already in our buffer (the server said something extra)."""
+        return self._rpos < len(self._rbuf)
+
+    def peer_spoke(self) -> bool:
+        """True when the server sent anything or hung up while we expected silence."""
+        sock = self.sock
+        if sock is None or self.buffered():
+            return True
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
+    def end_transaction(self) -> None:
+        self.deadline = None
+
+    def close(self) -> None:
+        self._rbuf, self._rpos = b"", 0
+        super().close()  # type: ignore[misc]
+
+
+class _Client(_WireMixin, smtplib.SMTP):
+    pass
+
+
+class _SSLClient(_WireMixin, smtplib.SMTP_SSL):
+    pass
+
+
+class Connection:
+    """A reusable SMTP session to one relay; see the module docstring."""
+
+    def __init__(self, relay: Relay, *, logger: Any = None, conn_id: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.relay = relay
+        self.conn_id = conn_id or uuid.uuid4().hex[:12]
+        self._clock = clock
+        self._log = ReplyLog(relay.name, self.conn_id, logger)
+        self._client: _Client | _SSLClient | None = None
+        self._session: Session | None = None
+        self.encrypted = False
+        self.opened_at = clock()
+        self.last_used_at = self.opened_at
+        self.in_use = False  # set by the pool while checked out
+
+    # -- session set-up -------------------------------------------------------------------
+    def open(self) -> None:
+        """Connect, read the greeting, EHLO, TLS per ``relay.security``, then AUTH."""
+        relay = self.relay
+        tls = relay.security == "tls"
+        ctx = _ssl_context(relay.ca_file, relay.verify)
+        name = relay.local_hostname or _fqdn()
+        client: _Client | _SSLClient = (
+            _SSLClient(local_hostname=name, context=ctx) if tls else _Client(local_hostname=name))
+        client.log, client.clock, client.timeout = self._log, self._clock, relay.timeout
+        self._client = client
+        stage = Stage.CONNECT
+        try:
+            self.opened_at = client._sent_at = self._clock()
+            sock = socket.create_connection((relay.host, relay.port), relay.connect_timeout)
+            client.sock, client._timeout_now = sock, relay.connect_timeout
+            if tls:
+                stage = Stage.TLS
+                client.sock = ctx.wrap_socket(sock, server_hostname=relay.host)
+            stage = Stage.GREETING
+            client.deadline = self.opened_at + relay.connect_timeout
+            code, msg = client.getreply()
+            if code != 220:
+                raise smtplib.SMTPConnectError(code, msg)
+            client.deadline = None
+            stage = Stage.EHLO
+            self._ehlo(client, name)
+            if relay.security == "starttls" or (
+                    relay.security == "starttls-optional" and client.has_extn("starttls")):
+                stage = Stage.TLS
+                self._starttls(client, ctx)
+                stage = Stage.EHLO
+                self._ehlo(client, name)
+            if relay.username:
+                stage = Stage.AUTH
+                self._login(client)
+        except BaseException as exc:
+            client.close()
+            annotate(exc, stage, relay.name)
+            self._log.failure("smtp.connect_failed", exc, address=relay.address)
+            raise
+        self.encrypted = isinstance(client.sock, ssl.SSLSocket)
+        self.last_used_at = self._clock()
+        self._session = Session(client, self._log, relay=relay.name, deadline=relay.deadline,
+                                capabilities=client.esmtp_features,
+                                pipelining=self.supports_pipelining, clock=self._clock)
+        self._log.connect(address=relay.address, security=relay.security, tls=self.encrypted,
+                          pipelining=self.supports_pipelining,
+                          latency_ms=round((self.last_used_at - self.opened_at) * 1000, 3))
+
+    def _ehlo(self, client: smtplib.SMTP, name: str) -> None:
+        code, msg = client.ehlo(name)
+        if 200 <= code < 300:
+            return
+        if code != 421:  # not ESMTP: fall back to HELO (no extensions, so no pipelining)
+            code, msg = client.helo(name)
+            if 200 <= code < 300:
+                return
+        raise smtplib.SMTPHeloError(code, msg)
+
+    def _starttls(self, client: _Client | _SSLClient, ctx: ssl.SSLContext) -> None:
+        if not client.has_extn("starttls"):
+            raise smtplib.SMTPNotSupportedError(
+                f"relay {self.relay.name!r} requires STARTTLS (smtp+starttls://) but "
+                f"{self.relay.address} does not offer it")
+        code, msg = client.docmd("STARTTLS")
+        if code != 220:
+            raise smtplib.SMTPResponseException(code, msg)
+        if client.buffered():  # bytes sent before the handshake must not be trusted
+            raise smtplib.SMTPServerDisconnected("server sent data after 220 to STARTTLS")
+        client.sock = ctx.wrap_socket(client.sock, server_hostname=self.relay.host)
+        client.helo_resp = client.ehlo_resp = None
+        client.esmtp_features, client.does_esmtp = {}, False
+
+    def _login(self, client: _Client | _SSLClient) -> None:
+        relay = self.relay
+        if not isinstance(client.sock, ssl.SSLSocket) and not relay.allow_plain_auth:
+            raise smtplib.SMTPAuthenticationError(530, _PLAIN_AUTH_REFUSED.encode())
+        client._secret = True
+        try:
+            client.login(relay.username or "", relay.password or "")
+        finally:
+            client._secret = False
+
+    # -- sending --------------------------------------------------------------------------
+    def send(self, envelope: Envelope) -> SendResult:
+        """Send one message; return per-recipient results or raise (see pipeline docs)."""
+        entry = self.send_many((envelope,))[0]
+        if isinstance(entry, BaseException):
+            raise entry
+        return entry
+
+    def send_many(self, envelopes: Sequence[Envelope]) -> list[SendResult | BaseException]:
+        """Send a batch, one round trip per message; never raises for SMTP failures."""
+        session = self._session
+        if session is None or self.is_closed:
+            return [annotate(NotAttempted("the connection is not open"), Stage.CONNECT,
+                             self.relay.name) for _ in envelopes]
+        try:
+            return session.run(envelopes)
+        finally:
+            self.last_used_at = self._clock()
+            if self.is_closed:
+                self._log.close(reason="failure", messages_sent=self.messages_sent)
+
+    def reset(self) -> None:
+        """RSET: abandon any transaction in progress."""
+        self._simple("rset", Stage.MAIL)
+        if self._session is not None:
+            self._session.needs_rset = False
+
+    def noop(self) -> None:
+        """NOOP: prove the connection still answers (the pool's check after a long idle)."""
+        self._simple("noop", Stage.MAIL)
+
+    def _simple(self, verb: str, stage: Stage) -> None:
+        client = self._client
+        try:
+            if client is None or client.sock is None:
+                raise smtplib.SMTPServerDisconnected("not connected")
+            code, msg = getattr(client, verb)()
+            if code != 250:
+                client.close()
+                raise smtplib.SMTPResponseException(code, msg)
+        except (OSError, smtplib.SMTPException) as exc:
+            if client is not None:
+                client.close()
+            annotate(exc, stage, self.relay.name)
+            raise
+        finally:
+            self.last_used_at = self._clock()
+
+    def close(self, quit: bool = True) -> None:
+        """QUIT (best effort, short timeout), then close; ``quit=False`` after fork."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if client.sock is not None:
+            if quit:
+                try:
+                    client.sock.settimeout(min(_QUIT_TIMEOUT, self.relay.timeout))
+                    client._timeout_now = client.timeout = min(_QUIT_TIMEOUT, self.relay.timeout)
+                    client.quit()
+                except (OSError, smtplib.SMTPException):
+                    pass
+            client.close()
+            self._log.close(reason="quit" if quit else "dropped", messages_sent=self.messages_sent)
+
+    # -- what the pool asks -------------------------------------------------------------------
+    @property
+    def is_closed(self) -> bool:
+        return self._client is None or self._client.sock is None
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.in_use and not self.is_closed
+
+    def has_expired(self, now: float) -> bool:
+        """Retire it: see :meth:`is_retired`, or the server spoke while it sat idle."""
+        return self.is_retired(now) or (not self.in_use and self.server_spoke())
+
+    def is_retired(self, now: float) -> bool:
+        """Closed, ``max_messages`` sent, older than ``max_age``, or idle past ``idle_timeout``
+        (clock checks only: cheap enough to sweep every idle connection)."""
+        if self.is_closed:
+            return True
+        relay = self.relay
+        if self.messages_sent >= relay.max_messages or now - self.opened_at >= relay.max_age:
+            return True
+        return not self.in_use and now - self.last_used_at >= relay.idle_timeout
+
+    def server_spoke(self) -> bool:
+        """The idle socket is readable: an unsolicited 421, or a hang-up. No round trip;
+        reusing it would read that stale reply as the answer to our MAIL."""
+        client = self._client
+        return client is None or client.sock is None or client.peer_spoke()
+
+    def idle_for(self, now: float) -> float:
+        return now - self.last_used_at
+
+    @property
+    def messages_sent(self) -> int:
+        return self._session.dots if self._session is not None else 0
+
+    @property
+    def capabilities(self) -> dict[str, str]:
+        return dict(self._client.esmtp_features) if self._client is not None else {}
+
+    @property
+    def supports_pipelining(self) -> bool:
+        return self.relay.pipelining and "pipelining" in self.capabilities
+
+    @property
+    def max_size(self) -> int | None:
+        size = self.capabilities.get("size", "").strip()
+        return int(size) if size.isdigit() and int(size) > 0 else None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.is_closed else "active" if self.in_use else "idle"
+        return (f"<Connection {self.conn_id} relay={self.relay.name!r} {self.relay.address} "
+                f"{state} sent={self.messages_sent}>")

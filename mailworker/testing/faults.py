@@ -1,0 +1,231 @@
+"""Faults the test SMTP server injects: what to break, where, and how many times.
+
+A :class:`Fault` is an immutable description ("answer RCPT for ``bad@`` with 550, once").
+The server keeps its own count of how often each added fault may still fire, so the same
+``Fault`` value can be added to several servers, or twice to one, without sharing a budget.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["COMMANDS", "Fault", "FaultBook", "FaultKind"]
+
+FaultKind = Literal[
+    "reply",
+    "greeting",
+    "disconnect",
+    "drop_during_data",
+    "drop_after_dot",
+    "idle_disconnect",
+    "delay",
+]
+
+#: Where a reply, disconnect or delay fault can act: a command verb, or ``"DOT"`` for the
+#: reply after the message content's final dot.
+COMMANDS = frozenset(
+    {"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "DOT", "RSET", "NOOP",
+     "QUIT", "VRFY", "HELP"}
+)
+#: A delay can also hold back the greeting, to test connect timeouts.
+_DELAYABLE = COMMANDS | {"GREETING"}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One misbehaviour of the test server; build it with the class methods below.
+
+    ``times=None`` means the fault fires every time it applies; an int means it fires that
+    many times and is then spent. ``match`` (case-insensitive substring) narrows a fault to
+    the sender for MAIL, the recipient for RCPT, the sender or any recipient for DATA, DOT
+    and the drop faults, and the command's argument for other commands.
+    """
+
+    kind: FaultKind
+    on: str | None = None
+    code: int | None = None
+    text: str = ""
+    match: str | None = None
+    times: int | None = None
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.times is not None and self.times < 1:
+            raise ValueError(f"times must be None (forever) or at least 1, not {self.times}")
+        if self.code is not None and not 200 <= self.code <= 599:
+            raise ValueError(f"code must be an SMTP reply code from 200 to 599, not {self.code}")
+        if self.seconds < 0:
+            raise ValueError(f"seconds must not be negative, not {self.seconds}")
+        allowed = _DELAYABLE if self.kind == "delay" else COMMANDS
+        if self.kind in ("reply", "disconnect", "delay") and self.on not in allowed:
+            raise ValueError(f"on must be one of {sorted(allowed)}, not {self.on!r}")
+        if self.kind == "reply" and self.on == "DATA" and self.code is not None \
+                and 300 <= self.code < 400:
+            # The server would not then read content the client goes on to send.
+            raise ValueError("a DATA reply fault refuses DATA; use a 4xx or 5xx code, not 3xx")
+
+    @classmethod
+    def reply(
+        cls, on: str, code: int, text: str, match: str | None = None, times: int | None = None
+    ) -> Fault:
+        """Answer ``on`` (MAIL, RCPT, DATA, DOT or another verb) with this reply instead.
+
+        A 2xx reply to MAIL, RCPT or DOT still accepts (only the text changes); any other
+        code refuses, and a refused DOT leaves the message unrecorded.
+        """
+        return cls("reply", on=on.upper(), code=code, text=text, match=match, times=times)
+
+    @classmethod
+    def greeting(
+        cls, code: int = 421, text: str = "4.3.2 Service not available", times: int | None = None
+    ) -> Fault:
+        """Greet new connections with this reply, then close them."""
+        return cls("greeting", code=code, text=text, times=times)
+
+    @classmethod
+    def disconnect(
+        cls,
+        on: str,
+        times: int | None = None,
+        code: int | None = 421,
+        text: str = "4.3.2 Service shutting down, closing transmission channel",
+        match: str | None = None,
+    ) -> Fault:
+        """At command ``on``, reply ``code`` (unless None) and close: "421 mid-session"."""
+        return cls("disconnect", on=on.upper(), code=code, text=text, match=match, times=times)
+
+    @classmethod
+    def drop_during_data(cls, times: int | None = None, match: str | None = None) -> Fault:
+        """After the 354, close as soon as message content arrives; nothing is recorded."""
+        return cls("drop_during_data", match=match, times=times)
+
+    @classmethod
+    def drop_after_dot(cls, times: int | None = None, match: str | None = None) -> Fault:
+        """Read the whole message, record it unacknowledged, close without a reply."""
+        return cls("drop_after_dot", match=match, times=times)
+
+    @classmethod
+    def idle_disconnect(
+        cls,
+        after: float,
+        code: int | None = 421,
+        times: int | None = None,
+        text: str = "4.4.2 Idle timeout",
+    ) -> Fault:
+        """Send an unsolicited ``code`` (unless None) and close a connection idle ``after`` s.
+
+        Idle time counts from the client's last bytes or from when the fault was added,
+        whichever is later; each connection closed uses up one of ``times``.
+        """
+        return cls("idle_disconnect", code=code, text=text, times=times, seconds=after)
+
+    @classmethod
+    def delay(
+        cls, on: str, seconds: float, times: int | None = None, match: str | None = None
+    ) -> Fault:
+        """Hold back the reply to ``on`` (or the greeting, ``"GREETING"``) by ``seconds``."""
+        return cls("delay", on=on.upper(), seconds=seconds, match=match, times=times)
+
+    @property
+    def reply_line(self) -> str:
+        """The reply this fault sends, e.g. ``"550 5.1.1 No such user"``."""
+        return f"{self.code} {self.text}".rstrip()
+
+    def applies_to(self, subjects: Iterable[str]) -> bool:
+        """True when ``match`` is unset or found in one of the subjects."""
+        if self.match is None:
+            return True
+        needle = self.match.lower()
+        return any(needle in subject.lower() for subject in subjects)
+
+
+@dataclass
+class _Armed:
+    """A fault added to a server, with the triggers it has left."""
+
+    fault: Fault
+    remaining: int | None
+    added_at: float = field(default_factory=time.monotonic)
+
+
+class FaultBook:
+    """The faults added to one server; thread-safe (tests add, the server's loop takes)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._armed: list[_Armed] = []
+        self._triggered: list[tuple[int, Fault]] = []
+
+    def add(self, fault: Fault) -> None:
+        with self._lock:
+            self._armed.append(_Armed(fault, fault.times))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._armed.clear()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._armed.clear()
+            self._triggered.clear()
+
+    @property
+    def active(self) -> bool:
+        """Whether any fault is armed; read without the lock as a cheap fast path."""
+        return bool(self._armed)
+
+    @property
+    def triggered(self) -> list[tuple[int, Fault]]:
+        with self._lock:
+            return list(self._triggered)
+
+    def take(
+        self, kind: FaultKind, on: str | None, subjects: Iterable[str], connection_id: int
+    ) -> Fault | None:
+        """Fire and return the first armed fault of this kind that applies here, if any."""
+        if not self._armed:
+            return None
+        subjects = tuple(subjects)
+        with self._lock:
+            for armed in self._armed:
+                fault = armed.fault
+                if fault.kind == kind and fault.on == on and fault.applies_to(subjects):
+                    self._fire(armed, connection_id)
+                    return fault
+        return None
+
+    def idle_deadline(self, last_activity: float) -> float | None:
+        """The monotonic time at which a connection quiet since then is first due to close."""
+        if not self._armed:
+            return None
+        with self._lock:
+            deadlines = [
+                max(last_activity, armed.added_at) + armed.fault.seconds
+                for armed in self._armed
+                if armed.fault.kind == "idle_disconnect"
+            ]
+        return min(deadlines, default=None)
+
+    def take_idle(self, last_activity: float, connection_id: int) -> Fault | None:
+        """Fire an idle fault if this connection has now been quiet long enough for one."""
+        now = time.monotonic()
+        with self._lock:
+            for armed in self._armed:
+                fault = armed.fault
+                if fault.kind == "idle_disconnect" and \
+                        now >= max(last_activity, armed.added_at) + fault.seconds:
+                    self._fire(armed, connection_id)
+                    return fault
+        return None
+
+    def _fire(self, armed: _Armed, connection_id: int) -> None:
+        """Record a trigger and spend one use; the caller holds the lock."""
+        self._triggered.append((connection_id, armed.fault))
+        if armed.remaining is not None:
+            armed.remaining -= 1
+            if armed.remaining == 0:
+                self._armed.remove(armed)

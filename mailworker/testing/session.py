@@ -1,0 +1,431 @@
+"""One SMTP connection of the test server: aiosmtpd's protocol plus recording and faults.
+
+aiosmtpd parses and validates the protocol; this subclass adds three things:
+
+* every command passes through :meth:`FaultySMTP._guard`, which records it and applies
+  delay, disconnect and reply faults before aiosmtpd sees it (one interception point
+  instead of overriding each ``smtp_*`` method);
+* handler hooks (:class:`_Hooks`) decide MAIL, RCPT and the reply after the dot, where the
+  parsed address is known: faults with ``match``, ``max_recipients``, ``size_limit``,
+  ``require_auth``, and recording the message *before* the reply goes out, so a client
+  that has seen 250 always finds its message in ``server.messages``;
+* :meth:`FaultySMTP.push` is the single exit: it applies greeting faults and swallows
+  writes to a connection the fault code (or the client) already closed, so client
+  disconnects never surface as tracebacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import logging
+import re
+import ssl
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
+
+from .faults import Fault, FaultBook
+from .records import ReceivedMessage, Recorder, message_id_of
+
+__all__ = ["FaultySMTP", "SessionConfig"]
+
+log = logging.getLogger("mailworker.testing")
+
+_ANGLE_ADDRESS = re.compile(r"<([^>]*)>")
+_Command = Callable[[str | None], Awaitable[None]]
+TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Everything a connection needs from its server; shared by all its connections."""
+
+    recorder: Recorder
+    faults: FaultBook
+    hostname: str
+    auth: Mapping[str, str] | None
+    require_auth: bool
+    auth_require_tls: bool
+    max_recipients: int | None
+    size_limit: int | None
+    smtputf8: bool
+    pipelining: bool
+    starttls_context: ssl.SSLContext | None
+    implicit_tls: bool
+    #: Live connections, touched only on the server's loop (idle re-arming, stop()).
+    sessions: set[FaultySMTP] = field(default_factory=set)
+
+
+class _QuietSession(Session):
+    """aiosmtpd's Session without the deprecation warning logged on every successful AUTH."""
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+class FaultySMTP(SMTP):
+    """aiosmtpd's SMTP protocol that records what it sees and misbehaves on request."""
+
+    def __init__(self, config: SessionConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self._cfg = config
+        self._conn_id = 0
+        self._gone = False
+        self._hung_up = False
+        self._greeted = False
+        self._queued = 0
+        self._last_input = time.monotonic()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        # aiosmtpd warns about AUTH without TLS; testing clients against that is the point.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            super().__init__(
+                _Hooks(),
+                data_size_limit=None,  # checked in on_dot, to reply with 5.3.4
+                enable_SMTPUTF8=config.smtputf8,
+                decode_data=False,
+                hostname=config.hostname,
+                ident="ESMTP mailworker.testing",
+                tls_context=config.starttls_context,
+                require_starttls=False,
+                auth_required=False,  # enforced in on_mail: 530 to MAIL, as relays do
+                # Under implicit TLS the channel is always encrypted; aiosmtpd only knows
+                # about STARTTLS and would refuse AUTH.
+                auth_require_tls=config.auth_require_tls and not config.implicit_tls,
+                auth_exclude_mechanism=() if config.auth else ("PLAIN", "LOGIN"),
+                authenticator=_authenticate,
+                loop=loop,
+            )
+        self._smtp_methods = {
+            verb: self._guard(verb, method) for verb, method in self._smtp_methods.items()
+        }
+
+    @property
+    def connection_id(self) -> int:
+        return self._conn_id
+
+    def _create_session(self) -> Session:
+        return _QuietSession(self.loop)
+
+    # -- connection life ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._conn_id:  # STARTTLS calls this again with the TLS transport
+            self._conn_id = self._cfg.recorder.connection_opened()
+            self._cfg.sessions.add(self)
+            super().connection_made(transport)
+            self.arm_idle()
+        else:
+            super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._conn_id and not self._gone:
+            self._gone = True
+            self._cancel_idle()
+            self._cfg.sessions.discard(self)
+            self._cfg.recorder.connection_closed()
+        super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_input = time.monotonic()
+        super().data_received(data)
+
+    def drop(self) -> None:
+        """Close the connection now, without a reply, and stop handling its commands."""
+        if self._hung_up:
+            return
+        self._hung_up = True
+        self._cancel_idle()
+        if self.transport is not None:
+            self.transport.close()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+
+    async def _hang_up(self, fault: Fault) -> None:
+        if fault.code is not None:
+            await self.push(fault.reply_line)
+        self.drop()
+
+    async def push(self, status: AnyStr) -> None:
+        if self._hung_up:
+            return
+        if not self._greeted:
+            self._greeted = True
+            if await self._greeting_fault():
+                return
+        try:
+            await super().push(status)
+        except ConnectionError:
+            self.drop()
+
+    async def _greeting_fault(self) -> bool:
+        faults, cid = self._cfg.faults, self._conn_id
+        if (delay := faults.take("delay", "GREETING", (), cid)) is not None:
+            await asyncio.sleep(delay.seconds)
+        if (fault := faults.take("greeting", None, (), cid)) is not None:
+            await self._hang_up(fault)
+            return True
+        return False
+
+    # -- idle disconnects --------------------------------------------------------------
+
+    def arm_idle(self) -> None:
+        """(Re)schedule the idle check for the earliest idle fault; the server calls this
+        on its loop when an idle fault is added."""
+        self._cancel_idle()
+        if self._hung_up or self.transport is None:
+            return
+        deadline = self._cfg.faults.idle_deadline(self._last_input)
+        if deadline is not None:
+            delay = max(0.0, deadline - time.monotonic())
+            self._idle_timer = self.loop.call_later(delay, self._idle_due)
+
+    def _cancel_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_due(self) -> None:
+        self._idle_timer = None
+        if self._hung_up:
+            return
+        fault = self._cfg.faults.take_idle(self._last_input, self._conn_id)
+        if fault is None:  # the client spoke meanwhile, or the fault was spent or cleared
+            self.arm_idle()
+            return
+        if fault.code is not None:
+            self._writer.write(f"{fault.reply_line}\r\n".encode())
+        self.drop()
+
+    # -- commands ----------------------------------------------------------------------
+
+    def _guard(self, verb: str, method: _Command) -> _Command:
+        @functools.wraps(method)  # keeps aiosmtpd's HELP syntax attributes
+        async def guarded(arg: str | None) -> None:
+            self._cfg.recorder.command(self._conn_id, _command_line(verb, arg))
+            if self._cfg.faults.active and await self._inject(verb, arg):
+                return
+            if verb == "AUTH" and not self._cfg.auth:
+                await self.push("503 5.5.1 Error: authentication not enabled")
+                return
+            await method(arg)
+
+        return guarded
+
+    async def _inject(self, verb: str, arg: str | None) -> bool:
+        """Apply faults for this command; True when they answered it instead of aiosmtpd."""
+        faults, cid = self._cfg.faults, self._conn_id
+        subjects = self._subjects(verb, arg)
+        if (delay := faults.take("delay", verb, subjects, cid)) is not None:
+            await asyncio.sleep(delay.seconds)
+        if (fault := faults.take("disconnect", verb, subjects, cid)) is not None:
+            await self._hang_up(fault)
+            return True
+        if verb in ("MAIL", "RCPT"):
+            return False  # their reply faults apply in the hooks, once aiosmtpd parsed them
+        if verb == "DATA":
+            # Only a DATA that would be accepted can be refused or dropped by a fault.
+            if arg or not self.envelope or not self.envelope.rcpt_tos:
+                return False
+            if (fault := faults.take("reply", "DATA", subjects, cid)) is not None:
+                await self.push(fault.reply_line)
+                return True
+            if faults.take("drop_during_data", None, subjects, cid) is not None:
+                await self.push("354 End data with <CR><LF>.<CR><LF>")
+                await self._reader.read(1)  # wait for the content to start arriving
+                self.drop()
+                return True
+            return False
+        if (fault := faults.take("reply", verb, subjects, cid)) is not None:
+            await self.push(fault.reply_line)
+            return True
+        return False
+
+    def _subjects(self, verb: str, arg: str | None) -> tuple[str, ...]:
+        """What a fault's ``match`` is tested against for this command."""
+        if verb in ("MAIL", "RCPT"):
+            return (_address_in(arg),)
+        if verb in ("DATA", "DOT"):
+            envelope = self.envelope
+            if envelope is None:
+                return ()
+            return (envelope.mail_from or "", *envelope.rcpt_tos)
+        return (arg or "",)
+
+    def ehlo_lines(self, hostname: str, offered: list[str]) -> list[str]:
+        """The EHLO reply: our own extension list, keeping aiosmtpd's STARTTLS/AUTH lines
+        (it knows whether TLS is already on and whether AUTH may be offered)."""
+        assert self.session is not None
+        self.session.host_name = hostname
+        cfg = self._cfg
+        lines = [cfg.hostname]
+        if cfg.pipelining:
+            lines.append("PIPELINING")
+        if cfg.size_limit:
+            lines.append(f"SIZE {cfg.size_limit}")
+        if cfg.smtputf8:
+            lines += ["8BITMIME", "SMTPUTF8"]
+        lines.append("ENHANCEDSTATUSCODES")
+        for line in offered[1:]:
+            keyword = line[4:]
+            if keyword == "STARTTLS" or (keyword.startswith("AUTH ") and cfg.auth):
+                lines.append(keyword)
+        return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
+
+    async def on_mail(self, address: str, options: list[str]) -> str:
+        """Decide MAIL FROM after aiosmtpd's syntax checks: faults, AUTH, SIZE."""
+        assert self.session is not None and self.envelope is not None
+        cfg = self._cfg
+        status = "250 2.1.0 OK"
+        if (fault := cfg.faults.take("reply", "MAIL", (address,), self._conn_id)) is not None:
+            if not _positive(fault):
+                return fault.reply_line
+            status = fault.reply_line
+        elif cfg.require_auth and not self.session.authenticated:
+            return "530 5.7.0 Authentication required"
+        elif cfg.size_limit is not None:
+            for option in options:
+                size = option.removeprefix("SIZE=")
+                if size != option and size.isdigit() and int(size) > cfg.size_limit:
+                    return TOO_BIG
+        self.envelope.mail_from = address
+        self.envelope.mail_options.extend(options)
+        return status
+
+    async def on_rcpt(self, address: str, options: list[str]) -> str:
+        """Decide RCPT TO: faults, then ``max_recipients``."""
+        assert self.envelope is not None
+        cfg = self._cfg
+        status = "250 2.1.5 OK"
+        if (fault := cfg.faults.take("reply", "RCPT", (address,), self._conn_id)) is not None:
+            if not _positive(fault):
+                return fault.reply_line
+            status = fault.reply_line
+        elif cfg.max_recipients is not None and len(self.envelope.rcpt_tos) >= cfg.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        self.envelope.rcpt_tos.append(address)
+        self.envelope.rcpt_options.extend(options)
+        return status
+
+    async def on_dot(self) -> str:
+        """Decide the reply after the final dot, recording the message before replying."""
+        faults, cid = self._cfg.faults, self._conn_id
+        subjects = self._subjects("DOT", None)
+        if (delay := faults.take("delay", "DOT", subjects, cid)) is not None:
+            await asyncio.sleep(delay.seconds)
+        if (fault := faults.take("disconnect", "DOT", subjects, cid)) is not None:
+            await self._hang_up(fault)
+            return ""  # push() ignores it: the connection is closed
+        if faults.take("drop_after_dot", None, subjects, cid) is not None:
+            self._record(acknowledged=False)
+            self.drop()
+            return ""
+        if (fault := faults.take("reply", "DOT", subjects, cid)) is not None:
+            if _positive(fault):
+                self._record(acknowledged=True)
+            return fault.reply_line
+        size_limit = self._cfg.size_limit
+        assert self.envelope is not None
+        if size_limit is not None and len(self.envelope.original_content or b"") > size_limit:
+            return TOO_BIG
+        self._record(acknowledged=True)
+        self._queued += 1
+        return f"250 2.0.0 OK: queued as C{cid}M{self._queued}"
+
+    def _record(self, acknowledged: bool) -> None:
+        envelope, session = self.envelope, self.session
+        assert envelope is not None and session is not None
+        data = bytes(envelope.original_content or b"")
+        user = session.auth_data if isinstance(session.auth_data, str) else None
+        self._cfg.recorder.message(ReceivedMessage(
+            sender=envelope.mail_from or "",
+            recipients=tuple(envelope.rcpt_tos),
+            data=data,
+            connection_id=self._conn_id,
+            message_id=message_id_of(data),
+            acknowledged=acknowledged,
+            mail_options=tuple(envelope.mail_options),
+            tls=self._cfg.implicit_tls or self._tls_protocol is not None,
+            user=user,
+        ))
+
+
+class _Hooks:
+    """aiosmtpd handler hooks; each forwards to the connection that called it."""
+
+    async def handle_EHLO(  # noqa: N802 - aiosmtpd finds hooks by these names
+        self, server: FaultySMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        return server.ehlo_lines(hostname, responses)
+
+    async def handle_MAIL(  # noqa: N802
+        self, server: FaultySMTP, session: Session, envelope: Envelope, address: str,
+        mail_options: list[str],
+    ) -> str:
+        return await server.on_mail(address, mail_options)
+
+    async def handle_RCPT(  # noqa: N802
+        self, server: FaultySMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        return await server.on_rcpt(address, rcpt_options)
+
+    async def handle_DATA(  # noqa: N802
+        self, server: FaultySMTP, session: Session, envelope: Envelope
+    ) -> str:
+        return await server.on_dot()
+
+    async def handle_exception(self, error: Exception) -> str:
+        # A failed STARTTLS handshake is the client's business (e.g. it distrusts our CA);
+        # anything else is a bug in the test server and should be seen.
+        if not isinstance(error, TLSSetupException | ConnectionError | ssl.SSLError):
+            log.warning("test SMTP server error", exc_info=error)
+        return f"451 4.3.0 Test server error: {type(error).__name__}"
+
+
+def _authenticate(
+    server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: object
+) -> AuthResult:
+    """aiosmtpd authenticator: check PLAIN/LOGIN credentials against the server's dict."""
+    users = server._cfg.auth if isinstance(server, FaultySMTP) else None
+    if not users or not isinstance(auth_data, LoginPassword):
+        return AuthResult(success=False, handled=False)
+    user = auth_data.login.decode("utf-8", "replace")
+    expected = users.get(user)
+    ok = expected is not None and hmac.compare_digest(expected.encode(), auth_data.password)
+    return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
+
+
+def _positive(fault: Fault) -> bool:
+    return fault.code is not None and 200 <= fault.code < 300
+
+
+def _address_in(arg: str | None) -> str:
+    """The address in a MAIL/RCPT argument such as ``FROM:<a@b> SIZE=10``."""
+    if not arg:
+        return ""
+    if found := _ANGLE_ADDRESS.search(arg):
+        return found.group(1)
+    rest = arg.partition(":")[2].strip()
+    return rest.split(" ", 1)[0] if rest else ""
+
+
+def _command_line(verb: str, arg: str | None) -> str:
+    """The command as recorded in ``server.commands``, with AUTH credentials redacted."""
+    if arg is None:
+        return verb
+    if verb == "AUTH":
+        mechanism, _, secret = arg.partition(" ")
+        return f"AUTH {mechanism} ********" if secret else f"AUTH {mechanism}"
+    return f"{verb} {arg}"

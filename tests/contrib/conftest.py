@@ -1,0 +1,57 @@
+"""Fixtures for the framework integrations: a test SMTP server and a worker environment."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from collections.abc import Iterator
+from email.message import EmailMessage
+
+import kombu.pools
+import pytest
+
+from mailworker.runtime import get_runtime, reset_runtime
+from mailworker.testing import SMTPTestServer
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runtime() -> Iterator[None]:
+    """Each test configures the process runtime its own way; leave none behind."""
+    yield
+    reset_runtime()
+    # Work-around until mailworker.celery_app.reconfigure resets kombu's pool registry:
+    # it closes the broker connection pool that kombu keeps registered by URL, so the
+    # next configure() for the same Redis publishes through a closed pool.
+    kombu.pools.reset()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SMTPTestServer]:
+    server = SMTPTestServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def worker_env(mw_env: dict[str, str], smtp_server: SMTPTestServer) -> dict[str, str]:
+    """mw_env with the default relay pointing at the test SMTP server."""
+    return dict(mw_env, MAILWORKER_RELAY_DEFAULT=smtp_server.dsn())
+
+
+def parse(data: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def queue_names(env: dict[str, str]) -> tuple[str, str]:
+    """(transactional, bulk) queue names of this test (see tests/conftest.py mw_env)."""
+    tx, bulk = env["MW_TEST_QUEUES"].split(",")
+    return tx, bulk
+
+
+def store_keys(prefix: str) -> list[bytes]:
+    return sorted(get_runtime().redis.keys(f"{prefix}:m:*"))

@@ -1,0 +1,270 @@
+"""Pool and PoolManager against the test server: reuse, expiry, staleness, threads, fork."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from mailworker.smtp import NotAttempted, Pool, PoolManager, PoolTimeout, SendResult, Stage
+from mailworker.testing import Fault, SMTPTestServer
+
+from .helpers import envelope, relay_for, verbs, wait_until
+
+MakeServer = Callable[..., SMTPTestServer]
+
+
+def test_connections_are_reused(server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server))
+    for i in range(5):
+        pool.send(envelope(i))
+    assert server.connections_opened == 1
+    stats = pool.stats()
+    assert (stats.opened, stats.reused, stats.active, stats.idle) == (1, 4, 0, 1)
+    assert repr(pool) == "<Pool relay='test' [0 active, 1 idle]>"
+    pool.close()
+    assert verbs(server)[-1] == "QUIT"
+    assert pool.stats().idle == 0 and pool.stats().closed == 1
+
+
+def test_idle_disconnect_is_noticed_at_checkout_without_a_round_trip(
+        server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server))
+    pool.send(envelope(1))
+    server.add_fault(Fault.idle_disconnect(after=0.05, times=1))
+    wait_until(lambda: server.active_connections == 0)
+    commands_before = len(server.commands)
+
+    pool.send(envelope(2))  # no error reaches the caller
+
+    assert server.connections_opened == 2
+    assert pool.stats().discarded_stale == 1
+    # The stale connection got no NOOP, RSET or QUIT: the new one starts with EHLO.
+    assert verbs(server)[commands_before] == "EHLO"
+    assert len(server.wait_for_messages(2)) == 2
+    pool.close()
+
+
+def test_stale_connection_is_replaced_and_the_message_sent_once(server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server))
+    pool.send(envelope(1))
+    # The server drops us just as we reuse the connection: 421 to MAIL, then close.
+    server.add_fault(Fault.disconnect("MAIL", code=421, times=1))
+    result = pool.send(envelope(2))
+
+    assert result.accepted
+    assert server.connections_opened == 2
+    assert pool.stats().discarded_stale == 1
+    assert server.deliveries()[("<m2@example.test>", "rcpt@example.test")] == 1
+
+
+def test_stale_connection_hang_up_without_reply_is_retried(server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server))
+    pool.send(envelope(1))
+    server.add_fault(Fault.disconnect("MAIL", code=None, times=1))
+    assert pool.send(envelope(2)).accepted
+    assert server.connections_opened == 2
+
+
+def test_a_fresh_connection_refused_at_mail_is_not_retried(server: SMTPTestServer) -> None:
+    server.add_fault(Fault.disconnect("MAIL", code=421, times=1))
+    pool = Pool(relay_for(server))
+    with pytest.raises(smtplib.SMTPSenderRefused) as info:
+        pool.send(envelope(1))
+    assert info.value.smtp_code == 421 and info.value.stage is Stage.MAIL  # type: ignore[attr-defined]
+    assert server.connections_opened == 1 and pool.stats().active == 0
+    assert pool.stats().idle == 0  # a connection that got 421 is never pooled
+
+
+def test_uncertain_delivery_is_never_retried_by_the_pool(server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server))
+    pool.send(envelope(1))
+    server.add_fault(Fault.drop_after_dot(times=1))
+    with pytest.raises(smtplib.SMTPServerDisconnected) as info:
+        pool.send(envelope(2))
+    assert info.value.stage is Stage.AFTER_DOT  # type: ignore[attr-defined]
+    assert server.connections_opened == 1  # no second attempt
+    assert pool.stats().idle == 0
+
+
+class Clock:
+    """Real monotonic time plus an offset the test can advance: nothing really waits."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+def test_long_idle_connection_gets_a_noop_first(server: SMTPTestServer) -> None:
+    clock = Clock()
+    pool = Pool(relay_for(server, noop_after=10), clock=clock)
+    pool.send(envelope(1))
+    conn_commands = len(server.commands)
+    clock.advance(11)
+    pool.send(envelope(2))
+    assert verbs(server)[conn_commands] == "NOOP"
+    assert server.connections_opened == 1
+
+
+def test_failed_noop_discards_the_connection(server: SMTPTestServer) -> None:
+    clock = Clock()
+    pool = Pool(relay_for(server, noop_after=10), clock=clock)
+    pool.send(envelope(1))
+    server.add_fault(Fault.reply("NOOP", 421, "4.3.2 going away", times=1))
+    clock.advance(11)
+    pool.send(envelope(2))
+    assert server.connections_opened == 2 and pool.stats().discarded_stale == 1
+
+
+def test_max_messages_retires_connections(server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server, max_messages=3))
+    results = pool.send_many([envelope(i) for i in range(7)])
+    assert all(isinstance(r, SendResult) for r in results)
+    assert server.connections_opened == 3
+    assert verbs(server).count("QUIT") == 2  # retired ones say goodbye
+    assert pool.stats().closed == 2 and pool.stats().idle == 1
+
+
+def test_idle_timeout_and_max_age_retire_connections(server: SMTPTestServer) -> None:
+    clock = Clock()
+    pool = Pool(relay_for(server, idle_timeout=60, max_age=300), clock=clock)
+    pool.send(envelope(1))
+    clock.advance(61)
+    pool.send(envelope(2))  # the idle one is retired (with QUIT), a new one opened
+    assert server.connections_opened == 2 and pool.stats().closed == 1
+    assert verbs(server).count("QUIT") == 1
+    for _ in range(6):  # kept busy, it still retires at max_age (6 x 59 s > 300 s)
+        clock.advance(59)
+        pool.send(envelope(3))
+    assert server.connections_opened == 3 and pool.stats().closed == 2
+
+
+def test_eight_threads_share_two_connections(server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server, max_connections=2))
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(10):
+                pool.send(envelope(t * 100 + i))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert errors == []
+    assert len(server.wait_for_messages(80)) == 80
+    assert max(server.deliveries().values()) == 1
+    assert server.max_concurrent_connections <= 2
+    assert pool.stats().opened <= 2 and pool.stats().active == 0
+
+
+def test_checkout_times_out_when_every_connection_is_busy(server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server, max_connections=1, connect_timeout=0.2))
+    server.add_fault(Fault.delay("DOT", 1.0, times=1))
+    busy = threading.Thread(target=pool.send, args=(envelope(1),))
+    busy.start()
+    wait_until(lambda: pool.stats().active == 1)
+    started = time.monotonic()
+    with pytest.raises(PoolTimeout, match="max_connections"):
+        pool.send(envelope(2))
+    assert 0.15 < time.monotonic() - started < 1.0
+    busy.join(5)
+    assert pool.send(envelope(3)).accepted  # free again
+
+
+def test_connect_failure_raises_and_frees_the_slot(server: SMTPTestServer) -> None:
+    server.add_fault(Fault.greeting(code=554, text="5.7.1 go away", times=1))
+    pool = Pool(relay_for(server, max_connections=1))
+    with pytest.raises(smtplib.SMTPConnectError):
+        pool.send(envelope(1))
+    assert pool.send(envelope(2)).accepted
+
+
+def test_send_many_after_a_failed_connection_marks_the_rest_not_attempted(
+        server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server, max_messages=2))
+    server.add_fault(Fault.drop_after_dot(match="r1@"))
+    results = pool.send_many([envelope(i, (f"r{i}@example.test",)) for i in range(5)])
+    assert isinstance(results[0], SendResult)
+    assert isinstance(results[1], smtplib.SMTPServerDisconnected)
+    assert all(isinstance(r, NotAttempted) for r in results[2:])
+    assert server.connections_opened == 1
+
+
+def test_reset_after_fork_drops_connections_without_quit(server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server))
+    pool.send(envelope(1))
+    pool.reset_after_fork()
+    wait_until(lambda: server.active_connections == 0)
+    assert "QUIT" not in verbs(server)
+    assert pool.stats().idle == 0
+    pool.send(envelope(2))
+    assert server.connections_opened == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_touch_the_parents_connection(server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server))
+    pool.send(envelope(1))
+    pid = os.fork()
+    if pid == 0:  # child: the pool notices the new pid and opens its own connection
+        code = 1
+        try:
+            code = 0 if pool.send(envelope(2)).accepted else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail("forked child hung")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    pool.send(envelope(3))  # the parent's pooled connection still works
+    assert server.connections_opened == 2
+    assert pool.stats().reused == 1
+    assert "QUIT" not in verbs(server)
+
+
+def test_pool_manager_keys_bounds_and_repr(make_server: MakeServer) -> None:
+    servers = [make_server() for _ in range(3)]
+    manager = PoolManager(max_pools=2)
+    relays = [relay_for(s, name=f"r{i}", user="bob", password="hunter2-secret",
+                        allow_plain_auth=True) for i, s in enumerate(servers)]
+    plain = [relay_for(s, name=f"p{i}") for i, s in enumerate(servers)]
+    first = manager.get(plain[0])
+    assert manager.get(plain[0]) is first
+    first.send(envelope(1))
+    manager.get(plain[1])
+    manager.get(plain[2])  # evicts the least recently used: the first, closed with QUIT
+    assert verbs(servers[0])[-1] == "QUIT"
+    assert manager.get(relays[1]) is not manager.get(plain[1])  # the user is part of the key
+    text = repr(manager) + repr(manager.get(relays[2]))
+    assert "hunter2" not in text and "pools" in text
+    manager.close_all()
+    assert repr(manager).startswith("<PoolManager [0 pools]")
+
+
+def test_pool_close_closes_active_connections_when_they_return(server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server))
+    server.add_fault(Fault.delay("DOT", 0.3, times=1))
+    worker = threading.Thread(target=pool.send, args=(envelope(1),))
+    worker.start()
+    wait_until(lambda: pool.stats().active == 1)
+    pool.close()
+    worker.join(5)
+    assert pool.stats().idle == 0 and verbs(server)[-1] == "QUIT"
+    assert len(server.wait_for_messages(1)) == 1
