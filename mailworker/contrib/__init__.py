@@ -17,12 +17,13 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mailworker.config import ConfigError, QueueSettings, Settings, load_settings
-from mailworker.policy import parse_duration
-from mailworker.relay import InvalidRelayError, parse_relay
-from mailworker.runtime import configure, current
+if TYPE_CHECKING:
+    from mailworker.config import QueueSettings, Settings
+
+# mailworker modules are imported inside the functions below: Django imports this package
+# while loading INSTALLED_APPS, and mailworker.config alone pulls in the SMTP layer.
 
 __all__ = [
     "ROUTING_ATTRIBUTES",
@@ -41,6 +42,8 @@ _LATE = ("default_queue", "default_relay")
 
 
 def _scalar_names() -> tuple[str, ...]:
+    from mailworker.config import Settings
+
     return tuple(f.name for f in fields(Settings) if f.name not in _NOT_SCALAR)
 
 
@@ -55,6 +58,9 @@ def build_settings(
     raises :class:`~mailworker.config.ConfigError` prefixed with *where* (the setting's
     name in the framework), so the message points at the line to fix.
     """
+    from mailworker.config import ConfigError, load_settings
+    from mailworker.relay import InvalidRelayError, parse_relay
+
     scalars = _scalar_names()
     unknown = sorted(set(options) - set(scalars) - set(_STRUCTURED))
     if unknown:
@@ -93,6 +99,9 @@ def build_settings(
 
 
 def _queue(name: str, spec: Mapping[str, Any]) -> QueueSettings:
+    from mailworker.config import ConfigError, QueueSettings
+    from mailworker.policy import parse_duration
+
     try:
         return QueueSettings(name, lifetime=parse_duration(spec.get("lifetime", 86400)),
                    max_attempts=int(spec.get("max_attempts", 20)))
@@ -115,6 +124,8 @@ def ensure_runtime(settings: Settings) -> None:
     cheap when called on every send: an identity check, and a rebuild only when another
     configuration (another Flask app, ``override_settings``) was used in between.
     """
+    from mailworker.runtime import configure, current
+
     with _lock:
         rt = current()
         if rt is None or rt.settings is not settings:

@@ -68,7 +68,7 @@ class _AppState:
 
 
 def _sender_text(value: Any) -> str | None:
-    """Flask-Mail allows a sender as ``(name, address)``."""
+    """An address as text; Flask-Mail also allows ``(name, address)``."""
     if value is None or value == "":
         return None
     if isinstance(value, (tuple, list)) and len(value) == 2:
@@ -202,12 +202,16 @@ class MailWorker:
 
 def _flask_mail_kwargs(msg: Any) -> dict[str, Any]:
     """``send()`` keyword arguments from a Flask-Mail-style ``Message``."""
+    def addresses(name: str) -> list[str | None]:
+        value = getattr(msg, name, None) or []
+        return [_sender_text(a) for a in ([value] if isinstance(value, str) else value)]
+
     attachments = getattr(msg, "attachments", None) or []
     kwargs: dict[str, Any] = {
-        "to": list(getattr(msg, "recipients", None) or []),
-        "cc": list(getattr(msg, "cc", None) or []),
-        "bcc": list(getattr(msg, "bcc", None) or []),
-        "reply_to": getattr(msg, "reply_to", None) or None,
+        "to": addresses("recipients"),
+        "cc": addresses("cc"),
+        "bcc": addresses("bcc"),
+        "reply_to": addresses("reply_to") or None,
         "subject": getattr(msg, "subject", None) or "",
         "text": getattr(msg, "body", None),
         "html": getattr(msg, "html", None),

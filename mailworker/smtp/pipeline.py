@@ -166,6 +166,7 @@ def rcpt_lines(recipients: Iterable[str]) -> list[tuple[bytes, str]]:
         out.append((cmd.encode() + b"\r\n", cmd))
     return out
 
+
 _RSET = b"RSET\r\n"
 _DATA = b"DATA\r\n"
 _TERMINATOR = b".\r\n"
@@ -295,10 +296,8 @@ class Session:
             if cur is not None:
                 self._start(cur)
                 parts.append(cur.commands)
-            if dot is not None and self.wire.peer_spoke():
-                raise _Abort(smtplib.SMTPServerDisconnected(
-                    "connection closed by the server after 354, before the content"),
-                    Stage.DATA, dot)
+            if dot is not None:
+                self._still_listening(dot)
             started = self._write(b"".join(parts), dot, cur, trailing=cur is not None)
             if pending:
                 if dot is not None:
@@ -338,10 +337,7 @@ class Session:
             else:
                 pending = self._data_reply(cur, None, b"", todo)
             if pending:
-                if self.wire.peer_spoke():
-                    raise _Abort(smtplib.SMTPServerDisconnected(
-                        "connection closed by the server after 354, before the content"),
-                        Stage.DATA, cur)
+                self._still_listening(cur)
                 self._final(cur, self._write(pending, cur, None, trailing=False))
 
     # -- reply handlers (shared by both paths) ---------------------------------------------
@@ -418,6 +414,12 @@ class Session:
             raise _Abort(smtplib.SMTPDataError(code, text), Stage.AFTER_DOT, None)
 
     # -- I/O with failures turned into aborts ----------------------------------------------
+    def _still_listening(self, t: _Txn) -> None:
+        """Before content goes out: a server that hung up after 354 gets none (one poll)."""
+        if self.wire.peer_spoke():
+            raise _Abort(smtplib.SMTPServerDisconnected(
+                "the server closed the connection after 354, before the content"), Stage.DATA, t)
+
     def _start(self, t: _Txn) -> None:
         t.deadline = self.clock() + self.deadline
 

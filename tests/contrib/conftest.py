@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import sys
 from collections.abc import Iterator
 from email.message import EmailMessage
 
@@ -12,6 +13,13 @@ import pytest
 
 from mailworker.runtime import get_runtime, reset_runtime
 from mailworker.testing import SMTPTestServer
+from tests.conftest import ROOT
+
+# The example projects are what the tests drive: make them importable (mailshop, flaskshop).
+EXAMPLES = ROOT / "examples"
+for project in ("django_app", "flask_app"):
+    if str(EXAMPLES / project) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES / project))
 
 
 @pytest.fixture(autouse=True)

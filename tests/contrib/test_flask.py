@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, ClassVar
 
+import flask
 import pytest
+from flaskshop import LOGO_PNG, create_app, terms_pdf
 
 from mailworker.config import ConfigError
+from mailworker.contrib.flask import MailWorker
 from mailworker.message import InvalidMessageError
 from mailworker.runtime import get_runtime
 from mailworker.store import Record
 from mailworker.testing import SMTPTestServer
-from tests.conftest import ROOT, WorkerProcess, wait_until
+from tests.conftest import WorkerProcess, wait_until
 from tests.contrib.conftest import parse, queue_names, store_keys
-
-flask = pytest.importorskip("flask")
-
-from mailworker.contrib.flask import MailWorker  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "examples" / "flask_app"))
-from flaskshop import LOGO_PNG, create_app, terms_pdf  # noqa: E402
 
 StartWorker = Callable[..., WorkerProcess]
 
@@ -199,12 +194,13 @@ def test_flask_mail_style_message(mw_env: dict[str, str]) -> None:
     mw = MailWorker(app)
     pdf = b"%PDF-1.4\n" + bytes(range(256))
     msg = FlaskMailMessage(
-        subject="Your invoice", recipients=["to@example.com"], cc=["cc@example.com"],
+        subject="Your invoice", recipients=[("To", "to@example.com")], cc=["cc@example.com"],
         bcc=["audit@example.com"], reply_to="billing@example.com", body="See attached.",
         html='<p>See attached. <img src="cid:logo"></p>', extra_headers={"X-Invoice": "7"},
         attachments=[
             FlaskMailAttachment("invoice.pdf", "application/pdf", pdf),
-            FlaskMailAttachment("logo.png", "image/png", LOGO_PNG, "inline", {"Content-ID": "<logo>"}),
+            FlaskMailAttachment("logo.png", "image/png", LOGO_PNG, "inline",
+                                {"Content-ID": "<logo>"}),
         ],
     )
     with app.app_context():
@@ -215,7 +211,8 @@ def test_flask_mail_style_message(mw_env: dict[str, str]) -> None:
                                                   "audit@example.com"]
     parsed = parse(raw)
     assert "Bcc" not in parsed and b"audit@" not in raw
-    assert parsed["From"] == "Shop <shop@example.com>" and parsed["Cc"] == "cc@example.com"
+    assert parsed["From"] == "Shop <shop@example.com>" and parsed["To"] == "To <to@example.com>"
+    assert parsed["Cc"] == "cc@example.com"
     assert parsed["Reply-To"] == "billing@example.com" and parsed["X-Invoice"] == "7"
     parts = {p.get_filename(): p for p in parsed.walk() if p.get_filename()}
     assert parts["invoice.pdf"].get_content() == pdf
@@ -237,7 +234,7 @@ def test_email_message_and_django_style_objects(mw_env: dict[str, str]) -> None:
 
     class MailmanStyle:  # Flask-Mailman's EmailMessage has Django's interface
         from_email = "c@example.com"
-        mailworker_metadata = {"via": "mailman"}
+        mailworker_metadata: ClassVar[dict[str, str]] = {"via": "mailman"}
 
         def message(self) -> EmailMessage:
             return em

@@ -39,7 +39,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             to=data.get("email", ""),
             subject=f"Welcome, {name}!",
             text=f"Hello {name}, thanks for signing up.\n",
-            html=f'<p><img src="cid:logo.png" alt=""> Hello <b>{name}</b>, thanks for signing up.</p>',
+            html=f'<p><img src="cid:logo.png" alt=""> Hello <b>{name}</b>, '
+                 "thanks for signing up.</p>",
             attachments=[
                 Attachment("terms.pdf", terms_pdf(), "application/pdf"),
                 Attachment("logo.png", LOGO_PNG, "image/png", inline=True),
@@ -69,4 +70,6 @@ LOGO_PNG = bytes.fromhex(
 
 
 def terms_pdf() -> bytes:
-    return b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n% terms and conditions\n" + bytes(range(256)) + b"\n%%EOF\n"
+    """A stand-in PDF; the binary comment line is what real PDFs start with."""
+    return (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n% terms and conditions\n"
+            + bytes(range(256)) + b"\n%%EOF\n")

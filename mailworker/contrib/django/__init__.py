@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
     # Lazy, so that listing the app in INSTALLED_APPS does not import the mail machinery
     # before Django's settings are ready.
     if name in __all__:
-        from mailworker.contrib.django import backend  # noqa: PLC0415 - see above
+        from mailworker.contrib.django import backend
 
         return getattr(backend, name)
     raise AttributeError(f"module 'mailworker.contrib.django' has no attribute {name!r}")

@@ -11,7 +11,6 @@ from typing import Any
 
 # Django ships no type information (django-stubs is not a dependency).
 from django.apps import AppConfig  # type: ignore[import-untyped]
-from django.test.signals import setting_changed  # type: ignore[import-untyped]
 
 
 class MailworkerConfig(AppConfig):  # type: ignore[misc]  # Django's classes are untyped
@@ -21,7 +20,7 @@ class MailworkerConfig(AppConfig):  # type: ignore[misc]  # Django's classes are
 
     def ready(self) -> None:
         # Imported here, Django's idiom: ready() runs once the app registry is complete.
-        from mailworker.contrib.django.signals import connect_hooks  # noqa: PLC0415
+        from mailworker.contrib.django.signals import connect_hooks
 
         connect_hooks()
         watch_settings()
@@ -30,11 +29,14 @@ class MailworkerConfig(AppConfig):  # type: ignore[misc]  # Django's classes are
 def _changed(*, setting: str, **_: Any) -> None:
     if setting == "MAILWORKER":
         # Lazy: importing the backend pulls in the mail machinery, needed only once used.
-        from mailworker.contrib.django.backend import reset  # noqa: PLC0415
+        from mailworker.contrib.django.backend import reset
 
         reset()
 
 
 def watch_settings() -> None:
     """Re-read ``settings.MAILWORKER`` after ``override_settings`` changes it."""
+    # Lazy: django.test imports the test client, a cost production app loading avoids.
+    from django.test.signals import setting_changed  # type: ignore[import-untyped]
+
     setting_changed.connect(_changed, dispatch_uid="mailworker.settings")

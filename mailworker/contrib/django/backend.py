@@ -126,19 +126,20 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]  # Django's classes 
         skipped and the rest are queued. Messages with no recipients are skipped, as
         Django's SMTP backend does. Each accepted message gets ``mailworker_id``.
         """
-        if not email_messages:
+        messages = list(email_messages)
+        if not messages:
             return 0
         configure_runtime()
         accepted: list[tuple[Any, api.Prepared]] = []
-        for index, msg in enumerate(email_messages):
+        for index, msg in enumerate(messages):
             if not msg.recipients():
                 continue
             try:
                 (prepared,) = api.prepare_many([django_style_item(msg)])
             except ValueError as exc:  # InvalidMessageError, ConfigError (unknown relay/queue)
                 if not self.fail_silently:
-                    if len(email_messages) > 1:
-                        exc.add_note(f"(message {index} of {len(email_messages)}; none was queued)")
+                    if len(messages) > 1:
+                        exc.add_note(f"(message {index} of {len(messages)}; none was queued)")
                     raise
                 log.warning("django.message_rejected", error=str(exc), index=index,
                             subject=str(getattr(msg, "subject", ""))[:200])

@@ -6,4 +6,4 @@ class OrdersConfig(AppConfig):
     label = "orders"
 
     def ready(self) -> None:
-        from mailshop.orders import receivers  # noqa: F401, PLC0415 - connects the receivers
+        from mailshop.orders import receivers  # noqa: F401 - connects the receivers

@@ -11,7 +11,7 @@ from mailshop.orders.models import Order
 from mailworker.contrib.django import configure_runtime
 
 
-class PaymentDeclined(Exception):
+class PaymentDeclinedError(Exception):
     pass
 
 
@@ -28,10 +28,10 @@ def _order_and_mail(request: HttpRequest, *, decline: bool) -> JsonResponse:
             order.mailworker_id = msg.mailworker_id
             order.save(update_fields=["mailworker_id"])
             if decline:
-                raise PaymentDeclined(order.pk)
+                raise PaymentDeclinedError(order.pk)
     except mailworker.InvalidMessageError as exc:
         return JsonResponse({"error": str(exc), "field": exc.field}, status=400)
-    except PaymentDeclined:
+    except PaymentDeclinedError:
         # The transaction rolled back: no order, and its confirmation was never queued.
         return JsonResponse({"error": "payment declined; no order, no email"}, status=402)
     return JsonResponse({"order": order.pk, "mailworker_id": order.mailworker_id}, status=201)
