@@ -141,12 +141,11 @@ def is_django_style(obj: object) -> bool:
     return callable(getattr(obj, "message", None)) and callable(getattr(obj, "recipients", None))
 
 
-def django_style_item(msg: Any, **defaults: Any) -> dict[str, Any]:
+def django_style_item(msg: Any) -> dict[str, Any]:
     """A :func:`mailworker.api.prepare_many` item for a Django-style message.
 
     The envelope is the message's own (``from_email``, ``recipients()``: To + Cc + Bcc),
-    as Django's SMTP backend uses. ``mailworker_relay`` etc. attributes on the message
-    win over *defaults*.
+    as Django's SMTP backend uses; ``mailworker_relay`` etc. attributes route it.
     """
     item: dict[str, Any] = {
         "message": msg.message(),
@@ -155,8 +154,6 @@ def django_style_item(msg: Any, **defaults: Any) -> dict[str, Any]:
     }
     for name in ROUTING_ATTRIBUTES:
         value = getattr(msg, f"mailworker_{name}", None)
-        if value is None:
-            value = defaults.get(name)
         if value is not None:
             item[name] = value
     return item

@@ -153,12 +153,19 @@ class MailWorker:
         return item
 
     def _item(self, message: Any, state: _AppState, **kwargs: Any) -> dict[str, Any]:
-        """A :func:`mailworker.api.prepare_many` item for any supported message object."""
+        """A :func:`mailworker.api.prepare_many` item for any supported message object.
+
+        Explicit keyword arguments win over the message's own values and attributes.
+        """
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if isinstance(message, Message):
             item = {"message": message, **kwargs}
         elif is_django_style(message):
-            item = django_style_item(message, **kwargs)
+            item = {**django_style_item(message), **kwargs}
         elif hasattr(message, "recipients") and hasattr(message, "subject"):
+            if "recipients" in kwargs:
+                raise TypeError("recipients= applies to MIME messages; set the Flask-Mail "
+                                "message's recipients, cc and bcc instead")
             item = {**_flask_mail_kwargs(message), **kwargs}
             if not item.get("sender"):
                 item["sender"] = state.sender

@@ -56,7 +56,7 @@ class FlaskMailAttachment:
 @dataclass
 class FlaskMailMessage:
     subject: str = ""
-    recipients: list[str] = field(default_factory=list)
+    recipients: list[str | tuple[str, str]] = field(default_factory=list)
     body: str | None = None
     html: str | None = None
     sender: str | tuple[str, str] | None = None
@@ -245,10 +245,13 @@ def test_email_message_and_django_style_objects(mw_env: dict[str, str]) -> None:
     with app.app_context():
         first, second = mw.send_many([em, MailmanStyle()])
         third = mw.send_message(em, recipients=["f@example.com"])
+        fourth = mw.send_message(MailmanStyle(), sender="g@example.com", metadata={"x": 1})
     assert [r.address for r in record(first)[0].recipients] == ["b@example.com"]
     rec = record(second)[0]
     assert rec.sender == "c@example.com" and rec.metadata == {"via": "mailman"}
     assert [r.address for r in rec.recipients] == ["d@example.com", "e@example.com"]
     assert [r.address for r in record(third)[0].recipients] == ["f@example.com"]
+    rec = record(fourth)[0]  # explicit arguments win over the message's
+    assert rec.sender == "g@example.com" and rec.metadata == {"x": 1}
     with app.app_context(), pytest.raises(TypeError, match="not int"):
         mw.send_message(42)
