@@ -215,6 +215,8 @@ class Connection:
     # -- session set-up -------------------------------------------------------------------
     def open(self) -> None:
         """Connect, read the greeting, EHLO, TLS per ``relay.security``, then AUTH."""
+        if not self.is_closed:
+            raise RuntimeError(f"{self!r} is already open")
         relay = self.relay
         tls = relay.security == "tls"
         ctx = _ssl_context(relay.ca_file, relay.verify)
@@ -237,6 +239,8 @@ class Connection:
             if code != 220:
                 raise smtplib.SMTPConnectError(code, msg)
             client.deadline = None
+            client.sock.settimeout(relay.timeout)
+            client._timeout_now = relay.timeout
             stage = Stage.EHLO
             self._ehlo(client, name)
             if relay.security == "starttls" or (
@@ -359,6 +363,14 @@ class Connection:
                     pass
             client.close()
             self._log.close(reason="quit" if quit else "dropped", messages_sent=self.messages_sent)
+
+    def abandon(self) -> None:
+        """Forget a connection inherited across ``fork()``: close this process's copy of
+        the socket only. No QUIT (the parent still owns the session) and no log event (a
+        logging lock may be held by a thread that did not survive the fork)."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     # -- what the pool asks -------------------------------------------------------------------
     @property

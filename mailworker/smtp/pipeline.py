@@ -277,6 +277,9 @@ class Session:
         except _Abort as abort:
             self.wire.close()
             self._distribute(abort, todo)
+        except BaseException:  # interrupted mid-transaction: replies are out of step
+            self.wire.close()
+            raise
         finally:
             self.wire.end_transaction()
         return [self._entry(oc) for oc in outcomes]

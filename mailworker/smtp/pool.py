@@ -139,7 +139,7 @@ class Pool:
         inherited = [*self._idle, *self._active]
         self._init_state()
         for conn in inherited:
-            conn.close(quit=False)
+            conn.abandon()
 
     def __repr__(self) -> str:
         s = self.stats()

@@ -108,7 +108,8 @@ def test_permanent_failure_dead_letter_then_retry(mw: Env, start_worker: StartWo
 def test_message_past_lifetime_is_dead_lettered(mw: Env, start_worker: StartWorker) -> None:
     mw.server.add_fault(Fault.reply("RCPT", 450, "4.2.1 Mailbox busy"))
     start_worker()
-    mid = mailworker.send(to="busy@example.com", subject="late", text="x", expires_at=time.time() + 3)
+    mid = mailworker.send(to="busy@example.com", subject="late", text="x",
+                          expires_at=time.time() + 3)
     [rec] = mw.final([mid], timeout=30)
     assert rec.state is MessageState.DEAD
     assert "lifetime exceeded" in (rec.dead_reason or "")
