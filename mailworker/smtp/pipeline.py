@@ -18,7 +18,9 @@ The batch contract (:meth:`Session.run`): one entry per envelope, in order, eith
 :class:`SendResult` or the exception for that message. A message whose connection failed
 gets the failure annotated with its stage (``DeliveryUncertain`` when its dot was written
 and no reply came); every message after it gets :class:`NotAttempted`: no content of it
-reached the server, so it can go again at once.
+reached the server, so it can go again at once. An entry is a ``SendResult`` when at
+least one recipient was accepted and the connection held (refused recipients are in it);
+otherwise it is the exception, with the per-recipient ``SendResult`` as ``exc.result``.
 """
 
 from __future__ import annotations

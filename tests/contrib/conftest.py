@@ -8,7 +8,6 @@ import sys
 from collections.abc import Iterator
 from email.message import EmailMessage
 
-import kombu.pools
 import pytest
 
 from mailworker.runtime import get_runtime, reset_runtime
@@ -27,10 +26,6 @@ def _fresh_runtime() -> Iterator[None]:
     """Each test configures the process runtime its own way; leave none behind."""
     yield
     reset_runtime()
-    # Work-around until mailworker.celery_app.reconfigure resets kombu's pool registry:
-    # it closes the broker connection pool that kombu keeps registered by URL, so the
-    # next configure() for the same Redis publishes through a closed pool.
-    kombu.pools.reset()
 
 
 @pytest.fixture

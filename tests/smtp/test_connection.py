@@ -9,6 +9,7 @@ from __future__ import annotations
 import smtplib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ from .helpers import envelope, relay_for, verbs
 MakeServer = Callable[..., SMTPTestServer]
 
 
-def connect(server: SMTPTestServer, **options: object) -> Connection:
+def connect(server: SMTPTestServer, **options: Any) -> Connection:
     conn = Connection(relay_for(server, **options))
     conn.open()
     return conn
@@ -320,8 +321,8 @@ def test_send_many_keeps_going_after_a_refused_message(server: SMTPTestServer) -
     assert isinstance(second, smtplib.SMTPRecipientsRefused)
     assert [m.message_id for m in server.wait_for_messages(2)] == [
         "<m21@example.test>", "<m23@example.test>"]
-    assert verbs(server)[-9:] == ["MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA",
-                                  "RSET", "MAIL", "RCPT", "DATA"][-9:]
+    assert verbs(server)[1:] == ["MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA",
+                                 "RSET", "MAIL", "RCPT", "DATA"]
     assert conn.messages_sent == 2 and not conn.is_closed
     conn.close()
 

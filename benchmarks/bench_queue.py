@@ -1,0 +1,725 @@
+"""End to end: mailworker against the naive one-task-per-message baseline, in one run.
+
+What it does (everything private: its own ``redis-server`` on a free port, its own sinks,
+its own worker processes, all on 127.0.0.1; everything it starts it stops):
+
+1. **Enqueue rate** (no worker running): the same N messages through ``send_many`` in
+   batches of ``--batch`` and through the baseline's enqueue path (build an
+   ``EmailMessage``, ``apply_async`` its fields; ``benchmarks/baseline_app.py``), in
+   alternating chunks so both see the same machine.
+2. **send() latency** (no worker running): ``--send-calls`` single ``send()`` calls after a
+   warm-up; p50/p95/p99/max of the wall time of each call.
+3. **Delivery**: for each sink latency (0 ms: Postfix ``smtp-sink``; 10 ms:
+   ``SMTPTestServer(latency=0.010)`` in a process of its own) and each Celery pool
+   (``threads``, ``prefork``), start the workers with the same ``-c``, wait until they are
+   ready, then time from the first enqueue to the moment the sink has received every
+   message. The producer enqueues while the workers run (end to end, as an app would).
+   Worker CPU (user+sys of the worker process and its children, from ``/proc``) and
+   peak RSS (``VmRSS`` sampled every 100 ms, per process) are measured over the same
+   window. mailworker and the baseline alternate, so drift hits both.
+
+Run: ``.venv/bin/python benchmarks/bench_queue.py`` (N=10,000; about 5 minutes on a
+2-core machine), ``--quick`` (N=2,000), ``--json PATH`` to keep the numbers. The 10 ms runs
+use ``--n10`` messages (default 2,000): the baseline pays about 7.5 round trips per
+message there, so 10,000 would take over three minutes per baseline run.
+
+``MAILWORKER_LOG_LEVEL`` in the environment is passed to the mailworker workers (default
+INFO, like a production worker); Celery's own worker log level is ``--loglevel``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+SENDER = "Example Shop <orders@shop.example.com>"
+LINE = "Thank you for your order. Your parcel left our warehouse today and is on its way.\n"
+TEXT = (LINE * 40)[:2048]  # 2 KB of plain text, as in bench_build.py
+
+TARGETS = {"ratio_0ms": 3.0, "ratio_10ms": 5.0, "enqueue_ratio": 3.0, "send_p99_ms": 3.0,
+           "rss_mb": 150.0}
+
+
+# -- /proc ---------------------------------------------------------------------------------
+
+def proc_cpu(pid: int) -> float | None:
+    """user+sys seconds of *pid* and of its reaped children; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(")") + 2:].split()  # fields[0] is field 3 (state)
+    return sum(int(x) for x in fields[11:15]) / CLK_TCK  # utime stime cutime cstime
+
+
+def proc_rss_kb(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return 0
+
+
+def proc_tree(pid: int) -> list[int]:
+    """*pid* and all its descendants (prefork children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+class Monitor:
+    """Samples CPU and RSS of process trees every *interval* seconds in a thread."""
+
+    def __init__(self, roots: dict[str, int], interval: float = 0.1) -> None:
+        self.roots = roots
+        self.interval = interval
+        self.peak_kb: dict[str, dict[int, int]] = {k: {} for k in roots}
+        self.last_cpu: dict[str, dict[int, float]] = {k: {} for k in roots}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        for name, root in self.roots.items():
+            for pid in proc_tree(root):
+                rss = proc_rss_kb(pid)
+                cpu = proc_cpu(pid)
+                if rss:
+                    peaks = self.peak_kb[name]
+                    peaks[pid] = max(peaks.get(pid, 0), rss)
+                if cpu is not None:
+                    self.last_cpu[name][pid] = cpu
+
+    def cpu(self, name: str) -> float:
+        self.sample()
+        return sum(self.last_cpu[name].values())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> Monitor:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+# -- processes we start ----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Child:
+    """A subprocess in its own session; stopped by its process group, bounded in time."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None,
+                 stdin: int | None = subprocess.DEVNULL) -> None:
+        self.log = log
+        self._fh = log.open("ab")
+        self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdin=stdin, stdout=self._fh,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.proc.wait(10)
+            except ProcessLookupError:
+                pass
+        self._fh.close()
+
+
+class RedisServer(Child):
+    def __init__(self, tmp: Path) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            sys.exit("redis-server is not installed")
+        self.port = free_port()
+        super().__init__([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no", "--dir", str(tmp)], tmp / "redis.log")
+        import redis
+
+        self.client = redis.Redis(port=self.port)
+
+        def up() -> bool:
+            try:
+                return bool(self.client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(up, 10, "redis-server to start", 0.05)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def wipe(self) -> None:
+        """Delete everything but kombu's binding tables: producers in this process cache
+        the queues they declared, and a FLUSHALL would leave them publishing into nothing."""
+        keys = [k for k in self.client.scan_iter(count=5000) if not k.startswith(b"_kombu.binding")]
+        for i in range(0, len(keys), 5000):
+            self.client.unlink(*keys[i:i + 5000])
+
+
+class SmtpSink(Child):
+    """Postfix's smtp-sink: C, pipelining, discards mail; ``-c`` prints running counts."""
+
+    _MESG = re.compile(rb"mesg=(\d+)")
+
+    def __init__(self, tmp: Path) -> None:
+        exe = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+        self.port = free_port()
+        argv = [exe, "-c", f"127.0.0.1:{self.port}", "256"]
+        if os.geteuid() == 0:
+            argv[1:1] = ["-u", "nobody"]  # it refuses to run as root without -u
+        self.counts = tmp / "smtp-sink.counts"
+        super().__init__(argv, self.counts)
+        wait_until(self._listening, 10, "smtp-sink to listen", 0.05)
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), 1).close()
+            return True
+        except OSError:
+            return False
+
+    def count(self) -> int:
+        """Messages received so far (the last ``mesg=`` counter it printed)."""
+        with self.counts.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 200))
+            found = self._MESG.findall(f.read())
+        return int(found[-1]) if found else 0
+
+
+_LATENCY_SINK = """
+import sys, threading
+from mailworker.testing import SMTPTestServer
+server = SMTPTestServer(latency=float(sys.argv[1]))
+server.start()
+print("port", server.port, flush=True)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+last = -1
+while not stop.wait(0.02):
+    n = len(server._recorder._messages)
+    if n != last:
+        print("count", n, flush=True)
+        last = n
+server.stop()
+"""
+
+
+class LatencySink:
+    """``SMTPTestServer(latency=...)`` in a process of its own (see the docs for why)."""
+
+    def __init__(self, tmp: Path, latency: float) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen([PY, "-c", _LATENCY_SINK, str(latency)], cwd=ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=(tmp / "latency-sink.log").open("ab"),
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline().split()
+        if not first or first[0] != b"port":
+            raise RuntimeError(f"latency sink failed to start (log: {tmp}/latency-sink.log)")
+        self.port = int(first[1])
+        self._count = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            parts = line.split()
+            if parts and parts[0] == b"count":
+                self._count = int(parts[1])
+
+    def count(self) -> int:
+        return self._count
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+# -- the bench ---------------------------------------------------------------------------------
+
+@dataclass
+class DeliveryRun:
+    system: str
+    pool: str
+    latency_ms: int
+    n: int
+    concurrency: int
+    delivered: int = 0
+    wall_s: float = 0.0
+    enqueue_s: float = 0.0
+    rate: float = 0.0
+    worker_cpu_ms_per_msg: float = 0.0
+    redis_cpu_ms_per_msg: float = 0.0
+    sink_cpu_ms_per_msg: float = 0.0
+    producer_cpu_ms_per_msg: float = 0.0
+    peak_rss_mb: float = 0.0         # the largest single worker process
+    peak_rss_tree_mb: float = 0.0    # sum of each worker process's peak (prefork)
+    processes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.redis = RedisServer(tmp)
+        self.sinks: dict[int, Any] = {}
+        cfg = tmp / "mailworker.toml"
+        self.queues = ["mwq_enq", "mwq_lat"] + [f"mwq_{p}_{lat}" for p in ("threads", "prefork", "solo")
+                                               for lat in (0, 10)]
+        cfg.write_text('default_queue = "mwq_enq"\n'
+                       + "".join(f'[queues.{q}]\nlifetime = "1h"\n' for q in self.queues))
+        self.cfg = cfg
+        self.prefix = "mwb"
+        # The producer (this process) uses the same settings as the workers.
+        os.environ.update(self._mw_env(relay_port=1))
+        os.environ["BASELINE_BROKER_URL"] = self.redis.url
+        sys.path.insert(0, str(ROOT))
+
+    def _mw_env(self, relay_port: int) -> dict[str, str]:
+        env = {
+            "MAILWORKER_REDIS_URL": self.redis.url,
+            "MAILWORKER_KEY_PREFIX": self.prefix,
+            "MAILWORKER_CONFIG": str(self.cfg),
+            "MAILWORKER_RELAY_DEFAULT": f"smtp://127.0.0.1:{relay_port}",
+            "MAILWORKER_DEFAULT_SENDER": SENDER,
+            "MAILWORKER_LOG_FORMAT": "json",
+        }
+        if self.args.mw_batch_size:
+            env["MAILWORKER_BATCH_SIZE"] = str(self.args.mw_batch_size)
+        return env
+
+    def sink(self, latency_ms: int) -> Any:
+        if latency_ms not in self.sinks:
+            self.sinks[latency_ms] = (SmtpSink(self.tmp) if latency_ms == 0
+                                      else LatencySink(self.tmp, latency_ms / 1000.0))
+        return self.sinks[latency_ms]
+
+    def close(self) -> None:
+        for s in self.sinks.values():
+            s.stop()
+        self.redis.stop()
+
+    # -- inputs ------------------------------------------------------------------------
+    @staticmethod
+    def inputs(n: int, tag: str) -> list[dict[str, Any]]:
+        return [{"sender": SENDER, "to": [f"user{i}.{tag}@example.org"],
+                 "subject": f"Your order #{i} has shipped", "text": TEXT} for i in range(n)]
+
+    @staticmethod
+    def baseline_fields(item: dict[str, Any]) -> dict[str, Any]:
+        return {"from_email": item["sender"], "to": list(item["to"]),
+                "subject": item["subject"], "body": item["text"]}
+
+    def mw_enqueue(self, items: list[dict[str, Any]], queue: str) -> None:
+        import mailworker
+
+        batch = self.args.batch
+        for i in range(0, len(items), batch):
+            mailworker.send_many([dict(it, queue=queue) for it in items[i:i + batch]])
+
+    def bl_enqueue(self, items: list[dict[str, Any]], queue: str) -> None:
+        from benchmarks import baseline_app
+
+        for it in items:
+            baseline_app.enqueue(self.baseline_fields(it), queue)
+
+    # -- 1. enqueue rate --------------------------------------------------------------------
+    def enqueue_rate(self, n: int) -> dict[str, Any]:
+        items = self.inputs(n, "enq")
+        chunk = self.args.batch
+        warm = self.inputs(200, "warm")
+        self.mw_enqueue(warm, "mwq_enq")
+        self.bl_enqueue(warm, "blq_enq")
+        self.redis.wipe()
+        mw_s = bl_s = 0.0
+        mw_cpu = bl_cpu = 0.0
+        for i in range(0, n, chunk):
+            part = items[i:i + chunk]
+            c0, t0 = time.process_time(), time.perf_counter()
+            self.mw_enqueue(part, "mwq_enq")
+            c1, t1 = time.process_time(), time.perf_counter()
+            self.bl_enqueue(part, "blq_enq")
+            c2, t2 = time.process_time(), time.perf_counter()
+            mw_s += t1 - t0
+            bl_s += t2 - t1
+            mw_cpu += c1 - c0
+            bl_cpu += c2 - c1
+        # Check that every publish reached the broker (a failed publish is only logged).
+        r = self.redis.client
+        mw_tasks, bl_tasks = r.llen("mwq_enq"), r.llen("blq_enq")
+        from mailworker.runtime import get_runtime
+
+        mw_records = get_runtime().store.counts()["in_flight"]
+        self.redis.wipe()
+        return {"n": n, "batch": chunk,
+                "mailworker_rate": n / mw_s, "baseline_rate": n / bl_s,
+                "mailworker_us_per_msg": mw_s / n * 1e6, "baseline_us_per_msg": bl_s / n * 1e6,
+                "mailworker_cpu_us_per_msg": mw_cpu / n * 1e6,
+                "baseline_cpu_us_per_msg": bl_cpu / n * 1e6,
+                "ratio": bl_s / mw_s, "mailworker_records": mw_records,
+                "mailworker_tasks": mw_tasks, "baseline_tasks": bl_tasks}
+
+    # -- 2. send() latency ---------------------------------------------------------------
+    def send_latency(self, calls: int) -> dict[str, Any]:
+        import mailworker
+
+        items = self.inputs(calls + 200, "lat")
+        for it in items[:200]:
+            mailworker.send(**it, queue="mwq_lat")
+        lat = []
+        for it in items[200:]:
+            t0 = time.perf_counter()
+            mailworker.send(**it, queue="mwq_lat")
+            lat.append(time.perf_counter() - t0)
+        published = self.redis.client.llen("mwq_lat")
+        self.redis.wipe()
+        lat.sort()
+
+        def pct(p: float) -> float:
+            return lat[min(len(lat) - 1, int(round(p / 100 * len(lat))) - 1)] * 1000
+
+        return {"calls": calls, "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+                "max_ms": lat[-1] * 1000, "mean_ms": sum(lat) / len(lat) * 1000,
+                "published": published}
+
+    # -- 3. delivery -------------------------------------------------------------------------
+    def start_workers(self, system: str, pool: str, queue: str, sink_port: int) -> Child:
+        c = str(self.args.concurrency)
+        log = self.tmp / f"{system}-{queue}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILWORKER_")}
+        env["PYTHONPATH"] = str(ROOT)
+        if system == "mailworker":
+            env.update(self._mw_env(sink_port))
+            if os.environ.get("MAILWORKER_LOG_LEVEL"):
+                env["MAILWORKER_LOG_LEVEL"] = os.environ["MAILWORKER_LOG_LEVEL"]
+            argv = [PY, "-m", "mailworker.cli.main", "worker", "-Q", queue, "-c", c, "-P", pool,
+                    "-l", self.args.loglevel]
+        else:
+            env.update({"BASELINE_BROKER_URL": self.redis.url, "BASELINE_SMTP_HOST": "127.0.0.1",
+                        "BASELINE_SMTP_PORT": str(sink_port)})
+            argv = [PY, "-m", "celery", "-A", "benchmarks.baseline_app", "worker", "-Q", queue,
+                    "-c", c, "-P", pool, "-l", self.args.loglevel, "--without-gossip",
+                    "--without-mingle", "--without-heartbeat", "-n", f"baseline-{queue}@%h"]
+        w = Child(argv, log, env)
+        try:
+            wait_until(lambda: b"ready." in log.read_bytes() or not w.alive(), 60,
+                       f"{system} worker to be ready (log: {log})", 0.05)
+        except BaseException:
+            w.stop()
+            raise
+        if not w.alive():
+            raise RuntimeError(f"{system} worker exited: {log.read_text()[-3000:]}")
+        time.sleep(0.3)  # let the threads/children settle into their first broker poll
+        return w
+
+    def deliver(self, system: str, pool: str, latency_ms: int, n: int) -> DeliveryRun:
+        sink = self.sink(latency_ms)
+        queue = f"{'mwq' if system == 'mailworker' else 'blq'}_{pool}_{latency_ms}"
+        run = DeliveryRun(system, pool, latency_ms, n, self.args.concurrency)
+        items = self.inputs(n, f"{system}{pool}{latency_ms}")
+        worker = self.start_workers(system, pool, queue, sink.port)
+        try:
+            roots = {"worker": worker.pid, "redis": self.redis.pid, "sink": sink.pid}
+            with Monitor(roots) as mon:
+                base = sink.count()
+                cpu0 = {k: mon.cpu(k) for k in roots}
+                p0, t0 = time.process_time(), time.perf_counter()
+                if system == "mailworker":
+                    self.mw_enqueue(items, queue)
+                else:
+                    self.bl_enqueue(items, queue)
+                t_enq, p1 = time.perf_counter(), time.process_time()
+                timeout = self.args.timeout
+                try:
+                    wait_until(lambda: sink.count() - base >= n or not worker.alive(), timeout,
+                               f"{n} messages at the sink", 0.005)
+                except TimeoutError as exc:
+                    run.extra["error"] = str(exc)
+                t1 = time.perf_counter()
+                run.delivered = sink.count() - base
+                if system == "mailworker":
+                    from mailworker.runtime import get_runtime
+
+                    store = get_runtime().store
+                    # Saved as delivered, not just received by the sink.
+                    try:
+                        wait_until(lambda: store.counts()["in_flight"] == 0, 30,
+                                   "records to be committed", 0.01)
+                        run.extra["committed_s"] = round(time.perf_counter() - t0, 3)
+                    except TimeoutError:
+                        run.extra["in_flight_left"] = store.counts()["in_flight"]
+                    run.extra["store_counts"] = store.counts()
+                cpu1 = {k: mon.cpu(k) for k in roots}
+                time.sleep(0.3)  # anything sent twice would show up now
+                run.extra["sink_total_after"] = sink.count() - base
+            run.wall_s = t1 - t0
+            run.enqueue_s = t_enq - t0
+            run.rate = run.delivered / run.wall_s if run.wall_s else 0.0
+            per = 1000.0 / max(run.delivered, 1)
+            run.worker_cpu_ms_per_msg = (cpu1["worker"] - cpu0["worker"]) * per
+            run.redis_cpu_ms_per_msg = (cpu1["redis"] - cpu0["redis"]) * per
+            run.sink_cpu_ms_per_msg = (cpu1["sink"] - cpu0["sink"]) * per
+            run.producer_cpu_ms_per_msg = (p1 - p0) * per
+            peaks = mon.peak_kb["worker"]
+            run.peak_rss_mb = max(peaks.values()) / 1024
+            run.peak_rss_tree_mb = sum(peaks.values()) / 1024
+            run.processes = len(peaks)
+        finally:
+            worker.stop()
+            self.redis.wipe()
+        return run
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def fmt_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def report(res: dict[str, Any]) -> str:
+    out = []
+    m = res["machine"]
+    out.append(f"machine: {m['cpus']} CPUs, {m['cpu_model']}, Python {m['python']}, "
+               f"{m['system']}; concurrency -c {res['concurrency']}, "
+               f"N={res['n']} (0 ms), {res['n10']} (10 ms)")
+    e = res.get("enqueue")
+    if e:
+        out.append(f"\nenqueue, no worker running, {e['n']} messages "
+                   f"(send_many in batches of {e['batch']}):")
+        out.append(fmt_table([
+            ["mailworker send_many", f"{e['mailworker_rate']:,.0f}",
+             f"{e['mailworker_us_per_msg']:.0f}", f"{e['mailworker_cpu_us_per_msg']:.0f}"],
+            ["baseline EmailMessage + apply_async", f"{e['baseline_rate']:,.0f}",
+             f"{e['baseline_us_per_msg']:.0f}", f"{e['baseline_cpu_us_per_msg']:.0f}"],
+        ], ["path", "msgs/s", "µs/msg", "CPU µs/msg"]))
+    s = res.get("send_latency")
+    if s:
+        out.append(f"\nsingle send(), no worker running, {s['calls']} calls: "
+                   f"p50 {s['p50_ms']:.2f} ms, p95 {s['p95_ms']:.2f} ms, "
+                   f"p99 {s['p99_ms']:.2f} ms, max {s['max_ms']:.2f} ms")
+    runs = res.get("delivery", [])
+    if runs:
+        out.append("\ndelivery, first enqueue to last message at the sink:")
+        rows = []
+        for r in runs:
+            rows.append([r["system"], r["pool"], f"{r['latency_ms']} ms", str(r["n"]),
+                         str(r["delivered"]), f"{r['wall_s']:.2f}", f"{r['rate']:,.0f}",
+                         f"{r['worker_cpu_ms_per_msg']:.2f}", f"{r['redis_cpu_ms_per_msg']:.3f}",
+                         f"{r['producer_cpu_ms_per_msg']:.3f}",
+                         f"{r['peak_rss_mb']:.0f}" + (f" ({r['processes']}p, "
+                                                      f"{r['peak_rss_tree_mb']:.0f})"
+                                                      if r["processes"] > 1 else "")])
+        out.append(fmt_table(rows, ["system", "pool", "latency", "N", "delivered", "wall s",
+                                    "msgs/s", "worker CPU ms/msg", "redis CPU ms/msg",
+                                    "producer CPU ms/msg", "peak RSS MB"]))
+    out.append("\ntargets:")
+    trows = []
+    for t in res.get("targets", []):
+        trows.append([t["name"], t["measured"], t["target"], "ok" if t["ok"] else "MISSED"])
+    out.append(fmt_table(trows, ["target", "measured", "required", ""]))
+    if res.get("pool_choice"):
+        out.append(f"\n{res['pool_choice']}")
+    return "\n".join(out)
+
+
+def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    by = {(r["system"], r["pool"], r["latency_ms"]): r for r in res.get("delivery", [])}
+    for pool in res["pools"]:
+        for lat, key in ((0, "ratio_0ms"), (10, "ratio_10ms")):
+            mw, bl = by.get(("mailworker", pool, lat)), by.get(("baseline", pool, lat))
+            if mw and bl and bl["rate"]:
+                ratio = mw["rate"] / bl["rate"]
+                out.append({"name": f"delivered msgs/s vs baseline, {lat} ms, {pool}",
+                            "measured": f"{ratio:.2f}x", "target": f">= {TARGETS[key]:g}x",
+                            "ok": ratio >= TARGETS[key], "value": ratio})
+    e = res.get("enqueue")
+    if e:
+        out.append({"name": "send_many enqueue vs baseline enqueue",
+                    "measured": f"{e['ratio']:.2f}x", "target": f">= {TARGETS['enqueue_ratio']:g}x",
+                    "ok": e["ratio"] >= TARGETS["enqueue_ratio"], "value": e["ratio"]})
+    s = res.get("send_latency")
+    if s:
+        out.append({"name": "single send() p99", "measured": f"{s['p99_ms']:.2f} ms",
+                    "target": f"< {TARGETS['send_p99_ms']:g} ms",
+                    "ok": s["p99_ms"] < TARGETS["send_p99_ms"], "value": s["p99_ms"]})
+    for pool in res["pools"]:
+        rs = [r for r in res.get("delivery", []) if r["system"] == "mailworker"
+              and r["pool"] == pool]
+        if rs:
+            worst = max(r["peak_rss_mb"] for r in rs)
+            out.append({"name": f"mailworker worker process peak RSS, {pool}",
+                        "measured": f"{worst:.0f} MB", "target": f"< {TARGETS['rss_mb']:g} MB",
+                        "ok": worst < TARGETS["rss_mb"], "value": worst})
+    return out
+
+
+def pool_choice(res: dict[str, Any]) -> str:
+    by = {(r["system"], r["pool"], r["latency_ms"]): r for r in res.get("delivery", [])}
+    parts = []
+    for lat in (0, 10):
+        t, p = by.get(("mailworker", "threads", lat)), by.get(("mailworker", "prefork", lat))
+        if t and p:
+            win = "threads" if t["rate"] >= p["rate"] else "prefork"
+            parts.append(f"{lat} ms: threads {t['rate']:,.0f} msgs/s "
+                         f"({t['worker_cpu_ms_per_msg']:.2f} ms CPU, {t['peak_rss_tree_mb']:.0f} MB)"
+                         f" vs prefork {p['rate']:,.0f} msgs/s "
+                         f"({p['worker_cpu_ms_per_msg']:.2f} ms CPU, "
+                         f"{p['peak_rss_tree_mb']:.0f} MB total) -> {win}")
+    return ("mailworker pool, same -c: " + "; ".join(parts)) if parts else ""
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+            "system": f"{platform.system()} {platform.release()}"}
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-n", "--n", type=int, default=10_000, help="messages per 0 ms run")
+    p.add_argument("--n10", type=int, default=2_000, help="messages per 10 ms run")
+    p.add_argument("--quick", action="store_true", help="N=2,000 and 10 ms N=1,000")
+    p.add_argument("-c", "--concurrency", type=int, default=4)
+    p.add_argument("--pools", default="threads,prefork", help="comma-separated Celery pools")
+    p.add_argument("--latencies", default="0,10", help="sink reply latencies in ms (0 and/or 10)")
+    p.add_argument("--systems", default="mailworker,baseline")
+    p.add_argument("--batch", type=int, default=500, help="send_many batch size")
+    p.add_argument("--mw-batch-size", type=int, default=None,
+                   help="MAILWORKER_BATCH_SIZE for the runs (default: mailworker's, 50)")
+    p.add_argument("--send-calls", type=int, default=2_000)
+    p.add_argument("--skip-enqueue", action="store_true")
+    p.add_argument("--loglevel", default="INFO", help="Celery worker -l for both systems")
+    p.add_argument("--timeout", type=float, default=600.0, help="per delivery run, seconds")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--keep-logs", action="store_true", help="keep the worker logs and say where")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    if args.quick:
+        args.n, args.n10, args.send_calls = 2_000, 1_000, 1_000
+    pools = [x for x in args.pools.split(",") if x]
+    lats = [int(x) for x in args.latencies.split(",") if x]
+    systems = [x for x in args.systems.split(",") if x]
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-queue-"))
+    bench = Bench(args, tmp)
+    res: dict[str, Any] = {"machine": machine(), "n": args.n, "n10": args.n10,
+                           "concurrency": args.concurrency, "pools": pools,
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           "command": " ".join(sys.argv), "delivery": []}
+    started = time.perf_counter()
+    try:
+        if not args.skip_enqueue:
+            print(f"enqueue rate, {args.n} messages ...", flush=True)
+            res["enqueue"] = bench.enqueue_rate(args.n)
+            print(f"send() latency, {args.send_calls} calls ...", flush=True)
+            res["send_latency"] = bench.send_latency(args.send_calls)
+        for lat in lats:
+            n = args.n if lat == 0 else args.n10
+            for pool in pools:
+                for system in systems:
+                    print(f"delivery: {system} {pool} {lat} ms, {n} messages ...", end=" ",
+                          flush=True)
+                    run = bench.deliver(system, pool, lat, n)
+                    print(f"{run.rate:,.0f} msgs/s, {run.worker_cpu_ms_per_msg:.2f} ms CPU/msg",
+                          flush=True)
+                    res["delivery"].append(asdict(run))
+    finally:
+        bench.close()
+        if args.keep_logs:
+            print(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    res["elapsed_s"] = round(time.perf_counter() - started, 1)
+    res["targets"] = targets(res)
+    res["pool_choice"] = pool_choice(res)
+    print()
+    print(report(res))
+    print(f"\n(total {res['elapsed_s']} s)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
