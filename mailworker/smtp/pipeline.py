@@ -484,17 +484,13 @@ class Session:
 
     def _entry(self, oc: _Outcome) -> SendResult | BaseException:
         env = oc.envelope
-        missing = RecipientResult("", None, "not attempted", None, Stage.MAIL)
-        results = tuple(oc.decided.get(r) or _renamed(missing, r) for r in env.recipients)
+        results = tuple(oc.decided.get(r) or RecipientResult(r, None, "not attempted", None,
+                                                             Stage.MAIL) for r in env.recipients)
         result = SendResult(env, results, oc.transactions)
         if oc.error is None or (not oc.fatal and result.accepted):
             return result
         oc.error.result = result  # type: ignore[attr-defined]
         return oc.error
-
-
-def _renamed(r: RecipientResult, recipient: str) -> RecipientResult:
-    return RecipientResult(recipient, r.code, r.text, r.enhanced_code, r.stage)
 
 
 def _code_text(exc: BaseException) -> tuple[int | None, str]:
