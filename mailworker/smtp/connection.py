@@ -1,25 +1,20 @@
 """One SMTP connection on ``smtplib``: TLS, AUTH, pipelined sends, and the pool's questions.
 
-The session set-up (EHLO, STARTTLS, ``login()``) is smtplib's own code; we subclass
-``smtplib.SMTP`` / ``smtplib.SMTP_SSL`` only to replace the socket I/O underneath it:
-
-* ``getreply()`` reads from our own buffer instead of ``sock.makefile()``. That lets the
-  pool see, without a round trip, whether an idle connection holds unread bytes, lets
-  STARTTLS refuse plaintext that arrived before the handshake (command injection), and
-  checks a wall-clock deadline between reads.
-* every reply is logged (:mod:`mailworker.smtp.replylog`) with the command it answers;
-  while ``login()`` runs, the commands are logged redacted, so neither the password nor
-  its base64 ever reaches a log line.
+The session set-up (EHLO, STARTTLS, ``login()``) is smtplib's own code. We subclass
+``smtplib.SMTP`` / ``smtplib.SMTP_SSL`` only to put our reply reader and reply log under
+it (:class:`~mailworker.smtp.replylog.ReplyWire`); the mail transactions themselves are
+:mod:`mailworker.smtp.pipeline`'s.
 
 The TCP connect and the TLS handshake are done here rather than in ``smtplib.connect`` so
 that a failure is annotated with the right stage (connect vs tls). A TLS failure never
-falls back to clear text; the socket is closed.
+falls back to clear text; the socket is closed. Before any byte of a message is sent,
+:func:`prepare` checks it against what this server offers (SIZE, SMTPUTF8).
 """
 
 from __future__ import annotations
 
 import functools
-import select
+import re
 import smtplib
 import socket
 import ssl
@@ -28,16 +23,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mailworker.logging import redact_command
 from mailworker.relay import Relay
 from mailworker.smtp.errors import NotAttempted, Stage, annotate
-from mailworker.smtp.pipeline import Envelope, SendResult, Session
-from mailworker.smtp.replylog import ReplyLog
+from mailworker.smtp.pipeline import Envelope, Prepared, SendResult, Session
+from mailworker.smtp.replylog import ReplyLog, ReplyWire
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "prepare"]
 
-_MAXLINE = 8192
-_RECV = 65536
+_EOL = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
 _QUIT_TIMEOUT = 2.0
 _PLAIN_AUTH_REFUSED = (
     "5.7.0 mailworker refuses to send credentials over an unencrypted connection; "
@@ -63,136 +57,50 @@ def _ssl_context(ca_file: str | None, verify: bool) -> ssl.SSLContext:
     return ctx
 
 
-class _WireMixin:
-    """Buffered reply reader and logged writer under smtplib (see the module docstring)."""
+def prepare(envelope: Envelope, capabilities: dict[str, str]) -> Prepared:
+    """Check SIZE and SMTPUTF8 against the server and build the wire bytes.
 
-    sock: Any
-    command_encoding: str
-    log: ReplyLog
-    clock: Callable[[], float]
-    deadline: float | None = None
-    timeout: float
-    _timeout_now: float = 0.0
-    _rbuf = b""
-    _rpos = 0
-    _last_cmd = "<greeting>"
-    _sent_at = 0.0
-    _secret = False
-
-    def putcmd(self, cmd: str, args: str = "") -> None:
-        s = f"{cmd} {args}" if args else cmd
-        if "\r" in s or "\n" in s:
-            raise ValueError("SMTP command contains CR or LF")
-        verb = cmd.upper()
-        if self._secret:  # inside login(): the AUTH argument and any continuation are secret
-            self._last_cmd = redact_command(s) if verb == "AUTH" else "AUTH ***"
-        else:
-            self._last_cmd = f"{verb} {args}" if args else verb
-        try:
-            self.write(f"{s}\r\n".encode(self.command_encoding))
-        except OSError as err:
-            self.close()
-            raise smtplib.SMTPServerDisconnected(f"write failed: {err}") from err
-
-    def getreply(self) -> tuple[int, bytes]:
-        code, text = self.read_reply()
-        if self.log.enabled:
-            self.log.reply(self._last_cmd, code, text, self._sent_at, self.clock())
-        return code, text
-
-    def write(self, data: bytes) -> None:
-        if self.sock is None:
-            raise smtplib.SMTPServerDisconnected("not connected")
-        self._sent_at = self.clock()
-        self.sock.sendall(data)
-
-    def read_reply(self) -> tuple[int, bytes]:
-        """One (possibly multi-line) reply; a malformed line closes the connection."""
-        buf, pos = self._rbuf, self._rpos
-        lines: list[bytes] = []
-        while True:
-            end = buf.find(b"\n", pos)
-            if end < 0:
-                if len(buf) - pos > _MAXLINE:
-                    self._desync(b"over-long reply line")
-                buf, pos = buf[pos:] + self._recv(), 0
-                continue
-            line, pos = buf[pos:end], end + 1
-            self._rbuf, self._rpos = buf, pos
-            code, sep = line[:3], line[3:4]
-            if not code.isdigit() or sep not in (b" ", b"-", b"\r", b""):
-                self._desync(line)
-            lines.append(line[4:].strip(b" \t\r"))
-            if sep != b"-":
-                text = lines[0] if len(lines) == 1 else b"\n".join(lines)
-                return int(code), text
-
-    def _recv(self) -> bytes:
-        sock = self.sock
-        if sock is None:
-            raise smtplib.SMTPServerDisconnected("not connected")
-        wait = self.timeout
-        if self.deadline is not None:
-            remaining = self.deadline - self.clock()
-            if remaining <= 0:
-                self.close()
-                raise smtplib.SMTPServerDisconnected(
-                    f"transaction deadline exceeded waiting for the reply to {self._last_cmd}")
-            wait = min(wait, remaining)
-        if wait != self._timeout_now:
-            sock.settimeout(wait)
-            self._timeout_now = wait
-        try:
-            data: bytes = sock.recv(_RECV)
-        except TimeoutError as err:
-            self.close()
-            what = "transaction deadline" if wait < self.timeout else f"timeout of {wait:g}s"
-            raise smtplib.SMTPServerDisconnected(
-                f"{what} exceeded waiting for a reply") from err
-        except OSError as err:
-            self.close()
-            raise smtplib.SMTPServerDisconnected(f"connection lost: {err}") from err
-        if not data:
-            self.close()
-            raise smtplib.SMTPServerDisconnected("connection closed by the server")
-        return data
-
-    def _desync(self, line: bytes) -> None:
-        self.close()
-        raise smtplib.SMTPServerDisconnected(
-            f"malformed reply {line[:80]!r}: replies out of step, connection closed")
-
-    def buffered(self) -> bool:
-        """Unread reply bytes already in our buffer (the server said something extra)."""
-        return self._rpos < len(self._rbuf)
-
-    def peer_spoke(self) -> bool:
-        """True when the server sent anything or hung up while we expected silence."""
-        sock = self.sock
-        if sock is None or self.buffered():
-            return True
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
-        try:
-            poller = select.poll()
-            poller.register(sock, select.POLLIN | select.POLLPRI)
-            return bool(poller.poll(0))
-        except (OSError, ValueError):
-            return True
-
-    def end_transaction(self) -> None:
-        self.deadline = None
-
-    def close(self) -> None:
-        self._rbuf, self._rpos = b"", 0
-        super().close()  # type: ignore[misc]
+    Raises before anything is sent: ``SMTPDataError(552)`` when the server's advertised
+    SIZE is too small, ``SMTPNotSupportedError`` when an address needs SMTPUTF8 and the
+    server lacks it. Line endings become CRLF and leading dots are doubled, each by a
+    single C-level pass (no per-line Python loop); the common already-CRLF case is only
+    counted, not copied.
+    """
+    data = envelope.data
+    lf = data.count(b"\n")
+    if data.count(b"\r") != lf or data.count(b"\r\n") != lf:
+        data = _EOL.sub(b"\r\n", data)
+    size = len(data)  # RFC 1870: CRLF line ends, before dot-stuffing
+    params: list[str] = []
+    if "size" in capabilities:
+        params.append(f"SIZE={size}")
+        limit = capabilities["size"].strip()
+        if limit.isdigit() and 0 < int(limit) < size:
+            raise smtplib.SMTPDataError(
+                552, f"5.3.4 Message size exceeds server limit ({size} > {limit} bytes)".encode())
+    utf8 = not (envelope.sender.isascii() and all(r.isascii() for r in envelope.recipients))
+    if utf8 and "smtputf8" not in capabilities:
+        raise smtplib.SMTPNotSupportedError(
+            "an envelope address is not ASCII and the server does not offer SMTPUTF8")
+    if (utf8 or not data.isascii()) and "8bitmime" in capabilities:
+        params.append("BODY=8BITMIME")
+    if utf8:
+        params.append("SMTPUTF8")
+    if data[:1] == b"." or b"\n." in data:
+        data = _LEADING_DOT.sub(b"..", data)
+    if data and data[-2:] != b"\r\n":
+        data += b"\r\n"
+    cmd = f"MAIL FROM:<{envelope.sender}>"
+    if params:
+        cmd = f"{cmd} {' '.join(params)}"
+    return Prepared(envelope.sender, cmd.encode() + b"\r\n", cmd, data + b".\r\n")
 
 
-class _Client(_WireMixin, smtplib.SMTP):
+class _Client(ReplyWire, smtplib.SMTP):
     pass
 
 
-class _SSLClient(_WireMixin, smtplib.SMTP_SSL):
+class _SSLClient(ReplyWire, smtplib.SMTP_SSL):
     pass
 
 
@@ -260,7 +168,6 @@ class Connection:
         self.encrypted = isinstance(client.sock, ssl.SSLSocket)
         self.last_used_at = self._clock()
         self._session = Session(client, self._log, relay=relay.name, deadline=relay.deadline,
-                                capabilities=client.esmtp_features,
                                 pipelining=self.supports_pipelining, clock=self._clock)
         self._log.connect(address=relay.address, security=relay.security, tls=self.encrypted,
                           pipelining=self.supports_pipelining,
@@ -314,8 +221,15 @@ class Connection:
         if session is None or self.is_closed:
             return [annotate(NotAttempted("the connection is not open"), Stage.CONNECT,
                              self.relay.name) for _ in envelopes]
+        caps = self._client.esmtp_features if self._client is not None else {}
+        prepared: list[Prepared | BaseException] = []
+        for env in envelopes:
+            try:
+                prepared.append(prepare(env, caps))
+            except (ValueError, smtplib.SMTPException) as exc:
+                prepared.append(annotate(exc, Stage.MAIL, self.relay.name))
         try:
-            return session.run(envelopes)
+            return session.run(envelopes, prepared)
         finally:
             self.last_used_at = self._clock()
             if self.is_closed:

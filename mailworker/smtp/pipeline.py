@@ -41,11 +41,9 @@ from mailworker.smtp.errors import (
 )
 from mailworker.smtp.replylog import ReplyLog
 
-__all__ = ["Envelope", "RecipientResult", "SendResult", "Session", "Wire", "prepare"]
+__all__ = ["Envelope", "Prepared", "RecipientResult", "SendResult", "Session", "Wire", "rcpt_lines"]
 
 _BAD_ADDRESS = re.compile(r"[\r\n\x00<>]")
-_EOL = re.compile(rb"\r\n|\r|\n")
-_LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,45 +119,6 @@ class Prepared:
     content: bytes  # CRLF, dot-stuffed, ending in CRLF.CRLF
 
 
-def prepare(envelope: Envelope, capabilities: dict[str, str]) -> Prepared:
-    """Check SIZE and SMTPUTF8 against the server and build the wire bytes.
-
-    Raises before anything is sent: ``SMTPDataError(552)`` when the server's advertised
-    SIZE is too small, ``SMTPNotSupportedError`` when an address needs SMTPUTF8 and the
-    server lacks it. Line endings become CRLF and leading dots are doubled, each by a
-    single C-level pass (no per-line Python loop); the common already-CRLF case is only
-    counted, not copied.
-    """
-    data = envelope.data
-    lf = data.count(b"\n")
-    if data.count(b"\r") != lf or data.count(b"\r\n") != lf:
-        data = _EOL.sub(b"\r\n", data)
-    size = len(data)  # RFC 1870: CRLF line ends, before dot-stuffing
-    params: list[str] = []
-    if "size" in capabilities:
-        params.append(f"SIZE={size}")
-        limit = capabilities["size"].strip()
-        if limit.isdigit() and 0 < int(limit) < size:
-            raise smtplib.SMTPDataError(
-                552, f"5.3.4 Message size exceeds server limit ({size} > {limit} bytes)".encode())
-    utf8 = not (envelope.sender.isascii() and all(r.isascii() for r in envelope.recipients))
-    if utf8 and "smtputf8" not in capabilities:
-        raise smtplib.SMTPNotSupportedError(
-            "an envelope address is not ASCII and the server does not offer SMTPUTF8")
-    if (utf8 or not data.isascii()) and "8bitmime" in capabilities:
-        params.append("BODY=8BITMIME")
-    if utf8:
-        params.append("SMTPUTF8")
-    if data[:1] == b"." or b"\n." in data:
-        data = _LEADING_DOT.sub(b"..", data)
-    if data and data[-2:] != b"\r\n":
-        data += b"\r\n"
-    cmd = f"MAIL FROM:<{envelope.sender}>"
-    if params:
-        cmd = f"{cmd} {' '.join(params)}"
-    return Prepared(envelope.sender, cmd.encode() + b"\r\n", cmd, data + b".\r\n")
-
-
 def rcpt_lines(recipients: Iterable[str]) -> list[tuple[bytes, str]]:
     """``RCPT TO`` lines as (wire bytes, log text)."""
     out = []
@@ -175,7 +134,7 @@ _TERMINATOR = b".\r\n"
 
 
 class Wire(Protocol):
-    """What a session needs from the socket layer (``connection._WireMixin``)."""
+    """What a session needs from the socket (:class:`mailworker.smtp.replylog.ReplyWire`)."""
 
     deadline: float | None
 
@@ -243,27 +202,25 @@ class Session:
         *,
         relay: str,
         deadline: float,
-        capabilities: dict[str, str],
         pipelining: bool,
         clock: Callable[[], float],
     ) -> None:
         self.wire, self.log, self.relay, self.clock = wire, log, relay, clock
-        self.deadline, self.capabilities, self.pipelining = deadline, capabilities, pipelining
+        self.deadline, self.pipelining = deadline, pipelining
         self.needs_rset = False
         self.dots = 0  # transactions that reached the final dot: counts toward max_messages
         self._cur: _Txn | None = None
         self._outcomes: list[_Outcome] = []
 
     # -- entry point -------------------------------------------------------------------
-    def run(self, envelopes: Sequence[Envelope]) -> list[SendResult | BaseException]:
+    def run(self, envelopes: Sequence[Envelope], prepared: Sequence[Prepared | BaseException]
+            ) -> list[SendResult | BaseException]:
+        """Send *envelopes*; *prepared* holds each one's wire bytes, or why it cannot go."""
         outcomes = self._outcomes = [_Outcome(env) for env in envelopes]
         todo: deque[_Txn] = deque()
-        for i, env in enumerate(envelopes):
-            try:
-                prep = prepare(env, self.capabilities)
-            except (ValueError, smtplib.SMTPException) as refused:
-                outcomes[i].error = annotate(refused, Stage.MAIL, self.relay)
-                outcomes[i].fatal = True
+        for i, (env, prep) in enumerate(zip(envelopes, prepared, strict=True)):
+            if isinstance(prep, BaseException):
+                outcomes[i].error, outcomes[i].fatal = prep, True
             else:
                 todo.append(_Txn(i, prep, env.recipients, rcpt_lines(env.recipients)))
         self._cur = None

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailworker.smtp import Envelope, RecipientResult, SendResult, Stage
-from mailworker.smtp.pipeline import prepare
+from mailworker.smtp.connection import prepare
 
 ESMTP = {"size": "1000", "8bitmime": "", "smtputf8": "", "pipelining": ""}
 

@@ -14,7 +14,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from mailworker.logging import configure_logging
-from mailworker.smtp import Connection, Stage
+from mailworker.smtp import Connection, Pool, Stage
 from mailworker.testing import SMTPTestServer
 
 from .helpers import envelope, relay_for, verbs
@@ -203,3 +203,14 @@ def test_auth_login_continuations_are_redacted_too(make_server: MakeServer) -> N
     assert commands == ["AUTH LOGIN", "AUTH ***", "AUTH ***"]
     assert all(secret not in repr(events) for secret in _secrets())
     conn.close()
+
+
+def test_pooled_tls_connections_are_reused(make_server: MakeServer) -> None:
+    # An idle TLS socket must not look "readable" (stale) just because of TLS records.
+    for tls in ("starttls", "implicit"):
+        server = make_server(tls=tls, auth={"alice": PASSWORD})
+        pool = Pool(relay_for(server, user="alice", password=PASSWORD))
+        for i in range(3):
+            pool.send(envelope(i))
+        assert server.connections_opened == 1 and pool.stats().discarded_stale == 0
+        pool.close()

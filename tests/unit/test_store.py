@@ -132,3 +132,10 @@ def test_record_json_round_trip() -> None:
     rec = make_record(metadata={"k": "v"})
     rec.recipients[0].state = RcptState.FAILED
     assert Record.from_json(rec.to_json()) == rec
+
+
+def test_scripts_reload_after_redis_forgets_them(store: Store) -> None:
+    rec = make_record()
+    store.redis.script_flush()  # as after a Redis restart or failover
+    assert store.enqueue_many([(rec, b"x")], watchdog=time.time() + 60) == [rec.id]
+    assert store.get(rec.id) is not None

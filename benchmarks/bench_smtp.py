@@ -1,0 +1,487 @@
+"""The SMTP layer against the standard library, in one run against the same sinks.
+
+Clients (all in this process, one after another, single-threaded; the sinks are child
+processes, so their CPU is not counted):
+
+* ``smtplib new``     ``smtplib.SMTP()`` + ``sendmail()`` + ``quit()`` for every message.
+* ``smtplib reused``  one ``smtplib.SMTP`` connection, ``sendmail()`` per message.
+* ``mw send()``       mailworker's ``Pool``, ``pool.send(envelope)``: one message per call
+                      on the pool's reused connection (2 round trips per message: commands,
+                      then content + dot).
+* ``mw batch``        mailworker's ``Pool``, ``pool.send_many(batch)`` with ``--batch``
+                      envelopes per call over one connection: the next message's commands
+                      ride in the same write as the previous message's dot (RFC 2920), so
+                      ``batch`` messages cost ``batch + 1`` round trips.
+* ``mw batch, log off`` (0 ms only; a diagnostic, no target): the same with the reply log
+  switched off (level WARNING), to show what the log costs.
+
+mailworker runs with its reply log ON: ``configure_logging(fmt="json", stream=<file>)``,
+one JSON ``smtp.reply`` event per SMTP reply (4 per message with 1 recipient, 8 with 5).
+smtplib logs nothing. Both get the same pre-built message bytes (CRLF line ends);
+mailworker's ``Envelope`` objects are built inside the timed loop (its address checks
+stand where ``sendmail()`` quotes the addresses). Every reply is checked: a refused
+message stops the run.
+
+Sinks: at 0 ms Postfix's ``smtp-sink`` (C, so the server is not what gets measured); at
+10 ms ``mailworker.testing.SMTPTestServer(latency=0.010)`` in a process of its own.
+
+Cases: latency {0, 10 ms} x recipients {1, 5} x size {2 KB, 100 KB}. For each, msgs/s
+(wall clock) and client CPU ms per 1,000 messages (``time.process_time()``). Connection
+set-up is outside the timed window for the reused clients (a warm-up opens the
+connection and sends a few messages first) and inside it for ``smtplib new``, where it is
+the point. At 0 ms each client runs ``--rounds`` times, in alternating order, and the
+median is reported; at 10 ms once (the numbers are round trips, not noise).
+
+Run: ``.venv/bin/python benchmarks/bench_smtp.py`` (about 4 minutes on 2 cores),
+``--quick`` (about 40 s), ``--json PATH`` to keep the numbers, ``--profile`` to cProfile
+mailworker's batch client at 0 ms (1 recipient, 2 KB) after the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _sinks import LatencySink, SmtpSink
+
+from mailworker.logging import configure_logging
+from mailworker.relay import parse_relay
+from mailworker.smtp import Envelope, Pool, SendResult
+
+SENDER = "orders@shop.example.com"
+LOCAL_HOSTNAME = socket.getfqdn()  # given to smtplib too: no DNS lookup per connection
+WARMUP = 5
+
+CLIENTS = ("smtplib new", "smtplib reused", "mw send()", "mw batch")
+DIAG = "mw batch, log off"
+
+# (latency ms, recipients, what, mailworker client, baseline client, minimum ratio)
+TARGETS: list[tuple[int, int | None, str, str, float]] = [
+    (10, 1, "mw batch", "smtplib reused", 3.5),
+    (10, 5, "mw batch", "smtplib reused", 6.0),
+    (10, None, "mw batch", "smtplib new", 6.0),
+    (0, None, "mw batch", "smtplib reused", 1.5),
+]
+
+
+# -- messages ------------------------------------------------------------------------------
+
+def make_message(size: int) -> bytes:
+    """``size`` bytes of RFC 5322 message, CRLF line ends, no leading dots."""
+    head = (
+        f"From: Example Shop <{SENDER}>\r\nTo: customer@example.org\r\n"
+        "Subject: Your order #10293 has shipped\r\n"
+        "Message-ID: <bench-10293@shop.example.com>\r\n"
+        "Date: Thu, 27 Nov 2025 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+    ).encode()
+    line = b"Thank you for your order. Your parcel left our warehouse today and is on its \r\n"
+    body = line * (size // len(line) + 1)
+    data = head + body
+    data = data[: size - 2] + b"\r\n"
+    if data[-3:-2] == b"\r":  # cut between CR and LF: keep every line end a CRLF
+        data = data[: size - 3] + b"x\r\n"
+    assert len(data) == size and data.count(b"\r\n") == data.count(b"\n")
+    return data
+
+
+def recipients(n: int) -> tuple[str, ...]:
+    return tuple(f"customer{i}@example.org" for i in range(n))
+
+
+# -- the clients ---------------------------------------------------------------------------
+# Each takes (port, recipients, data, n) and returns (wall seconds, CPU seconds) of the
+# timed part only.
+
+Timing = tuple[float, float]
+
+
+def _check_smtplib(refused: dict[str, Any]) -> None:
+    if refused:
+        raise RuntimeError(f"smtplib: recipients refused: {refused}")
+
+
+def smtplib_new(port: int, rcpts: tuple[str, ...], data: bytes, n: int) -> Timing:
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        s = smtplib.SMTP("127.0.0.1", port, local_hostname=LOCAL_HOSTNAME, timeout=30)
+        _check_smtplib(s.sendmail(SENDER, rcpts, data))
+        s.quit()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def smtplib_reused(port: int, rcpts: tuple[str, ...], data: bytes, n: int) -> Timing:
+    s = smtplib.SMTP("127.0.0.1", port, local_hostname=LOCAL_HOSTNAME, timeout=30)
+    try:
+        s.ehlo()
+        for _ in range(WARMUP):
+            _check_smtplib(s.sendmail(SENDER, rcpts, data))
+        c0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            _check_smtplib(s.sendmail(SENDER, rcpts, data))
+        return time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        s.quit()
+
+
+def _pool(port: int) -> Pool:
+    # Every message of a run on one connection: no retirement by count or age.
+    relay = parse_relay("bench", f"smtp://127.0.0.1:{port}?max_messages=1000000&max_age=3600"
+                                 "&idle_timeout=3600&noop_after=3600&timeout=30")
+    return Pool(relay)
+
+
+def _check_mw(entries: list[Any], rcpts: int) -> None:
+    for e in entries:
+        if not isinstance(e, SendResult) or len(e.accepted) != rcpts:
+            raise RuntimeError(f"mailworker: not delivered: {e!r}")
+
+
+def mw_send(port: int, rcpts: tuple[str, ...], data: bytes, n: int) -> Timing:
+    pool = _pool(port)
+    try:
+        _check_mw([pool.send(Envelope(SENDER, rcpts, data, message_id=f"w{i}"))
+                   for i in range(WARMUP)], len(rcpts))
+        c0, t0 = time.process_time(), time.perf_counter()
+        for i in range(n):
+            result = pool.send(Envelope(SENDER, rcpts, data, message_id=f"m{i}"))
+            if len(result.accepted) != len(rcpts):
+                raise RuntimeError(f"mailworker: not delivered: {result!r}")
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        _check_one_connection(pool)
+        return wall, cpu
+    finally:
+        pool.close()
+
+
+def make_mw_batch(batch: int) -> Callable[[int, tuple[str, ...], bytes, int], Timing]:
+    def mw_batch(port: int, rcpts: tuple[str, ...], data: bytes, n: int) -> Timing:
+        pool = _pool(port)
+        try:
+            _check_mw(pool.send_many([Envelope(SENDER, rcpts, data, message_id=f"w{i}")
+                                      for i in range(WARMUP)]), len(rcpts))
+            c0, t0 = time.process_time(), time.perf_counter()
+            for start in range(0, n, batch):
+                envelopes = [Envelope(SENDER, rcpts, data, message_id=f"m{i}")
+                             for i in range(start, min(n, start + batch))]
+                _check_mw(pool.send_many(envelopes), len(rcpts))
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            _check_one_connection(pool)
+            return wall, cpu
+        finally:
+            pool.close()
+    return mw_batch
+
+
+def _check_one_connection(pool: Pool) -> None:
+    stats = pool.stats()
+    if stats.opened != 1:
+        raise RuntimeError(f"expected one connection for the whole run, got {stats}")
+
+
+# -- running -------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    client: str
+    latency_ms: int
+    rcpts: int
+    size: int
+    n: int
+    rounds: list[Timing] = field(default_factory=list)
+    sink_cpu_s: float = 0.0
+    log_lines: int = 0
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.n / wall for wall, _ in self.rounds)
+
+    @property
+    def cpu_ms_per_1000(self) -> float:
+        return statistics.median(cpu / self.n * 1e6 for _, cpu in self.rounds)
+
+    @property
+    def round_trips_per_msg(self) -> float:
+        return (1.0 / self.rate) / (self.latency_ms / 1000.0) if self.latency_ms else 0.0
+
+
+class LogFile:
+    """The reply log: JSON lines to a file; switchable off (level WARNING) for the diagnostic."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.stream = path.open("w", encoding="utf-8")
+        self.on()
+
+    def on(self) -> None:
+        configure_logging(fmt="json", level="INFO", stream=self.stream)
+
+    def off(self) -> None:
+        configure_logging(fmt="json", level="WARNING", stream=self.stream)
+
+    def take_lines(self) -> int:
+        """Lines written since the last call; the file is emptied (100s of MB otherwise)."""
+        self.stream.flush()
+        with self.path.open("rb") as f:
+            n = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        self.stream.seek(0)
+        self.stream.truncate()
+        return n
+
+
+def counts_for(args: argparse.Namespace, latency_ms: int) -> dict[str, int]:
+    if latency_ms == 0:
+        return dict.fromkeys((*CLIENTS, DIAG), args.n0)
+    return {"smtplib new": args.n10_new, "smtplib reused": args.n10_reused,
+            "mw send()": args.n10_send, "mw batch": args.n10_batch}
+
+
+def run_case(args: argparse.Namespace, sink: SmtpSink | LatencySink, log: LogFile,
+             latency_ms: int, n_rcpts: int, size: int) -> list[Run]:
+    data, rcpts = make_message(size), recipients(n_rcpts)
+    clients: dict[str, Callable[..., Timing]] = {
+        "smtplib new": smtplib_new, "smtplib reused": smtplib_reused,
+        "mw send()": mw_send, "mw batch": make_mw_batch(args.batch)}
+    if latency_ms == 0 and args.diagnostic:
+        clients[DIAG] = make_mw_batch(args.batch)
+    counts = counts_for(args, latency_ms)
+    runs = {name: Run(name, latency_ms, n_rcpts, size, counts[name]) for name in clients}
+    rounds = args.rounds if latency_ms == 0 else 1
+    order = list(clients)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else reversed(order):
+            run = runs[name]
+            if name == DIAG:
+                log.off()
+            log.take_lines()
+            sink_cpu0 = sink.cpu_seconds()
+            try:
+                run.rounds.append(clients[name](sink.port, rcpts, data, run.n))
+            finally:
+                log.on()
+            run.sink_cpu_s += sink.cpu_seconds() - sink_cpu0
+            run.log_lines += log.take_lines()
+            if isinstance(sink, LatencySink):
+                sink.reset()  # forget the received mail (memory), between every run
+            print(f"  {latency_ms:>2} ms {n_rcpts} rcpt {size // 1024:>3} KB  {name:<18} "
+                  f"{run.n / run.rounds[-1][0]:9.1f} msg/s "
+                  f"{run.rounds[-1][1] / run.n * 1e6:8.1f} CPU ms/1000", flush=True)
+    return list(runs.values())
+
+
+# -- report --------------------------------------------------------------------------------
+
+def case_label(r: Run) -> str:
+    return f"{r.latency_ms:>2} ms, {r.rcpts} rcpt, {r.size // 1024:>3} KB"
+
+
+def table(runs: list[Run]) -> str:
+    cases: dict[tuple[int, int, int], dict[str, Run]] = {}
+    for r in runs:
+        cases.setdefault((r.latency_ms, r.rcpts, r.size), {})[r.client] = r
+    names = [c for c in (*CLIENTS, DIAG) if any(c in by for by in cases.values())]
+    head = "| case | " + " | ".join(f"{c}: msg/s | {c}: CPU ms/1k" for c in names) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(names))]
+    for by in cases.values():
+        first = next(iter(by.values()))
+        cells = []
+        for c in names:
+            r = by.get(c)
+            cells += ([f"{r.rate:,.0f}" if r.rate >= 100 else f"{r.rate:.1f}",
+                       f"{r.cpu_ms_per_1000:,.0f}"] if r else ["", ""])
+        lines.append(f"| {case_label(first)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rtt_table(runs: list[Run]) -> str:
+    ten = [r for r in runs if r.latency_ms]
+    if not ten:
+        return ""
+    cases: dict[tuple[int, int], dict[str, Run]] = {}
+    for r in ten:
+        cases.setdefault((r.rcpts, r.size), {})[r.client] = r
+    lines = ["| case (10 ms) | " + " | ".join(CLIENTS) + " |", "|---|" + "---|" * len(CLIENTS)]
+    for by in cases.values():
+        first = next(iter(by.values()))
+        lines.append(f"| {case_label(first)} | " + " | ".join(
+            f"{by[c].round_trips_per_msg:.2f}" if c in by else "" for c in CLIENTS) + " |")
+    return "\n".join(lines)
+
+
+def ratios(runs: list[Run]) -> tuple[str, list[dict[str, Any]]]:
+    by = {(r.latency_ms, r.rcpts, r.size, r.client): r for r in runs}
+    rows: list[dict[str, Any]] = []
+    for latency, n_rcpts, _mw, base, want in TARGETS:
+        for key, mw_run in sorted(by.items()):
+            lat, rc, size, client = key
+            if lat != latency or client not in ("mw batch", "mw send()"):
+                continue
+            if n_rcpts is not None and rc != n_rcpts:
+                continue
+            other = by.get((lat, rc, size, base))
+            if other is None:
+                continue
+            ratio = mw_run.rate / other.rate
+            rows.append({
+                "case": case_label(mw_run), "client": client, "vs": base, "ratio": ratio,
+                "cpu_ratio": other.cpu_ms_per_1000 / mw_run.cpu_ms_per_1000,
+                "target": want, "headline": client == "mw batch",
+                "verdict": "PASS" if ratio >= want else "MISS"})
+    lines = ["| case | mailworker | vs | msg/s ratio | target | | CPU: baseline / mw |",
+             "|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda x: (not x["headline"], x["case"], x["vs"])):
+        verdict = row["verdict"] if row["headline"] else row["verdict"].lower() + " (info)"
+        lines.append(f"| {row['case']} | {row['client']} | {row['vs']} | "
+                     f"{row['ratio']:.2f}x | >= {row['target']:g}x | {verdict} | "
+                     f"{row['cpu_ratio']:.2f}x |")
+    return "\n".join(lines), rows
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"nproc": os.cpu_count(), "python": platform.python_version(),
+                            "platform": platform.platform()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        root = Path(__file__).resolve().parent.parent
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                        capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "mailworker/smtp"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        info["smtp_layer_uncommitted_changes"] = bool(dirty)
+    except OSError:
+        pass
+    return info
+
+
+def profile_batch(sink: SmtpSink, log: LogFile, batch: int, n: int, top: int) -> str:
+    """cProfile of the batch client at 0 ms, 1 recipient, 2 KB, reply log on."""
+    data, rcpts = make_message(2048), recipients(1)
+    client = make_mw_batch(batch)
+    client(sink.port, rcpts, data, n)  # warm
+    prof = cProfile.Profile()
+    prof.enable()
+    client(sink.port, rcpts, data, n)
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    total = stats.total_tt  # type: ignore[attr-defined]
+    # Time spent under the reply log: everything below ReplyLog.reply / structlog calls.
+    logging_s = 0.0
+    for (filename, _line, func), (_cc, _nc, _tt, ct, _callers) in \
+            stats.stats.items():  # type: ignore[attr-defined]
+        if filename.endswith("replylog.py") and func == "reply":
+            logging_s += ct
+    out.write(f"\ntotal {total:.3f} s for {n} messages; under ReplyLog.reply: {logging_s:.3f} s "
+              f"({logging_s / total:.0%})\n\n")
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short run (about 40 s)")
+    p.add_argument("--latencies", default="0,10", help="reply latencies in ms: 0 and/or 10")
+    p.add_argument("--rcpts", default="1,5")
+    p.add_argument("--sizes", default="2,100", help="message sizes in KB")
+    p.add_argument("--batch", type=int, default=100, help="envelopes per send_many() call")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per client at 0 ms (median)")
+    p.add_argument("--n0", type=int, default=2000, help="messages per client run at 0 ms")
+    p.add_argument("--n10-new", type=int, default=150)
+    p.add_argument("--n10-reused", type=int, default=200)
+    p.add_argument("--n10-send", type=int, default=300)
+    p.add_argument("--n10-batch", type=int, default=600)
+    p.add_argument("--no-diagnostic", dest="diagnostic", action="store_false",
+                   help=f"skip the {DIAG!r} client at 0 ms")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile mailworker's batch client at 0 ms, 1 rcpt, 2 KB")
+    p.add_argument("--json", type=Path, help="write the numbers here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.n0 = 1, 500
+        args.n10_new, args.n10_reused, args.n10_send, args.n10_batch = 30, 40, 60, 200
+    latencies = [int(x) for x in args.latencies.split(",")]
+    rcpt_counts = [int(x) for x in args.rcpts.split(",")]
+    sizes = [int(x) * 1024 for x in args.sizes.split(",")]
+
+    info = machine()
+    print(f"bench_smtp: {info}", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-smtp-"))
+    log = LogFile(tmp / "replies.jsonl")
+    sinks: dict[int, SmtpSink | LatencySink] = {}
+    runs: list[Run] = []
+    started = time.perf_counter()
+    profile = ""
+    try:
+        for latency in latencies:
+            sink = sinks[latency] = (SmtpSink(tmp / "smtp-sink.log") if latency == 0 else
+                                     LatencySink(latency / 1000.0, tmp / "latency-sink.log"))
+            print(f"sink for {latency} ms: pid {sink.pid}, port {sink.port}", flush=True)
+            for n_rcpts in rcpt_counts:
+                for size in sizes:
+                    runs += run_case(args, sink, log, latency, n_rcpts, size)
+        if args.profile:
+            sink0 = sinks.get(0)
+            if sink0 is None:
+                sink0 = sinks[0] = SmtpSink(tmp / "smtp-sink.log")
+            assert isinstance(sink0, SmtpSink)
+            profile = profile_batch(sink0, log, args.batch, args.n0, 30)
+    finally:
+        for sink in sinks.values():
+            sink.stop()
+        log.stream.close()
+    elapsed = time.perf_counter() - started
+
+    ratio_text, ratio_rows = ratios(runs)
+    print(f"\nmeasured in {elapsed:.0f} s; batch = {args.batch} envelopes per send_many(); "
+          "mailworker with the reply log ON (JSON to a file), smtplib logs nothing\n")
+    print(table(runs))
+    rtts = rtt_table(runs)
+    if rtts:
+        print("\nround trips per message at 10 ms (1 / (msg/s x 10 ms)):\n")
+        print(rtts)
+    print("\nratios (msg/s, mailworker / baseline); PASS/MISS for the batch client, "
+          "send() rows for information:\n")
+    print(ratio_text)
+    lines_per_msg = {f"{r.client} | {case_label(r)}": round(r.log_lines / (r.n * len(r.rounds)), 2)
+                     for r in runs if r.client.startswith("mw")}
+    print("\nreply-log lines per message (mailworker):",
+          sorted(set(lines_per_msg.values())))
+    if profile:
+        print("\n" + profile)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
+            "elapsed_s": elapsed,
+            "runs": [{**asdict(r), "rate": r.rate, "cpu_ms_per_1000": r.cpu_ms_per_1000,
+                      "sink_cpu_ms_per_1000": r.sink_cpu_s / (r.n * len(r.rounds)) * 1e6}
+                     for r in runs],
+            "ratios": ratio_rows, "log_lines_per_msg": lines_per_msg}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
