@@ -22,7 +22,8 @@ from mailworker.config import ConfigError, Settings
 from mailworker.hooks import Hooks
 from mailworker.outcome import Step, apply_expiry, apply_relay_hold, apply_result, requeue
 from mailworker.policy import Action, Policy
-from mailworker.smtp import Envelope, NotAttempted, PoolManager, SendResult
+from mailworker.relay import Relay
+from mailworker.smtp import Connection, Envelope, NotAttempted, PoolManager, SendResult
 from mailworker.store import Claim, MessageState, Record, Store
 
 __all__ = ["Deliverer", "PassReport"]
@@ -138,7 +139,56 @@ class Deliverer:
             reason, left = paused
             return [(c, apply_relay_hold(c.record, now, now + left, f"relay paused: {reason}"))
                     for c in group]
+        if relay.fleet_max_connections or relay.fleet_rate:
+            return self._deliver_limited(relay, group, task_id)
+        return self._send_and_decide(relay, group, task_id, self.pools.get(relay).send_many)
 
+    def _deliver_limited(
+        self, relay: Relay, group: list[Claim], task_id: str | None
+    ) -> list[tuple[Claim, Step]]:
+        """Deliver under the relay's fleet-wide limits; hold what the limits do not allow.
+
+        With ``fleet_max_connections`` the batch goes over a connection of its own, opened
+        only while this worker holds a fleet slot and closed before the slot is given
+        back, so the server never sees more connections than the limit, whatever the
+        number of workers. (Pooled connections would stay open, idle, outside any slot.)
+        """
+        now = self.clock()
+        token = uuid.uuid4().hex
+        granted, wait = self.store.fleet_acquire(
+            relay.name, token, max_connections=relay.fleet_max_connections,
+            rate=relay.fleet_rate, wanted=len(group), hold_seconds=self.settings.lease_seconds)
+        jitter = (self.rng or random).uniform(0, 0.25)
+        if granted == 0:
+            return [(c, apply_relay_hold(c.record, now, now + wait + jitter,
+                                         "waiting for the relay's fleet-wide limit"))
+                    for c in group]
+        rest = group[granted:]
+        later = now + (len(rest) / relay.fleet_rate if relay.fleet_rate else 0.5) + jitter
+        held = [(c, apply_relay_hold(c.record, now, later,
+                                     "waiting for the relay's fleet-wide limit")) for c in rest]
+        if not relay.fleet_max_connections:
+            return held + self._send_and_decide(relay, group[:granted], task_id,
+                                                self.pools.get(relay).send_many)
+
+        def send_alone(envelopes: Sequence[Envelope]) -> list[SendResult | BaseException]:
+            conn = Connection(relay)
+            try:
+                conn.open()
+                return conn.send_many(envelopes)
+            finally:
+                conn.close()
+
+        try:
+            return held + self._send_and_decide(relay, group[:granted], task_id, send_alone)
+        finally:
+            self.store.fleet_release(relay.name, token)
+
+    def _send_and_decide(
+        self, relay: Relay, group: list[Claim], task_id: str | None,
+        send_many: Callable[[Sequence[Envelope]], Sequence[SendResult | BaseException]],
+    ) -> list[tuple[Claim, Step]]:
+        relay_name = relay.name
         envelopes = [
             Envelope(c.record.sender, tuple(r.address for r in c.record.open_recipients), c.raw,
                      message_id=c.record.id)
@@ -147,9 +197,7 @@ class Deliverer:
         started = self.clock()
         with structlog.contextvars.bound_contextvars(task_id=task_id, relay=relay_name):
             try:
-                results: list[SendResult | BaseException] = list(
-                    self.pools.get(relay).send_many(envelopes)
-                )
+                results: list[SendResult | BaseException] = list(send_many(envelopes))
             except Exception as exc:  # connection-level failure: applies to every message
                 results = [exc] * len(envelopes)
         finished = self.clock()

@@ -24,6 +24,8 @@ max_messages           100       messages per connection before it is retired
 max_age                300       seconds a connection may live
 idle_timeout           60        seconds an idle pooled connection is kept
 noop_after             10        idle seconds after which checkout sends a NOOP
+fleet_max_connections            connections to this relay across ALL workers (Redis-kept)
+fleet_rate                       messages per second to this relay across ALL workers
 username_env                     read the user name from this environment variable
 password_env                     read the password from this environment variable
 password_file                    read the password from this file (trailing newline stripped)
@@ -93,6 +95,8 @@ class Relay:
     max_age: float = 300.0
     idle_timeout: float = 60.0
     noop_after: float = 10.0
+    fleet_max_connections: int | None = None
+    fleet_rate: float | None = None
 
     @property
     def key(self) -> RelayKey:
@@ -115,7 +119,8 @@ class Relay:
         return f"{scheme}://{user}{self.host}:{self.port}"
 
 
-_TYPE_NAMES: dict[str, type] = {"float": float, "int": int, "bool": bool}
+_TYPE_NAMES: dict[str, type] = {"float": float, "int": int, "bool": bool,
+                                 "int | None": int, "float | None": float}
 _OPTION_TYPES: dict[str, type] = {
     f.name: _TYPE_NAMES.get(str(f.type), str)
     for f in fields(Relay)

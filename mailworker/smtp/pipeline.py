@@ -219,7 +219,8 @@ class Session:
         outcomes = self._outcomes = [_Outcome(env) for env in envelopes]
         todo: deque[_Txn] = deque()
         for i, (env, prep) in enumerate(zip(envelopes, prepared, strict=True)):
-            if isinstance(prep, BaseException):
+            if isinstance(prep, BaseException):  # refused before sending (SIZE, SMTPUTF8)
+                outcomes[i].decide(env.recipients, *_code_text(prep), Stage.MAIL)
                 outcomes[i].error, outcomes[i].fatal = prep, True
             else:
                 todo.append(_Txn(i, prep, env.recipients, rcpt_lines(env.recipients)))

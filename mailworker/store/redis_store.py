@@ -66,6 +66,7 @@ class Store:
         self._promote = client.register_script(_script("promote"))
         self._sweep = client.register_script(_script("sweep"))
         self._release = client.register_script(_script("release"))
+        self._fleet = client.register_script(_script("fleet"))
 
     def _run(self, calls: Sequence[_Call]) -> list[Any]:
         """Run script calls in one round trip (EVALSHA), loading a script only when Redis
@@ -270,6 +271,24 @@ class Store:
 
     def relay_succeeded(self, relay: str) -> None:
         self.redis.delete(self.key("relayfail", relay))
+
+    # -- fleet-wide limits ---------------------------------------------------------------
+    def fleet_acquire(self, relay: str, token: str, *, max_connections: int | None,
+                      rate: float | None, wanted: int, hold_seconds: float) -> tuple[int, float]:
+        """Ask for a connection slot and up to *wanted* messages of rate budget.
+
+        Returns (messages granted, seconds to wait when none were). The slot is held
+        until :meth:`fleet_release` or *hold_seconds* (a dead worker's slot expires).
+        """
+        burst = max(1.0, rate or 0.0)
+        granted, wait = self._run([(
+            self._fleet, [self.key("slots", relay), self.key("bucket", relay)],
+            [token, time.time(), hold_seconds, max_connections or 0, rate or 0, burst, wanted],
+        )])[0]
+        return int(granted), float(_str(wait))
+
+    def fleet_release(self, relay: str, token: str) -> None:
+        self.redis.zrem(self.key("slots", relay), token)
 
     # -- health ---------------------------------------------------------------------------
     def persistence_warning(self) -> str | None:

@@ -160,6 +160,7 @@ def test_message_over_the_advertised_size_is_refused_before_sending(
         conn.send(envelope(9, body=b"x" * 2000 + b"\r\n"))
     assert info.value.smtp_code == 552 and error_enhanced_code(info.value) == "5.3.4"
     assert info.value.stage is Stage.MAIL  # type: ignore[attr-defined]
+    assert [r.code for r in info.value.result.recipients] == [552]  # type: ignore[attr-defined]
     assert "MAIL" not in verbs(server)
 
     conn.send(envelope(10))  # a small one goes, and declares its size
