@@ -7,6 +7,7 @@ logs AUTH arguments in the first place (defence in depth).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -32,24 +33,42 @@ def redact_command(command: str) -> str:
     return command.strip()
 
 
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return _DSN_PASSWORD.sub(rf"\g<1>{REDACTED}@", value)
-    return value
+@functools.lru_cache(maxsize=1024)
+def _is_secret_key(key: str) -> bool:
+    return _SECRET_KEYS.search(key) is not None
 
 
 def redact_secrets(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """structlog processor: blank secret-looking keys, strip passwords out of DSNs."""
-    for key in list(event_dict):
-        if _SECRET_KEYS.search(key):
+    """structlog processor: blank secret-looking keys, strip passwords out of DSNs.
+
+    It runs on every event (every SMTP reply), so it is written for the common case:
+    key names are checked once and cached, and only values that look like URLs are
+    searched for a password.
+    """
+    for key, value in event_dict.items():
+        if _is_secret_key(key):
             event_dict[key] = REDACTED
-        else:
-            event_dict[key] = _redact_value(event_dict[key])
-    if "command" in event_dict and isinstance(event_dict["command"], str):
-        event_dict["command"] = redact_command(event_dict["command"])
+        elif isinstance(value, str) and "://" in value:
+            event_dict[key] = _DSN_PASSWORD.sub(rf"\g<1>{REDACTED}@", value)
+    command = event_dict.get("command")
+    if isinstance(command, str) and command[:4].upper() == "AUTH":
+        event_dict["command"] = redact_command(command)
     return event_dict
+
+
+def _json_renderer() -> Any:
+    """orjson when installed (about 5x faster per event), else the standard library."""
+    try:
+        import orjson
+    except ImportError:
+        return structlog.processors.JSONRenderer()
+
+    def dumps(obj: Any, **_: Any) -> str:
+        return orjson.dumps(obj, default=str).decode()
+
+    return structlog.processors.JSONRenderer(serializer=dumps)
 
 
 def configure_logging(
@@ -65,9 +84,7 @@ def configure_logging(
     )
     level_name = (level or os.environ.get("MAILWORKER_LOG_LEVEL") or "INFO").upper()
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
+        _json_renderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
         processors=[
@@ -81,7 +98,7 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level_name, logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
 
