@@ -7,7 +7,6 @@ logs AUTH arguments in the first place (defence in depth).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -33,9 +32,7 @@ def redact_command(command: str) -> str:
     return command.strip()
 
 
-@functools.lru_cache(maxsize=1024)
-def _is_secret_key(key: str) -> bool:
-    return _SECRET_KEYS.search(key) is not None
+_secret_key_cache: dict[str, bool] = {}
 
 
 def redact_secrets(
@@ -47,10 +44,16 @@ def redact_secrets(
     key names are checked once and cached, and only values that look like URLs are
     searched for a password.
     """
+    cache = _secret_key_cache
     for key, value in event_dict.items():
-        if _is_secret_key(key):
+        secret = cache.get(key)
+        if secret is None:
+            secret = _SECRET_KEYS.search(key) is not None
+            if len(cache) < 4096:  # bounded: keys are code, but be safe
+                cache[key] = secret
+        if secret:
             event_dict[key] = REDACTED
-        elif isinstance(value, str) and "://" in value:
+        elif value.__class__ is str and "://" in value:
             event_dict[key] = _DSN_PASSWORD.sub(rf"\g<1>{REDACTED}@", value)
     command = event_dict.get("command")
     if isinstance(command, str) and command[:4].upper() == "AUTH":
