@@ -313,6 +313,7 @@ class DeliveryRun:
     latency_ms: int
     n: int
     concurrency: int
+    mode: str = "e2e"
     delivered: int = 0
     wall_s: float = 0.0
     enqueue_s: float = 0.0
@@ -334,8 +335,9 @@ class Bench:
         self.redis = RedisServer(tmp)
         self.sinks: dict[int, Any] = {}
         cfg = tmp / "mailworker.toml"
-        self.queues = ["mwq_enq", "mwq_lat"] + [f"mwq_{p}_{lat}" for p in ("threads", "prefork", "solo")
-                                               for lat in (0, 10)]
+        self.queues = ["mwq_enq", "mwq_lat"] + [
+            f"mwq_{p}_{lat}_{m}" for p in ("threads", "prefork", "solo") for lat in (0, 10)
+            for m in ("e2e", "backlog")]
         cfg.write_text('default_queue = "mwq_enq"\n'
                        + "".join(f'[queues.{q}]\nlifetime = "1h"\n' for q in self.queues))
         self.cfg = cfg
@@ -453,7 +455,8 @@ class Bench:
                 "published": published}
 
     # -- 3. delivery -------------------------------------------------------------------------
-    def start_workers(self, system: str, pool: str, queue: str, sink_port: int) -> Child:
+    def start_workers(self, system: str, pool: str, queue: str, sink_port: int,
+                      wait: bool = True) -> Child:
         c = str(self.args.concurrency)
         log = self.tmp / f"{system}-{queue}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAILWORKER_")}
@@ -471,6 +474,8 @@ class Bench:
                     "-c", c, "-P", pool, "-l", self.args.loglevel, "--without-gossip",
                     "--without-mingle", "--without-heartbeat", "-n", f"baseline-{queue}@%h"]
         w = Child(argv, log, env)
+        if not wait:
+            return w
         try:
             wait_until(lambda: b"ready." in log.read_bytes() or not w.alive(), 60,
                        f"{system} worker to be ready (log: {log})", 0.05)
@@ -482,27 +487,48 @@ class Bench:
         time.sleep(0.3)  # let the threads/children settle into their first broker poll
         return w
 
-    def deliver(self, system: str, pool: str, latency_ms: int, n: int) -> DeliveryRun:
+    def deliver(self, system: str, pool: str, latency_ms: int, n: int, mode: str) -> DeliveryRun:
+        """One delivery run; *mode* ``e2e`` (enqueue while the workers run) or ``backlog``
+        (enqueue first, then start the workers and time the drain at the sink)."""
         sink = self.sink(latency_ms)
-        queue = f"{'mwq' if system == 'mailworker' else 'blq'}_{pool}_{latency_ms}"
-        run = DeliveryRun(system, pool, latency_ms, n, self.args.concurrency)
-        items = self.inputs(n, f"{system}{pool}{latency_ms}")
-        worker = self.start_workers(system, pool, queue, sink.port)
+        queue = f"{'mwq' if system == 'mailworker' else 'blq'}_{pool}_{latency_ms}_{mode}"
+        run = DeliveryRun(system, pool, latency_ms, n, self.args.concurrency, mode=mode)
+        items = self.inputs(n, f"{system}{pool}{latency_ms}{mode}")
+        enqueue = self.mw_enqueue if system == "mailworker" else self.bl_enqueue
+        base = sink.count()
+        worker: Child | None = None
         try:
+            if mode == "backlog":
+                p0, e0 = time.process_time(), time.perf_counter()
+                enqueue(items, queue)
+                e1, p1 = time.perf_counter(), time.process_time()
+                worker = self.start_workers(system, pool, queue, sink.port, wait=False)
+            else:
+                worker = self.start_workers(system, pool, queue, sink.port)
             roots = {"worker": worker.pid, "redis": self.redis.pid, "sink": sink.pid}
+            w = worker
             with Monitor(roots) as mon:
-                base = sink.count()
-                cpu0 = {k: mon.cpu(k) for k in roots}
-                p0, t0 = time.process_time(), time.perf_counter()
-                if system == "mailworker":
-                    self.mw_enqueue(items, queue)
+                if mode == "backlog":
+                    # The clock starts at the first message the sink receives: worker start-up
+                    # (imports, forking, connecting) is not delivery.
+                    t_start = time.perf_counter()
+                    wait_until(lambda: sink.count() > base or not w.alive(), 120,
+                               "the first message at the sink", 0.002)
+                    t0 = time.perf_counter()
+                    first = sink.count() - base
+                    run.extra["startup_s"] = round(t0 - t_start, 3)
+                    run.extra["counted_from"] = first
+                    cpu0 = {k: mon.cpu(k) for k in roots}
                 else:
-                    self.bl_enqueue(items, queue)
-                t_enq, p1 = time.perf_counter(), time.process_time()
-                timeout = self.args.timeout
+                    first = 0
+                    cpu0 = {k: mon.cpu(k) for k in roots}
+                    p0, t0 = time.process_time(), time.perf_counter()
+                    e0 = t0
+                    enqueue(items, queue)
+                    e1, p1 = time.perf_counter(), time.process_time()
                 try:
-                    wait_until(lambda: sink.count() - base >= n or not worker.alive(), timeout,
-                               f"{n} messages at the sink", 0.005)
+                    wait_until(lambda: sink.count() - base >= n or not w.alive(),
+                               self.args.timeout, f"{n} messages at the sink", 0.002)
                 except TimeoutError as exc:
                     run.extra["error"] = str(exc)
                 t1 = time.perf_counter()
@@ -515,27 +541,29 @@ class Bench:
                     try:
                         wait_until(lambda: store.counts()["in_flight"] == 0, 30,
                                    "records to be committed", 0.01)
-                        run.extra["committed_s"] = round(time.perf_counter() - t0, 3)
+                        run.extra["committed_after_s"] = round(time.perf_counter() - t1, 3)
                     except TimeoutError:
                         run.extra["in_flight_left"] = store.counts()["in_flight"]
                     run.extra["store_counts"] = store.counts()
                 cpu1 = {k: mon.cpu(k) for k in roots}
                 time.sleep(0.3)  # anything sent twice would show up now
                 run.extra["sink_total_after"] = sink.count() - base
+            counted = run.delivered - first
             run.wall_s = t1 - t0
-            run.enqueue_s = t_enq - t0
-            run.rate = run.delivered / run.wall_s if run.wall_s else 0.0
-            per = 1000.0 / max(run.delivered, 1)
+            run.enqueue_s = e1 - e0
+            run.rate = counted / run.wall_s if run.wall_s else 0.0
+            per = 1000.0 / max(counted, 1)
             run.worker_cpu_ms_per_msg = (cpu1["worker"] - cpu0["worker"]) * per
             run.redis_cpu_ms_per_msg = (cpu1["redis"] - cpu0["redis"]) * per
             run.sink_cpu_ms_per_msg = (cpu1["sink"] - cpu0["sink"]) * per
-            run.producer_cpu_ms_per_msg = (p1 - p0) * per
+            run.producer_cpu_ms_per_msg = (p1 - p0) * 1000.0 / n
             peaks = mon.peak_kb["worker"]
             run.peak_rss_mb = max(peaks.values()) / 1024
             run.peak_rss_tree_mb = sum(peaks.values()) / 1024
             run.processes = len(peaks)
         finally:
-            worker.stop()
+            if worker is not None:
+                worker.stop()
             self.redis.wipe()
         return run
 
@@ -549,12 +577,22 @@ def fmt_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+MODE_TITLES = {
+    "e2e": "end to end: first enqueue -> last message at the sink, producer running alongside",
+    "backlog": "backlog drain: N queued first, workers started, first -> last message at the sink",
+}
+
+
 def report(res: dict[str, Any]) -> str:
     out = []
     m = res["machine"]
     out.append(f"machine: {m['cpus']} CPUs, {m['cpu_model']}, Python {m['python']}, "
                f"{m['system']}; concurrency -c {res['concurrency']}, "
                f"N={res['n']} (0 ms), {res['n10']} (10 ms)")
+    if m.get("commit"):
+        out.append(f"code: commit {m['commit']}" + (
+            f" + uncommitted changes to {', '.join(m['package_changes'])}"
+            if m.get("package_changes") else ""))
     e = res.get("enqueue")
     if e:
         out.append(f"\nenqueue, no worker running, {e['n']} messages "
@@ -570,42 +608,51 @@ def report(res: dict[str, Any]) -> str:
         out.append(f"\nsingle send(), no worker running, {s['calls']} calls: "
                    f"p50 {s['p50_ms']:.2f} ms, p95 {s['p95_ms']:.2f} ms, "
                    f"p99 {s['p99_ms']:.2f} ms, max {s['max_ms']:.2f} ms")
-    runs = res.get("delivery", [])
-    if runs:
-        out.append("\ndelivery, first enqueue to last message at the sink:")
+    for mode in res.get("modes", []):
+        runs = [r for r in res.get("delivery", []) if r["mode"] == mode]
+        if not runs:
+            continue
+        out.append(f"\ndelivery, {MODE_TITLES[mode]}:")
         rows = []
         for r in runs:
             rows.append([r["system"], r["pool"], f"{r['latency_ms']} ms", str(r["n"]),
                          str(r["delivered"]), f"{r['wall_s']:.2f}", f"{r['rate']:,.0f}",
                          f"{r['worker_cpu_ms_per_msg']:.2f}", f"{r['redis_cpu_ms_per_msg']:.3f}",
-                         f"{r['producer_cpu_ms_per_msg']:.3f}",
+                         f"{r['enqueue_s']:.2f}", f"{r['producer_cpu_ms_per_msg']:.3f}",
                          f"{r['peak_rss_mb']:.0f}" + (f" ({r['processes']}p, "
                                                       f"{r['peak_rss_tree_mb']:.0f})"
                                                       if r["processes"] > 1 else "")])
         out.append(fmt_table(rows, ["system", "pool", "latency", "N", "delivered", "wall s",
                                     "msgs/s", "worker CPU ms/msg", "redis CPU ms/msg",
-                                    "producer CPU ms/msg", "peak RSS MB"]))
+                                    "enqueue s", "producer CPU ms/msg", "peak RSS MB"]))
     out.append("\ntargets:")
     trows = []
     for t in res.get("targets", []):
         trows.append([t["name"], t["measured"], t["target"], "ok" if t["ok"] else "MISSED"])
     out.append(fmt_table(trows, ["target", "measured", "required", ""]))
-    if res.get("pool_choice"):
-        out.append(f"\n{res['pool_choice']}")
+    for line in res.get("pool_choice", []):
+        out.append(line)
     return "\n".join(out)
+
+
+def _by(res: dict[str, Any]) -> dict[tuple[str, str, int, str], dict[str, Any]]:
+    return {(r["system"], r["pool"], r["latency_ms"], r["mode"]): r
+            for r in res.get("delivery", [])}
 
 
 def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    by = {(r["system"], r["pool"], r["latency_ms"]): r for r in res.get("delivery", [])}
-    for pool in res["pools"]:
-        for lat, key in ((0, "ratio_0ms"), (10, "ratio_10ms")):
-            mw, bl = by.get(("mailworker", pool, lat)), by.get(("baseline", pool, lat))
-            if mw and bl and bl["rate"]:
-                ratio = mw["rate"] / bl["rate"]
-                out.append({"name": f"delivered msgs/s vs baseline, {lat} ms, {pool}",
-                            "measured": f"{ratio:.2f}x", "target": f">= {TARGETS[key]:g}x",
-                            "ok": ratio >= TARGETS[key], "value": ratio})
+    by = _by(res)
+    for mode in res.get("modes", []):
+        for pool in res["pools"]:
+            for lat, key in ((0, "ratio_0ms"), (10, "ratio_10ms")):
+                mw = by.get(("mailworker", pool, lat, mode))
+                bl = by.get(("baseline", pool, lat, mode))
+                if mw and bl and bl["rate"]:
+                    ratio = mw["rate"] / bl["rate"]
+                    out.append({"name": f"msgs/s vs baseline, {lat} ms, {pool}, {mode}",
+                                "measured": f"{ratio:.2f}x", "target": f">= {TARGETS[key]:g}x",
+                                "ok": ratio >= TARGETS[key], "value": ratio})
     e = res.get("enqueue")
     if e:
         out.append({"name": "send_many enqueue vs baseline enqueue",
@@ -627,19 +674,24 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def pool_choice(res: dict[str, Any]) -> str:
-    by = {(r["system"], r["pool"], r["latency_ms"]): r for r in res.get("delivery", [])}
-    parts = []
-    for lat in (0, 10):
-        t, p = by.get(("mailworker", "threads", lat)), by.get(("mailworker", "prefork", lat))
-        if t and p:
-            win = "threads" if t["rate"] >= p["rate"] else "prefork"
-            parts.append(f"{lat} ms: threads {t['rate']:,.0f} msgs/s "
-                         f"({t['worker_cpu_ms_per_msg']:.2f} ms CPU, {t['peak_rss_tree_mb']:.0f} MB)"
-                         f" vs prefork {p['rate']:,.0f} msgs/s "
-                         f"({p['worker_cpu_ms_per_msg']:.2f} ms CPU, "
-                         f"{p['peak_rss_tree_mb']:.0f} MB total) -> {win}")
-    return ("mailworker pool, same -c: " + "; ".join(parts)) if parts else ""
+def pool_choice(res: dict[str, Any]) -> list[str]:
+    by = _by(res)
+    lines = []
+    for mode in res.get("modes", []):
+        for lat in (0, 10):
+            t = by.get(("mailworker", "threads", lat, mode))
+            p = by.get(("mailworker", "prefork", lat, mode))
+            if t and p:
+                win = "threads" if t["rate"] >= p["rate"] else "prefork"
+                lines.append(
+                    f"mailworker -c {res['concurrency']}, {lat} ms, {mode}: "
+                    f"threads {t['rate']:,.0f} msgs/s, {t['worker_cpu_ms_per_msg']:.2f} ms CPU/msg, "
+                    f"{t['peak_rss_tree_mb']:.0f} MB | prefork {p['rate']:,.0f} msgs/s, "
+                    f"{p['worker_cpu_ms_per_msg']:.2f} ms CPU/msg, {p['peak_rss_tree_mb']:.0f} MB "
+                    f"in {p['processes']} processes -> {win} is faster")
+    if lines:
+        lines.insert(0, "\nthreads vs prefork:")
+    return lines
 
 
 def machine() -> dict[str, Any]:
@@ -651,8 +703,18 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no")
+             .splitlines() if line[3:].startswith("mailworker/")]
     return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "system": f"{platform.system()} {platform.release()}"}
+            "system": f"{platform.system()} {platform.release()}",
+            "commit": git("rev-parse", "--short", "HEAD"), "package_changes": dirty}
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -664,6 +726,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--pools", default="threads,prefork", help="comma-separated Celery pools")
     p.add_argument("--latencies", default="0,10", help="sink reply latencies in ms (0 and/or 10)")
     p.add_argument("--systems", default="mailworker,baseline")
+    p.add_argument("--modes", default="e2e,backlog",
+                   help="e2e (enqueue while workers run) and/or backlog (drain a full queue)")
     p.add_argument("--batch", type=int, default=500, help="send_many batch size")
     p.add_argument("--mw-batch-size", type=int, default=None,
                    help="MAILWORKER_BATCH_SIZE for the runs (default: mailworker's, 50)")
@@ -679,11 +743,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     pools = [x for x in args.pools.split(",") if x]
     lats = [int(x) for x in args.latencies.split(",") if x]
     systems = [x for x in args.systems.split(",") if x]
+    modes = [x for x in args.modes.split(",") if x]
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-queue-"))
     bench = Bench(args, tmp)
     res: dict[str, Any] = {"machine": machine(), "n": args.n, "n10": args.n10,
-                           "concurrency": args.concurrency, "pools": pools,
+                           "concurrency": args.concurrency, "pools": pools, "modes": modes,
                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                            "command": " ".join(sys.argv), "delivery": []}
     started = time.perf_counter()
@@ -696,13 +761,14 @@ def main(argv: Iterable[str] | None = None) -> int:
         for lat in lats:
             n = args.n if lat == 0 else args.n10
             for pool in pools:
-                for system in systems:
-                    print(f"delivery: {system} {pool} {lat} ms, {n} messages ...", end=" ",
-                          flush=True)
-                    run = bench.deliver(system, pool, lat, n)
-                    print(f"{run.rate:,.0f} msgs/s, {run.worker_cpu_ms_per_msg:.2f} ms CPU/msg",
-                          flush=True)
-                    res["delivery"].append(asdict(run))
+                for mode in modes:
+                    for system in systems:
+                        print(f"delivery ({mode}): {system} {pool} {lat} ms, {n} messages ...",
+                              end=" ", flush=True)
+                        run = bench.deliver(system, pool, lat, n, mode)
+                        print(f"{run.rate:,.0f} msgs/s, "
+                              f"{run.worker_cpu_ms_per_msg:.2f} ms CPU/msg", flush=True)
+                        res["delivery"].append(asdict(run))
     finally:
         bench.close()
         if args.keep_logs:

@@ -23,12 +23,26 @@ from mailworker.hooks import Hooks
 from mailworker.outcome import Step, apply_expiry, apply_relay_hold, apply_result, requeue
 from mailworker.policy import Action, Policy
 from mailworker.relay import Relay
-from mailworker.smtp import Connection, Envelope, NotAttempted, PoolManager, SendResult
+from mailworker.smtp import (
+    Connection,
+    DeliveryUncertain,
+    Envelope,
+    NotAttempted,
+    PoolManager,
+    PoolTimeout,
+    SendResult,
+)
+from mailworker.smtp.errors import Stage, annotate, error_stage
 from mailworker.store import Claim, MessageState, Record, Store
 
 __all__ = ["Deliverer", "PassReport"]
 
 log = structlog.get_logger("mailworker.delivery")
+
+# Messages sent per send_many call within a batch; between chunks the time budget is
+# checked. Larger chunks save a round trip per chunk; smaller ones bound the time a
+# pathological relay (replying just inside every timeout) can hold the leases.
+CHUNK = 20
 
 # How long a relay is paused for a configuration problem (bad credentials, bad certificate)
 # before workers try it again. Mail stays queued meanwhile; an operator can resume sooner.
@@ -43,6 +57,23 @@ class PassReport:
     skipped: dict[str, int] = field(default_factory=dict)
     states: dict[str, int] = field(default_factory=dict)
     lost_leases: int = 0
+
+
+def _batch_failure(exc: Exception, relay: str) -> BaseException:
+    """What a failure that escaped ``send_many`` means for the messages of the chunk.
+
+    The pool raises only when it cannot get a connection (nothing was sent); anything
+    else, such as Celery's soft time limit firing mid-batch, may have struck after some
+    final dots, so those messages are retried flagged as possible duplicates.
+    """
+    stage = error_stage(exc)
+    if isinstance(exc, PoolTimeout) or (stage is not None and stage in _BEFORE_MAIL):
+        return exc
+    return annotate(DeliveryUncertain(f"batch interrupted: {type(exc).__name__}: {exc}"),
+                    Stage.AFTER_DOT, relay)
+
+
+_BEFORE_MAIL = frozenset({Stage.CONNECT, Stage.GREETING, Stage.EHLO, Stage.TLS, Stage.AUTH})
 
 
 class Deliverer:
@@ -195,11 +226,25 @@ class Deliverer:
             for c in group
         ]
         started = self.clock()
+        results: list[SendResult | BaseException] = []
         with structlog.contextvars.bound_contextvars(task_id=task_id, relay=relay_name):
-            try:
-                results: list[SendResult | BaseException] = list(send_many(envelopes))
-            except Exception as exc:  # connection-level failure: applies to every message
-                results = [exc] * len(envelopes)
+            for i in range(0, len(envelopes), CHUNK):
+                if self.clock() - started > self.settings.lease_seconds * 0.5:
+                    # A slow relay must not outlive our leases (another worker would send
+                    # again): hand the rest back untouched.
+                    results += [NotAttempted("batch time budget spent")] * (len(envelopes) - i)
+                    break
+                chunk = envelopes[i:i + CHUNK]
+                try:
+                    results += list(send_many(chunk))
+                except Exception as exc:
+                    failure = _batch_failure(exc, relay_name)
+                    rest = len(envelopes) - i - len(chunk)
+                    # A connection that could not be had fails the rest alike (and pauses
+                    # the relay once); after an interruption the rest were never started.
+                    results += [failure] * len(chunk)
+                    results += [failure if failure is exc else NotAttempted("not started")] * rest
+                    break
         finished = self.clock()
 
         out: list[tuple[Claim, Step]] = []
