@@ -54,6 +54,8 @@ def _record(built: BuiltMessage, settings: Settings, *, relay: str | None, queue
         expiry = max(now, start or now) + settings.lifetime(q.name)
     if expiry <= now:
         raise ValueError("expires_at is in the past; the message would never be sent")
+    if start is not None and expiry <= start:
+        raise ValueError("expires_at is not after send_at; the message would never be sent")
     return Record(
         id=uuid.uuid4().hex,
         queue=q.name,

@@ -112,7 +112,10 @@ def _coerce(name: str, value: Any) -> Any:
     kind = _SCALARS[name]
     try:
         if name in _DURATIONS:
-            return parse_duration(value)
+            seconds = parse_duration(value)
+            if seconds <= 0:  # 0 would disable leases, time limits or retention
+                raise ValueError
+            return seconds
         if kind is int:
             number = int(value)
             if number <= 0:
@@ -120,7 +123,7 @@ def _coerce(name: str, value: Any) -> Any:
             return number
         return str(value)
     except (TypeError, ValueError):
-        hint = ("a duration like 30, '90s', '15m', '24h'" if name in _DURATIONS
+        hint = ("a duration above zero, like 30, '90s', '15m', '24h'" if name in _DURATIONS
                 else "a positive whole number")
         raise ConfigError(f"setting {name}={value!r} is not {hint}") from None
 
@@ -185,11 +188,10 @@ def load_settings(
             attempts = int(spec["max_attempts"]) if "max_attempts" in spec else None
             if attempts is not None and attempts < 1:
                 raise ValueError("max_attempts must be at least 1")
-            queues[name] = QueueSettings(
-                name,
-                lifetime=parse_duration(spec["lifetime"]) if "lifetime" in spec else None,
-                max_attempts=attempts,
-            )
+            lifetime = parse_duration(spec["lifetime"]) if "lifetime" in spec else None
+            if lifetime is not None and lifetime <= 0:
+                raise ValueError("lifetime must be above zero")
+            queues[name] = QueueSettings(name, lifetime=lifetime, max_attempts=attempts)
         except (TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"config file: [queues.{name}]: {exc}") from None
     values["queues"] = queues
@@ -202,4 +204,10 @@ def load_settings(
     settings = Settings(**values)
     if settings.default_queue not in settings.queues:
         settings.queue()  # raises with the list of known queues
+    for relay in settings.relays.values():
+        if relay.deadline >= settings.lease_seconds:
+            raise ConfigError(
+                f"relay {relay.name!r}: deadline={relay.deadline:g}s must be below "
+                f"lease_seconds={settings.lease_seconds:g}s, or a slow transaction could "
+                "outlive its lease and be sent twice")
     return settings

@@ -20,7 +20,14 @@ import structlog
 
 from mailworker.config import ConfigError, Settings
 from mailworker.hooks import Hooks
-from mailworker.outcome import Step, apply_expiry, apply_relay_hold, apply_result, requeue
+from mailworker.outcome import (
+    Step,
+    apply_expiry,
+    apply_relay_hold,
+    apply_result,
+    mark_interrupted,
+    requeue,
+)
 from mailworker.policy import Action, Policy
 from mailworker.relay import Relay
 from mailworker.smtp import (
@@ -66,8 +73,10 @@ def _batch_failure(exc: Exception, relay: str) -> BaseException:
     else, such as Celery's soft time limit firing mid-batch, may have struck after some
     final dots, so those messages are retried flagged as possible duplicates.
     """
+    if isinstance(exc, PoolTimeout):  # this process is busy, not the relay: no relay pause
+        return NotAttempted(f"no free connection in this worker's pool: {exc}")
     stage = error_stage(exc)
-    if isinstance(exc, PoolTimeout) or (stage is not None and stage in _BEFORE_MAIL):
+    if stage is not None and stage in _BEFORE_MAIL:
         return exc
     return annotate(DeliveryUncertain(f"batch interrupted: {type(exc).__name__}: {exc}"),
                     Stage.AFTER_DOT, relay)
@@ -96,6 +105,8 @@ class Deliverer:
         self.rng = rng
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._policies: dict[str, Policy] = {}
+        self._effects: list[tuple[str, float, str] | str] = []
+        self._claimed_at = 0.0
 
     def policy_for(self, queue: str) -> Policy:
         if queue not in self._policies:
@@ -125,6 +136,8 @@ class Deliverer:
                 report.skipped[claim] = report.skipped.get(claim, 0) + 1
                 continue
             rec = claim.record
+            if claim.interrupted_at is not None and not rec.state.final:
+                mark_interrupted(rec)  # persisted by whatever this pass saves
             if rec.state.final:
                 self.store.forget_inflight([mid])
                 release.append(claim)
@@ -140,10 +153,19 @@ class Deliverer:
         self.store.release_many(release)
         report.claimed = sum(len(v) for v in ready.values())
 
+        self._effects = []
+        self._claimed_at = now
         for relay_name, group in ready.items():
-            saves.extend(self._deliver_group(relay_name, group, task_id))
+            try:
+                saves.extend(self._deliver_group(relay_name, group, task_id))
+            except Exception:
+                # A bug or a Redis blip mid-group: save nothing for it and keep the leases
+                # and "sending" markers, so the sweeper retries them flagged as possible
+                # duplicates once the leases expire. The other groups are still saved.
+                log.exception("delivery.group_failed", relay=relay_name, count=len(group))
 
         ok = self.store.commit_many((c, st.score, st.counters) for c, st in saves)
+        self._apply_relay_effects()
         for (claim, step), saved in zip(saves, ok, strict=True):
             if not saved:
                 report.lost_leases += 1
@@ -227,12 +249,15 @@ class Deliverer:
         ]
         started = self.clock()
         results: list[SendResult | BaseException] = []
+        budget = min(self.settings.task_time_limit, self.settings.lease_seconds) * 0.8
         with structlog.contextvars.bound_contextvars(task_id=task_id, relay=relay_name):
             for i in range(0, len(envelopes), CHUNK):
-                if self.clock() - started > self.settings.lease_seconds * 0.5:
-                    # A slow relay must not outlive our leases (another worker would send
-                    # again): hand the rest back untouched.
-                    results += [NotAttempted("batch time budget spent")] * (len(envelopes) - i)
+                # The threads pool enforces no task time limit, so the batch keeps its own,
+                # and renews its leases between chunks so no other worker takes them.
+                if i and (self.clock() - self._claimed_at > budget
+                          or not self.store.renew_many(group[i:], self.settings.lease_seconds)):
+                    results += [NotAttempted("batch time budget spent or lease lost")] * (
+                        len(envelopes) - i)
                     break
                 chunk = envelopes[i:i + CHUNK]
                 try:
@@ -267,22 +292,38 @@ class Deliverer:
             out.append((claim, step))
         if pause is not None:
             seconds, reason = pause
-            failures = self.store.relay_failed(relay_name)
             if seconds != CONFIG_PAUSE_SECONDS:
                 # Host-level trouble backs off per relay, growing with consecutive failures,
                 # instead of burning every queued message's attempts.
+                try:
+                    failures = self.store.relay_failed(relay_name)
+                except Exception:
+                    failures = 1
                 seconds = self.settings.policy.relay_backoff.delay(failures, self.rng)
-            self.store.pause_relay(relay_name, seconds, reason)
-            log.error("relay.paused", relay=relay_name, seconds=round(seconds, 1), reason=reason,
-                      consecutive_failures=failures)
+            self._effects.append((relay_name, seconds, reason))
             for claim, step in out:
                 if step.state is MessageState.DEFERRED and claim.record.next_attempt_at:
                     due = max(claim.record.next_attempt_at, finished + seconds)
                     if due <= claim.record.expires_at:
                         claim.record.next_attempt_at = step.score = due
         elif any(isinstance(r, SendResult) for r in results):
-            self.store.relay_succeeded(relay_name)
+            self._effects.append(relay_name)
         return out
+
+    def _apply_relay_effects(self) -> None:
+        """Relay pauses and failure counters, after the outcomes are safely saved."""
+        for effect in self._effects:
+            try:
+                if isinstance(effect, str):
+                    self.store.relay_succeeded(effect)
+                else:
+                    relay_name, seconds, reason = effect
+                    self.store.pause_relay(relay_name, seconds, reason)
+                    log.error("relay.paused", relay=relay_name, seconds=round(seconds, 1),
+                              reason=reason)
+            except Exception as exc:  # best effort: the outcomes are already saved
+                log.warning("relay.bookkeeping_failed", error=f"{type(exc).__name__}: {exc}")
+        self._effects = []
 
     def _announce(self, record: Record, step: Step) -> None:
         if step.state is MessageState.DELIVERED:

@@ -96,7 +96,10 @@ def retry(ids: Sequence[str] | None = None, flt: DeadLetterFilter | None = None,
                                  now + rt.settings.stuck_after)
     saves = []
     for claim in claims.values():
-        if isinstance(claim, str) or claim.record.state is not MessageState.DEAD:
+        if isinstance(claim, str):
+            continue
+        if claim.record.state is not MessageState.DEAD:  # retried meanwhile: hands off
+            rt.store.release_many([claim])
             continue
         rec = claim.record
         for r in rec.recipients:

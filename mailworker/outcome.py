@@ -25,7 +25,8 @@ from mailworker.smtp.errors import (
 )
 from mailworker.store.record import Attempt, MessageState, RcptState, Record, Reply
 
-__all__ = ["Step", "apply_expiry", "apply_relay_hold", "apply_result", "requeue"]
+__all__ = ["Step", "apply_expiry", "apply_relay_hold", "apply_result", "mark_interrupted",
+           "requeue"]
 
 
 @dataclass
@@ -44,6 +45,75 @@ def _reply_dict(rcpt: str | None, code: int | None, text: str, enhanced: str | N
             "stage": stage}
 
 
+class _Attempt:
+    """The bookkeeping of one attempt while its result is folded into the record."""
+
+    def __init__(self, record: Record, policy: Policy, now: float,
+                 rng: random.Random | None) -> None:
+        self.record, self.policy, self.now, self.rng = record, policy, now, rng
+        self.age = now - record.created_at
+        self.lifetime = record.expires_at - record.created_at
+        self.number = record.attempts + 1
+        self.counters: dict[str, int] = {}
+        self.replies: list[dict[str, Any]] = []
+        self.delays: list[float] = []
+        self.retry_now: list[str] = []
+        self.relay_decision: Decision | None = None
+        self.counted = False
+
+    def decide(self, **kw: Any) -> Decision:
+        return self.policy.decide(attempt=self.number, age=self.age, lifetime=self.lifetime,
+                                  rng=self.rng, **kw)
+
+    def count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    def settle(self, address: str, code: int | None, text: str, enhanced: str | None,
+               stage: Stage | None, decision: Decision | None) -> None:
+        """One recipient's outcome: delivered (*decision* None) or the policy's decision."""
+        self.replies.append(_reply_dict(address, code, text, enhanced,
+                                        stage.value if stage else None))
+        rs = self.record.recipient(address)
+        rs.reply = Reply(code, text, enhanced, stage.value if stage else None)
+        rs.updated_at = self.now
+        if decision is None:
+            rs.state = RcptState.DELIVERED
+            rs.attempts += 1
+            self.count("delivered")
+            return
+        if decision.scope is Scope.RELAY:
+            self.relay_decision = decision
+        if decision.counts_as_attempt:
+            rs.attempts += 1
+            self.counted = True
+        rs.reason = decision.reason
+        if decision.possible_duplicate:
+            rs.possible_duplicate = True
+        if decision.action is Action.FAIL:
+            rs.state = RcptState.FAILED
+            self.count("failed")
+        elif decision.action is Action.RETRY_NOW:
+            rs.state = RcptState.PENDING
+            self.retry_now.append(address)
+        else:
+            rs.state = RcptState.DEFERRED
+            self.delays.append(decision.delay)
+
+    def settle_result(self, result: SendResult, only: set[str] | None = None) -> bool:
+        """Per-recipient outcomes of a transaction; True when anyone was refused."""
+        refused = False
+        for rr in result.recipients:
+            if only is not None and rr.recipient not in only:
+                continue
+            if rr.accepted:
+                self.settle(rr.recipient, rr.code, rr.text, rr.enhanced_code, rr.stage, None)
+            elif only is None:
+                refused = True
+                d = self.decide(code=rr.code, enhanced_code=rr.enhanced_code, stage=rr.stage)
+                self.settle(rr.recipient, rr.code, rr.text, rr.enhanced_code, rr.stage, d)
+        return refused
+
+
 def apply_result(
     record: Record,
     result: SendResult | BaseException,
@@ -57,112 +127,80 @@ def apply_result(
     interrupted: bool = False,
     rng: random.Random | None = None,
 ) -> Step:
-    """Fold *result* into *record* and decide its next state."""
-    age = now - record.created_at
-    lifetime = record.expires_at - record.created_at
-    attempt_no = record.attempts + 1
-    counters: dict[str, int] = {}
-    replies: list[dict[str, Any]] = []
-    delays: list[float] = []
-    retry_now = False
-    relay_decision: Decision | None = None
-    counted = False
+    """Fold *result* into *record* and decide its next state.
+
+    *interrupted*: an earlier holder died while sending this record, so whatever it
+    sent is unknown; every open recipient is flagged as a possible duplicate.
+    """
+    if interrupted:
+        mark_interrupted(record)
+    att = _Attempt(record, policy, now, rng)
+    open_addrs = {r.address for r in record.open_recipients}
     error_info: dict[str, Any] | None = None
     outcome = "delivered"
-
-    def settle(rs_addr: str, code: int | None, text: str, enhanced: str | None,
-               stage: Stage | None, decision: Decision | None) -> None:
-        nonlocal retry_now, counted
-        rs = record.recipient(rs_addr)
-        rs.reply = Reply(code, text, enhanced, stage.value if stage else None)
-        rs.updated_at = now
-        if decision is None:
-            rs.state = RcptState.DELIVERED
-            rs.attempts += 1
-            counters["delivered"] = counters.get("delivered", 0) + 1
-            return
-        if decision.counts_as_attempt:
-            rs.attempts += 1
-            counted = True
-        rs.reason = decision.reason
-        if decision.possible_duplicate:
-            rs.possible_duplicate = True
-            record.possible_duplicate = True
-        if decision.action is Action.FAIL:
-            rs.state = RcptState.FAILED
-            counters["failed"] = counters.get("failed", 0) + 1
-        elif decision.action is Action.RETRY_NOW:
-            rs.state = RcptState.PENDING
-            retry_now = True
-        else:
-            rs.state = RcptState.DEFERRED
-            delays.append(decision.delay)
-
-    open_addrs = [r.address for r in record.open_recipients]
     if isinstance(result, SendResult):
-        for rr in result.recipients:
-            replies.append(_reply_dict(rr.recipient, rr.code, rr.text, rr.enhanced_code,
-                                       rr.stage.value))
-            if rr.accepted:
-                settle(rr.recipient, rr.code, rr.text, rr.enhanced_code, rr.stage, None)
-            else:
-                d = policy.decide(code=rr.code, enhanced_code=rr.enhanced_code, stage=rr.stage,
-                                  attempt=attempt_no, age=age, lifetime=lifetime, rng=rng)
-                settle(rr.recipient, rr.code, rr.text, rr.enhanced_code, rr.stage, d)
-                outcome = "partial"
-        if interrupted:
-            for rr in result.recipients:
-                if rr.accepted:
-                    rs = record.recipient(rr.recipient)
-                    rs.possible_duplicate = record.possible_duplicate = True
-    elif isinstance(result, smtplib.SMTPRecipientsRefused) and result.recipients:
-        # Every recipient refused at RCPT: each is decided by its own reply.
-        outcome = "refused"
-        for addr, (code, msg) in result.recipients.items():
-            text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
-            enh = enhanced_code_of(text)
-            replies.append(_reply_dict(addr, code, text, enh, Stage.RCPT.value))
-            d = policy.decide(code=code, enhanced_code=enh, stage=Stage.RCPT, attempt=attempt_no,
-                              age=age, lifetime=lifetime, rng=rng)
-            if addr in open_addrs:
-                settle(addr, code, text, enh, Stage.RCPT, d)
+        if att.settle_result(result):
+            outcome = "partial"
     else:
-        exc = result
-        d = policy.decide(error=exc, attempt=attempt_no, age=age, lifetime=lifetime, rng=rng)
-        ecode, enh, stage = error_code(exc), error_enhanced_code(exc), error_stage(exc)
-        text = error_text(exc)
-        error_info = {"class": type(exc).__name__, "code": ecode, "enhanced_code": enh,
-                      "stage": stage.value if stage else None, "text": text}
-        replies.append(_reply_dict(None, ecode, text, enh, stage.value if stage else None))
-        record.last_error = text
-        outcome = d.action.value
-        if d.scope is Scope.RELAY:
-            relay_decision = d
-        for addr in open_addrs:
-            settle(addr, ecode, text, enh, stage, d)
+        # An earlier transaction of a 452 split may have been accepted before the failure:
+        # those recipients are delivered, and the failure applies to the others only.
+        partial = getattr(result, "result", None)
+        if isinstance(partial, SendResult):
+            att.settle_result(partial, only=open_addrs)
+            open_addrs = {r.address for r in record.open_recipients}
+        if isinstance(result, smtplib.SMTPRecipientsRefused) and result.recipients:
+            outcome = "refused"
+            for addr, (code, msg) in result.recipients.items():
+                if addr not in open_addrs:
+                    continue
+                text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
+                enh = enhanced_code_of(text)
+                d = att.decide(code=code, enhanced_code=enh, stage=Stage.RCPT)
+                att.settle(addr, code, text, enh, Stage.RCPT, d)
+        else:
+            d = att.decide(error=result)
+            ecode, enh, stage = error_code(result), error_enhanced_code(result), error_stage(result)
+            text = error_text(result)
+            error_info = {"class": type(result).__name__, "code": ecode, "enhanced_code": enh,
+                          "stage": stage.value if stage else None, "text": text}
+            record.last_error = text
+            outcome = d.action.value
+            for addr in [r.address for r in record.recipients if r.address in open_addrs]:
+                att.settle(addr, ecode, text, enh, stage, d)
 
-    if counted:
-        record.attempts = attempt_no
+    if att.retry_now and not att.counters.get("delivered"):
+        # "Too many recipients" on a transaction that took nobody: retrying at once would
+        # loop, so it backs off and counts like any temporary failure.
+        for addr in att.retry_now:
+            rs = record.recipient(addr)
+            rs.state, rs.attempts = RcptState.DEFERRED, rs.attempts + 1
+        att.counted, att.retry_now = True, []
+        att.delays.append(policy.backoff.delay(att.number, rng))
+    if att.counted:
+        record.attempts = att.number
     record.history.append(Attempt(
         number=len(record.history) + 1, started_at=started_at, finished_at=now,
         outcome=outcome, relay=relay, task_id=task_id, worker=worker, error=error_info,
-        replies=replies,
+        replies=att.replies,
     ))
-    counters["attempts"] = 1
-    if retry_now and not counters.get("delivered"):
-        # "Too many recipients" on a transaction that took nobody: retrying at once would
-        # loop, so back off like any temporary failure.
-        retry_now = False
-        delays.append(policy.backoff.delay(attempt_no, rng))
-    step = _next_state(record, now, delays, retry_now, counters)
-    step.relay_decision = relay_decision
+    att.counters["attempts"] = 1
+    step = _next_state(record, now, att.delays, bool(att.retry_now), att.counters)
+    step.relay_decision = att.relay_decision
     return step
+
+
+def mark_interrupted(record: Record) -> None:
+    """An earlier worker died mid-send: any open recipient may already have a copy."""
+    for r in record.open_recipients:
+        r.possible_duplicate = True
 
 
 def _next_state(record: Record, now: float, delays: list[float], retry_now: bool,
                 counters: dict[str, int]) -> Step:
     record.updated_at = now
     record.sending_since = None
+    if any(r.possible_duplicate for r in record.recipients):
+        record.possible_duplicate = True
     if not record.open_recipients:
         failed = [r for r in record.recipients if r.state is RcptState.FAILED]
         if failed:

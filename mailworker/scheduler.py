@@ -25,6 +25,12 @@ from mailworker.store import Store
 __all__ = ["Publisher", "Scheduler", "publish_ids"]
 
 log = structlog.get_logger("mailworker.scheduler")
+_LOCK = """
+local v = redis.call("GET", KEYS[1])
+if v == ARGV[1] then return redis.call("PEXPIRE", KEYS[1], ARGV[2]) end
+if v then return 0 end
+return redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2]) and 1 or 0
+"""
 Publisher = Callable[[Sequence[str], str], None]
 """Publishes one wake-up for a batch of ids on a queue."""
 
@@ -48,17 +54,12 @@ class Scheduler:
         self.identity = uuid.uuid4().hex
         self._stop = threading.Event()
         self.lock_key = store.key("scheduler", "lock")
+        self._lock_script = store.redis.register_script(_LOCK)
 
     def _hold_lock(self) -> bool:
+        """Take or extend the scheduler lock (atomically: compare, then extend)."""
         ttl = max(1000, int(self.settings.tick_interval * 5000))
-        r = self.store.redis
-        if r.set(self.lock_key, self.identity, nx=True, px=ttl):
-            return True
-        current = r.get(self.lock_key)
-        if current is not None and current.decode() == self.identity:
-            r.pexpire(self.lock_key, ttl)
-            return True
-        return False
+        return bool(self._lock_script(keys=[self.lock_key], args=[self.identity, ttl]))
 
     def tick(self, limit: int = 5000) -> int:
         """One pass; returns how many ids were woken."""
@@ -66,7 +67,7 @@ class Scheduler:
         now = self.clock()
         watchdog = now + s.stuck_after
         due = self.store.promote_due(now, limit, watchdog)
-        stuck = self.store.sweep(now, limit, watchdog)
+        stuck = self.store.sweep(now, limit, s.stuck_after)
         if stuck:
             log.warning("scheduler.swept", count=len(stuck))
         ids = list(dict.fromkeys([*due, *stuck]))
@@ -89,9 +90,8 @@ class Scheduler:
         log.info("scheduler.started", interval=self.settings.tick_interval)
         while not self._stop.is_set():
             try:
-                if self._hold_lock():
-                    while self.tick() >= 5000 and not self._stop.is_set():
-                        pass
+                while self._hold_lock() and self.tick() >= 5000 and not self._stop.is_set():
+                    pass  # a backlog: keep ticking, renewing the lock each time
             except Exception as exc:  # Redis restarting, broker down: keep trying
                 log.warning("scheduler.tick_failed", error=f"{type(exc).__name__}: {exc}")
             self._stop.wait(self.settings.tick_interval)

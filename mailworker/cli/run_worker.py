@@ -51,5 +51,5 @@ def run_worker(queues: list[str], concurrency: int | None = None, pool: str = "t
         "--without-gossip", "--without-mingle", "--without-heartbeat",
         "-n", f"mailworker-{os.getpid()}@%h",
     ]
-    app.worker_main(argv)
-    return 0
+    # app.start returns Celery's exit code (worker_main would drop it).
+    return int(app.start(argv=argv) or 0)

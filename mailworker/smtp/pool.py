@@ -64,9 +64,21 @@ class _Stale(Exception):  # noqa: N818 - internal signal for tenacity, never esc
 
 
 def _is_stale(entry: Entry) -> bool:
-    """Failed at MAIL with a disconnect or 421: the server had dropped us, nothing sent."""
-    return (isinstance(entry, BaseException) and error_stage(entry) is Stage.MAIL
-            and (isinstance(entry, smtplib.SMTPServerDisconnected) or error_code(entry) == 421))
+    """Failed at MAIL with a disconnect or 421: the server had dropped us, nothing sent.
+
+    Not when an earlier transaction of the same envelope (a 452 split) was accepted:
+    sending the envelope again would give those recipients a second copy.
+    """
+    if not isinstance(entry, BaseException) or error_stage(entry) is not Stage.MAIL:
+        return False
+    partial = getattr(entry, "result", None)
+    if partial is not None and any(r.accepted for r in partial.recipients):
+        return False
+    return isinstance(entry, smtplib.SMTPServerDisconnected) or error_code(entry) == 421
+
+
+# Failures that happen before any MAIL FROM of a connection: nothing was sent on it.
+_BEFORE_MAIL = frozenset({Stage.CONNECT, Stage.GREETING, Stage.EHLO, Stage.TLS, Stage.AUTH})
 
 
 class Pool:
@@ -110,7 +122,11 @@ class Pool:
             try:
                 entries, broken = self._send_with_reconnect(envelopes[len(out):])
             except Exception as exc:
-                if not out:
+                # Only a failure to get the next connection leaves the rest unsent; anything
+                # else (e.g. a time limit firing mid-transaction) may have struck after a
+                # final dot, and the caller must treat the batch as uncertain.
+                if not out or not (isinstance(exc, PoolTimeout)
+                                   or error_stage(exc) in _BEFORE_MAIL):
                     raise
                 entries, broken = [_not_attempted(self.relay, exc)], True
             out.extend(entries)

@@ -1,14 +1,22 @@
 -- Save an attempt's outcome and move the record to its next place, if we still hold the lease.
--- KEYS: 1 record, 2 lease, 3 inflight, 4 deferred, 5 dead, 6 stats hash
+-- KEYS: 1 record, 2 lease, 3 inflight, 4 deferred, 5 dead, 6 stats hash, 7 sweep counts
 -- ARGV: 1 token, 2 id, 3 doc json, 4 state, 5 score, 6 retention seconds (0 = keep),
 --       7.. stats field/increment pairs
--- Returns 1 when saved, 0 when the lease was lost (someone else owns the record now).
-if redis.call("GET", KEYS[2]) ~= ARGV[1] then return 0 end
+-- Returns 1 when saved, 0 when another worker has claimed the record since.
+-- The lease may have expired during a long attempt; the outcome still stands if nobody
+-- claimed the record since (the "sending" marker is still ours).
+local lease = redis.call("GET", KEYS[2])
+if lease ~= ARGV[1] then
+  if lease then return 0 end
+  local sending = redis.call("HGET", KEYS[1], "sending")
+  if not sending or string.sub(sending, 1, #ARGV[1] + 1) ~= ARGV[1] .. " " then return 0 end
+end
 local id, state, score = ARGV[2], ARGV[4], ARGV[5]
 redis.call("HSET", KEYS[1], "doc", ARGV[3])
 redis.call("HDEL", KEYS[1], "sending")
 redis.call("ZREM", KEYS[3], id)
 redis.call("ZREM", KEYS[4], id)
+redis.call("HDEL", KEYS[7], id)
 if state == "deferred" then
   redis.call("ZADD", KEYS[4], score, id)
 elseif state == "queued" then

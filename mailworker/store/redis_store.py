@@ -67,6 +67,8 @@ class Store:
         self._sweep = client.register_script(_script("sweep"))
         self._release = client.register_script(_script("release"))
         self._fleet = client.register_script(_script("fleet"))
+        self._renew = client.register_script(_script("renew"))
+        self._purge = client.register_script(_script("purge"))
 
     def _run(self, calls: Sequence[_Call]) -> list[Any]:
         """Run script calls in one round trip (EVALSHA), loading a script only when Redis
@@ -151,7 +153,7 @@ class Store:
             if status != "ok":
                 out[mid] = status
                 continue
-            interrupted = float(_str(sending)) if sending else None
+            interrupted = float(_str(sending).rsplit(" ", 1)[-1]) if sending else None
             out[mid] = Claim(Record.from_json(doc), bytes(raw), token, interrupted)
         return out
 
@@ -172,11 +174,19 @@ class Store:
             calls.append((
                 self._commit,
                 [self.key("m", rec.id), self.key("lease", rec.id), self.inflight_key,
-                 self.deferred_key, self.dead_key, self.key("stats", rec.relay)],
+                 self.deferred_key, self.dead_key, self.key("stats", rec.relay),
+                 self.key("sweeps")],
                 [claim.token, rec.id, rec.to_json(), rec.state.value, score, self.retention,
                  *flat],
             ))
         return [bool(v) for v in self._run(calls)]
+
+    def renew_many(self, claims: Sequence[Claim], lease_seconds: float) -> bool:
+        """Extend our leases; False if any was lost (stop sending: someone else may)."""
+        ms = int(lease_seconds * 1000)
+        done = self._run([(self._renew, [self.key("lease", c.record.id)], [c.token, ms])
+                          for c in claims])
+        return all(int(v) == 1 for v in done)
 
     def release_many(self, claims: Sequence[Claim]) -> None:
         """Give up leases without writing (e.g. the records were not due)."""
@@ -193,9 +203,10 @@ class Store:
                             args=[now, limit, watchdog])
         return [_str(i) for i in ids]
 
-    def sweep(self, now: float, limit: int, watchdog: float) -> list[str]:
-        ids = self._sweep(keys=[self.inflight_key],
-                          args=[now, limit, watchdog, self.key("lease", "")])
+    def sweep(self, now: float, limit: int, stuck_after: float) -> list[str]:
+        """In-flight ids past their watchdog with no live lease (see sweep.lua)."""
+        ids = self._sweep(keys=[self.inflight_key, self.key("sweeps")],
+                          args=[now, limit, stuck_after, self.key("lease", "")])
         return [_str(i) for i in ids]
 
     # -- reads ----------------------------------------------------------------------------
@@ -213,19 +224,20 @@ class Store:
         v = self.redis.hget(self.key("m", mid), "raw")
         return bytes(v) if v is not None else None
 
-    def dead_ids(self, older_than: float | None = None, limit: int = 10_000) -> list[str]:
-        hi = f"({older_than}" if older_than is not None else "+inf"
-        return [_str(i) for i in self.redis.zrangebyscore(self.dead_key, "-inf", hi, 0, limit)]
+    def dead_ids(self, page: int = 5000) -> list[str]:
+        """Every dead-letter id, oldest first (read in pages)."""
+        out: list[str] = []
+        while True:
+            chunk = self.redis.zrange(self.dead_key, len(out), len(out) + page - 1)
+            out += [_str(i) for i in chunk]
+            if len(chunk) < page:
+                return out
 
     def purge(self, ids: Sequence[str]) -> int:
-        """Delete dead letters for good."""
-        if not ids:
-            return 0
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.zrem(self.dead_key, *ids)
-        for mid in ids:
-            pipe.delete(self.key("m", mid))
-        return int(pipe.execute()[0])
+        """Delete dead letters for good; a record retried meanwhile is left alone."""
+        done = self._run([(self._purge, [self.dead_key, self.key("m", mid), self.key("sweeps")],
+                           [mid]) for mid in ids])
+        return sum(int(v) for v in done)
 
     def counts(self) -> dict[str, int]:
         pipe = self.redis.pipeline(transaction=False)

@@ -27,7 +27,8 @@ def test_sigkill_loses_nothing_and_flags_every_duplicate(
     mw: Env, start_worker: Callable[..., WorkerProcess], mw_env: dict[str, str]
 ) -> None:
     # Short leases so a dead worker's mail is swept back quickly.
-    mw_env.update(MAILWORKER_LEASE_SECONDS="8", MAILWORKER_STUCK_AFTER="2",
+    mw_env.update(MAILWORKER_RELAY_DEFAULT=mw.server.dsn(deadline=5),
+                  MAILWORKER_LEASE_SECONDS="8", MAILWORKER_STUCK_AFTER="2",
                   MAILWORKER_BATCH_SIZE="20")
     steady = start_worker("-c", "4")
     victim = start_worker("-c", "4")

@@ -31,7 +31,8 @@ def test_redis_restart_mid_delivery(aof_redis: RedisServer, mw_env: dict[str, st
                                     start_worker: Callable[..., WorkerProcess],
                                     how: signal.Signals) -> None:
     with SMTPTestServer(latency=0.002) as smtp:
-        mw_env.update(MAILWORKER_REDIS_URL=aof_redis.url, MAILWORKER_RELAY_DEFAULT=smtp.dsn(),
+        mw_env.update(MAILWORKER_REDIS_URL=aof_redis.url,
+                      MAILWORKER_RELAY_DEFAULT=smtp.dsn(deadline=5),
                       MAILWORKER_LEASE_SECONDS="8", MAILWORKER_STUCK_AFTER="2",
                       MAILWORKER_BATCH_SIZE="10")
         rt = configure(load_settings(environ=mw_env))

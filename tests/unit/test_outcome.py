@@ -118,3 +118,37 @@ def test_expiry_hold_and_requeue() -> None:
     assert requeue(rec, NOW).state is MessageState.QUEUED
     step = apply_expiry(rec, NOW)
     assert step.state is MessageState.DEAD and "lifetime exceeded" in (rec.dead_reason or "")
+
+
+def test_failure_after_a_split_keeps_the_recipients_already_delivered() -> None:
+    rec = record("a@x.org", "b@x.org")
+    exc = annotate(smtplib.SMTPSenderRefused(421, b"4.3.2 closing", "a@example.com"),
+                   Stage.MAIL)
+    exc.result = result(rec, ("a@x.org", 250, "2.0.0 OK", Stage.AFTER_DOT))  # type: ignore[attr-defined]
+    apply(rec, exc)
+    assert rec.recipient("a@x.org").state is RcptState.DELIVERED
+    assert rec.recipient("b@x.org").state is RcptState.DEFERRED
+    assert [r.address for r in rec.open_recipients] == ["b@x.org"]
+
+
+def test_421_at_rcpt_backs_off_the_relay() -> None:
+    rec = record("a@x.org")
+    exc = annotate(smtplib.SMTPRecipientsRefused({"a@x.org": (421, b"4.7.0 slow down")}),
+                   Stage.RCPT)
+    step = apply(rec, exc)
+    assert step.relay_decision is not None  # type: ignore[attr-defined]
+
+
+def test_too_many_recipients_backoff_counts_attempts() -> None:
+    rec = record("a@x.org")
+    for n in (1, 2, 3):
+        apply(rec, result(rec, ("a@x.org", 452, "4.5.3 too many recipients", Stage.RCPT)))
+        assert rec.attempts == n
+
+
+def test_interruption_flag_survives_a_deferral() -> None:
+    rec = record("a@x.org")
+    apply(rec, result(rec, ("a@x.org", 451, "4.7.1 later", Stage.RCPT)), interrupted=True)
+    assert rec.recipients[0].possible_duplicate
+    apply(rec, result(rec, ("a@x.org", 250, "2.0.0 OK", Stage.AFTER_DOT)))
+    assert rec.state is MessageState.DELIVERED and rec.possible_duplicate

@@ -102,8 +102,11 @@ def test_sweep_finds_unleased_records_past_watchdog(store: Store) -> None:
     a, b = make_record(), make_record()
     store.enqueue_many([(a, b"x"), (b, b"y")], watchdog=now - 1)
     store.claim_many([b.id], "t", 30, now - 1)  # b is being worked on
-    assert store.sweep(now, 10, now + 60) == [a.id]
-    assert store.sweep(now, 10, now + 60) == []  # watchdog bumped
+    assert store.sweep(now, 10, 60) == [a.id]
+    assert store.sweep(now, 10, 60) == []  # watchdog bumped
+    assert store.sweep(now + 61, 10, 60) == [a.id]  # still nobody: woken again ...
+    assert store.sweep(now + 121, 10, 60) == []  # ... but the next look waits twice as long
+    assert store.sweep(now + 182, 10, 60) == [a.id]
 
 
 def test_dead_letters_and_purge(store: Store) -> None:
@@ -139,3 +142,29 @@ def test_scripts_reload_after_redis_forgets_them(store: Store) -> None:
     store.redis.script_flush()  # as after a Redis restart or failover
     assert store.enqueue_many([(rec, b"x")], watchdog=time.time() + 60) == [rec.id]
     assert store.get(rec.id) is not None
+
+
+def test_purge_leaves_a_record_that_is_no_longer_dead(store: Store) -> None:
+    rec = make_record()
+    store.enqueue_many([(rec, b"x")], watchdog=time.time() + 60)
+    assert store.purge([rec.id]) == 0  # queued, not dead: an operator's retry won the race
+    assert store.get(rec.id) is not None
+
+
+def test_renew_and_commit_after_lease_expiry(store: Store) -> None:
+    rec = make_record()
+    store.enqueue_many([(rec, b"x")], watchdog=time.time() + 60)
+    c = store.claim_many([rec.id], "t1", 30, time.time() + 60)[rec.id]
+    assert not isinstance(c, str)
+    assert store.renew_many([c], 30)
+    store.redis.delete(store.key("lease", rec.id))  # expired during a slow attempt ...
+    assert not store.renew_many([c], 30)
+    c.record.state = MessageState.DELIVERED
+    assert store.commit_many([(c, time.time(), {})]) == [True]  # ... nobody took it: saved
+    other = make_record()
+    store.enqueue_many([(other, b"x")], watchdog=time.time() + 60)
+    c1 = store.claim_many([other.id], "t1", 30, time.time() + 60)[other.id]
+    store.redis.delete(store.key("lease", other.id))
+    store.claim_many([other.id], "t2", 30, time.time() + 60)  # another worker took it
+    assert not isinstance(c1, str)
+    assert store.commit_many([(c1, time.time(), {})]) == [False]
