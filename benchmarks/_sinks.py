@@ -109,9 +109,14 @@ class SmtpSink(_Child):
         argv = [exe, f"127.0.0.1:{self.port}", "256"]
         if os.geteuid() == 0:
             argv[1:1] = ["-u", "nobody"]  # it refuses to run as root without -u
-        out = log_path.open("ab") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                     stderr=subprocess.STDOUT)
+        out = log_path.open("ab") if log_path else None
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                         stdout=out or subprocess.DEVNULL,
+                                         stderr=subprocess.STDOUT)
+        finally:
+            if out is not None:
+                out.close()  # the child has its own copy
         _wait_listening(self, "smtp-sink")
 
     def reset(self) -> None:
@@ -147,10 +152,15 @@ class LatencySink(_Child):
 
     def __init__(self, latency: float, log_path: Path | None = None) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        err = log_path.open("ab") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "-c", _LATENCY_SERVER, str(latency)],
-                                     cwd=ROOT, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=err)
+        err = log_path.open("ab") if log_path else None
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", _LATENCY_SERVER, str(latency)],
+                                         cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE,
+                                         stderr=err or subprocess.DEVNULL)
+        finally:
+            if err is not None:
+                err.close()  # the child has its own copy
         first = self._line()
         if len(first) != 2 or first[0] != "port":
             self.stop()

@@ -35,10 +35,11 @@ taking turns round by round in alternating order; the table shows medians, and e
 ratio is the median of the per-round ratios (both clients of a round saw the same
 machine). At 10 ms each client runs once (``--n10-*`` messages): round trips dominate.
 
-Run: ``.venv/bin/python benchmarks/bench_smtp.py`` (about 4 minutes on 2 cores),
+Run: ``.venv/bin/python benchmarks/bench_smtp.py`` (about 3.5 minutes on 2 cores),
 ``--quick`` (about 1 minute), ``--json PATH`` to keep the numbers, ``--profile`` to
-cProfile mailworker's batch client at 0 ms (1 recipient, 2 KB and 100 KB) after the table. The exit
-status is 0 whether or not the targets are met: this is a measurement, not a test.
+cProfile mailworker's batch client at 0 ms (1 recipient, 2 KB and 100 KB) after the
+table. Results and their analysis: ``docs/benchmarks-smtp.md``. The exit status is 0
+whether or not the targets are met: this is a measurement, not a test.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import os
 import platform
 import pstats
 import resource
+import shutil
 import smtplib
 import socket
 import statistics
@@ -443,9 +445,9 @@ def profile_batch(sink: SmtpSink, batch: int, n: int, size: int, top: int) -> st
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="short run (about 40 s)")
+    p.add_argument("--quick", action="store_true", help="short run (about 1 minute)")
     p.add_argument("--latencies", default="0,10", help="reply latencies in ms: 0 and/or 10")
-    p.add_argument("--rcpts", default="1,5")
+    p.add_argument("--rcpts", default="1,5", help="recipient counts")
     p.add_argument("--sizes", default="2,100", help="message sizes in KB")
     p.add_argument("--batch", type=int, default=100, help="envelopes per send_many() call")
     p.add_argument("--rounds", type=int, default=5, help="rounds per client at 0 ms (median)")
@@ -491,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
             assert isinstance(sink0, SmtpSink)
             profile = "".join(profile_batch(sink0, args.batch, n, size, 25)
                               for size, n in ((2048, 2000), (102400, 500)))
+    except BaseException:
+        print(f"bench_smtp: failed; sink logs kept in {tmp}", file=sys.stderr)
+        raise
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     finally:
         for sink in sinks.values():
             sink.stop()
