@@ -7,7 +7,7 @@ import json
 
 import structlog
 
-from mailworker.logging import configure_logging, redact_command, redact_secrets
+from mailworker.logging import add_timestamp, configure_logging, redact_command, redact_secrets
 
 
 def test_redact_command() -> None:
@@ -36,3 +36,10 @@ def test_json_output_has_no_secret() -> None:
     line = buf.getvalue()
     assert "sekrit" not in line and "dXNlcg==" not in line
     assert json.loads(line)["event"] == "relay.configured"
+
+
+def test_timestamp_is_iso_utc_with_microseconds() -> None:
+    import re
+
+    ev = dict(add_timestamp(None, "info", {}))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", ev["timestamp"])
