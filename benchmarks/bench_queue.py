@@ -18,10 +18,17 @@ its own worker processes, all on 127.0.0.1; everything it starts it stops):
    peak RSS (``VmRSS`` sampled every 100 ms, per process) are measured over the same
    window. mailworker and the baseline alternate, so drift hits both.
 
-Run: ``.venv/bin/python benchmarks/bench_queue.py`` (N=10,000; about 5 minutes on a
-2-core machine), ``--quick`` (N=2,000), ``--json PATH`` to keep the numbers. The 10 ms runs
-use ``--n10`` messages (default 2,000): the baseline pays about 7.5 round trips per
-message there, so 10,000 would take over three minutes per baseline run.
+Each delivery configuration runs in two modes: ``e2e`` (above) and ``backlog`` (the N
+messages are queued first, then the workers start, and the clock runs from the first to
+the last message at the sink: worker throughput alone, without the producer competing for
+the CPU and without worker start-up).
+
+Run: ``.venv/bin/python benchmarks/bench_queue.py`` (N=10,000; about 8 minutes on a
+2-core machine), ``--quick`` (N=2,000, about 3 minutes), ``--json PATH`` to keep the
+numbers; ``--pools``, ``--latencies``, ``--modes``, ``--systems``, ``-c`` select a subset.
+The 10 ms runs use ``--n10`` messages (default 2,000): the baseline pays about 7.5 round
+trips per message there, so 10,000 would take about three and a half minutes per baseline
+run. Results are in docs/benchmarks-queue.md.
 
 ``MAILWORKER_LOG_LEVEL`` in the environment is passed to the mailworker workers (default
 INFO, like a production worker); Celery's own worker log level is ``--loglevel``.
@@ -448,7 +455,7 @@ class Bench:
         lat.sort()
 
         def pct(p: float) -> float:
-            return lat[min(len(lat) - 1, int(round(p / 100 * len(lat))) - 1)] * 1000
+            return lat[min(len(lat) - 1, round(p / 100 * len(lat)) - 1)] * 1000
 
         return {"calls": calls, "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
                 "max_ms": lat[-1] * 1000, "mean_ms": sum(lat) / len(lat) * 1000,
@@ -682,13 +689,16 @@ def pool_choice(res: dict[str, Any]) -> list[str]:
             t = by.get(("mailworker", "threads", lat, mode))
             p = by.get(("mailworker", "prefork", lat, mode))
             if t and p:
-                win = "threads" if t["rate"] >= p["rate"] else "prefork"
+                ratio = p["rate"] / t["rate"] if t["rate"] else float("inf")
+                win = ("a tie (within 5%)" if abs(ratio - 1) <= 0.05
+                       else "prefork is faster" if ratio > 1 else "threads is faster")
                 lines.append(
                     f"mailworker -c {res['concurrency']}, {lat} ms, {mode}: "
-                    f"threads {t['rate']:,.0f} msgs/s, {t['worker_cpu_ms_per_msg']:.2f} ms CPU/msg, "
+                    f"threads {t['rate']:,.0f} msgs/s, "
+                    f"{t['worker_cpu_ms_per_msg']:.2f} ms CPU/msg, "
                     f"{t['peak_rss_tree_mb']:.0f} MB | prefork {p['rate']:,.0f} msgs/s, "
                     f"{p['worker_cpu_ms_per_msg']:.2f} ms CPU/msg, {p['peak_rss_tree_mb']:.0f} MB "
-                    f"in {p['processes']} processes -> {win} is faster")
+                    f"in {p['processes']} processes -> {win}")
     if lines:
         lines.insert(0, "\nthreads vs prefork:")
     return lines
@@ -706,7 +716,7 @@ def machine() -> dict[str, Any]:
     def git(*argv: str) -> str:
         try:
             return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+                                  timeout=10, check=False).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 

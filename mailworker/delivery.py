@@ -49,7 +49,7 @@ log = structlog.get_logger("mailworker.delivery")
 # Messages sent per send_many call within a batch; between chunks the time budget is
 # checked. Larger chunks save a round trip per chunk; smaller ones bound the time a
 # pathological relay (replying just inside every timeout) can hold the leases.
-CHUNK = 20
+CHUNK = 50
 
 # How long a relay is paused for a configuration problem (bad credentials, bad certificate)
 # before workers try it again. Mail stays queued meanwhile; an operator can resume sooner.

@@ -7,8 +7,9 @@ safe too.
 
 The default execution pool is ``threads``: delivery waits on SMTP replies, so threads
 overlap the waits as well as processes do, without forking (no inherited sockets, one
-SMTP pool per process shared by all threads, so fewer connections). See the README's
-benchmark section for the measurement behind the choice.
+SMTP pool per process shared by all threads, so fewer connections). At 10 ms reply
+latency threads match prefork at a quarter of the memory; against a relay that answers
+at once prefork is faster (it uses every core): docs/benchmarks-queue.md has the numbers.
 """
 
 from __future__ import annotations
