@@ -5,7 +5,8 @@ add :class:`Fault` values to see how it copes with refusals, disconnects and slo
 """
 
 from .faults import Fault, FaultKind
+from .polling import free_port, wait_until
 from .records import ReceivedMessage
 from .server import SMTPTestServer
 
-__all__ = ["Fault", "FaultKind", "ReceivedMessage", "SMTPTestServer"]
+__all__ = ["Fault", "FaultKind", "ReceivedMessage", "SMTPTestServer", "free_port", "wait_until"]
