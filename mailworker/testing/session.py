@@ -1,6 +1,6 @@
 """One SMTP connection of the test server: aiosmtpd's protocol plus recording and faults.
 
-aiosmtpd parses and validates the protocol; this subclass adds three things:
+aiosmtpd parses and validates the protocol; this subclass adds four things:
 
 * every command passes through :meth:`FaultySMTP._guard`, which records it and applies
   delay, disconnect and reply faults before aiosmtpd sees it (one interception point
@@ -9,6 +9,8 @@ aiosmtpd parses and validates the protocol; this subclass adds three things:
   parsed address is known: faults with ``match``, ``max_recipients``, ``size_limit``,
   ``require_auth``, and recording the message *before* the reply goes out, so a client
   that has seen 250 always finds its message in ``server.messages``;
+* :meth:`FaultySMTP.smtp_DATA` reads the content in bulk (:mod:`.content`) instead of
+  aiosmtpd's line at a time, with the same replies, limits and hook call;
 * :meth:`FaultySMTP.push` is the single exit: it applies greeting faults and swallows
   writes to a connection the fault code (or the client) already closed, so client
   disconnects never surface as tracebacks.
@@ -26,10 +28,19 @@ import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, AnyStr
+from typing import Any, AnyStr, TypeVar
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+)
 
+from .content import LINE_TOO_LONG, has_long_line, read_content, unstuff
 from .faults import Fault, FaultBook
 from .records import ReceivedMessage, Recorder, message_id_of
 
@@ -39,6 +50,7 @@ log = logging.getLogger("mailworker.testing")
 
 _ANGLE_ADDRESS = re.compile(r"<([^>]*)>")
 _Command = Callable[[str | None], Awaitable[None]]
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 
 
@@ -72,6 +84,17 @@ class _QuietSession(Session):
     @login_data.setter
     def login_data(self, value: Any) -> None:
         self._login_data = value
+
+
+def _help_of(original: Any) -> Callable[[_Method], _Method]:
+    """Give an overriding ``smtp_*`` method the HELP text of aiosmtpd's (``@syntax``)."""
+
+    def copy(method: _Method) -> _Method:
+        for name in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
+            setattr(method, name, getattr(original, name, None))
+        return method
+
+    return copy
 
 
 class FaultySMTP(SMTP):
@@ -261,6 +284,36 @@ class FaultySMTP(SMTP):
                 return ()
             return (envelope.mail_from or "", *envelope.rcpt_tos)
         return (arg or "",)
+
+    @_help_of(SMTP.smtp_DATA)
+    async def smtp_DATA(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's name
+        """aiosmtpd's DATA with the content read in bulk; replies, limits and the
+        ``handle_DATA`` hook call are aiosmtpd's (1.4)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        assert envelope is not None
+        if not envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            raw = await read_content(self._reader)
+        except asyncio.CancelledError:  # the connection went away (or drop()) mid-content
+            self._writer.close()
+            raise
+        if has_long_line(raw, self.line_length_limit - 1):
+            status = LINE_TOO_LONG  # no hook call: nothing recorded, no DOT faults
+        else:
+            # decode_data=False: the content stays bytes, as received after unstuffing.
+            envelope.content = envelope.original_content = unstuff(raw)
+            hooked = await self._call_handler_hook("DATA")  # -> on_dot()
+            status = "250 OK" if hooked is MISSING else hooked
+        self._set_post_data_state()  # type: ignore[no-untyped-call] # a fresh envelope
+        await self.push(status)
 
     def ehlo_lines(self, hostname: str, offered: list[str]) -> list[str]:
         """The EHLO reply: our own extension list, keeping aiosmtpd's STARTTLS/AUTH lines
