@@ -58,7 +58,7 @@ def _runtime() -> Any:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from mailworker.cli.run_worker import run_worker
+    from mailworker.cli.run_worker import run_worker, supervise
 
     rt = _runtime()
     queues = args.queues.split(",") if args.queues else list(rt.settings.queues)
@@ -66,6 +66,13 @@ def worker(args: argparse.Namespace) -> int:
     if unknown:
         raise CLIError(f"unknown queue(s): {', '.join(unknown)}",
                        f"known queues: {', '.join(rt.settings.queues)}", 3)
+    if not args.no_restart:
+        from mailworker.logging import configure_logging
+
+        configure_logging()
+        # Re-run this very command line (console script, python -m, or Django's
+        # manage.py) as the supervised child.
+        return supervise([sys.executable, *sys.orig_argv[1:], "--no-restart"])
     return run_worker(queues=queues, concurrency=args.concurrency, pool=args.pool,
                       scheduler=not args.no_scheduler, loglevel=args.loglevel)
 

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-scheduler", action="store_true",
                    help="do not run the scheduler/sweeper in this process")
     w.add_argument("-l", "--loglevel", default="INFO")
+    w.add_argument("--no-restart", action="store_true",
+                   help="run Celery in this process instead of a child that is restarted "
+                        "if it crashes (for use under a supervisor that restarts it)")
     w.set_defaults(func=commands.worker)
 
     s = sub.add_parser("scheduler", help="run only the scheduler/sweeper (one tick per second)")

@@ -15,13 +15,58 @@ at once prefork is faster (it uses every core): docs/benchmarks-queue.md has the
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import threading
+import time
 from typing import Any
 
 from celery import signals
 
 from mailworker.logging import configure_logging
 
-__all__ = ["run_worker"]
+__all__ = ["run_worker", "supervise"]
+
+_MAX_RESTART_DELAY = 30.0
+
+
+def supervise(child_argv: list[str]) -> int:
+    """Run the worker as a child process and start it again if it dies.
+
+    Celery's consumer can die of an "Unrecoverable error" when Redis restarts under it
+    (a known kombu race between a thread acking and the reconnect). Nothing is lost (the
+    sweeper wakes whatever was in flight), but a worker that stays dead delivers nothing.
+    SIGTERM/SIGINT are passed on for a warm shutdown and end supervision; any other exit
+    of the child is a crash, restarted with a growing delay (1 s doubling to 30 s, reset
+    after a minute of health). Under systemd or Kubernetes this is a first line; their own
+    restart policy stays the second.
+    """
+    import structlog
+
+    log = structlog.get_logger("mailworker.worker")
+    stopping = threading.Event()
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _frame: object) -> None:
+        stopping.set()
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    delay = 1.0
+    while True:
+        started = time.monotonic()
+        child = subprocess.Popen(child_argv)  # noqa: S603 - our own command line, re-run
+        code = child.wait()
+        if stopping.is_set() or code == 0:
+            return code if code >= 0 else 0
+        if time.monotonic() - started > 60:
+            delay = 1.0
+        log.error("worker.crashed", exit_code=code, restart_in=delay)
+        if stopping.wait(delay):
+            return 0
+        delay = min(delay * 2, _MAX_RESTART_DELAY)
 
 
 def run_worker(queues: list[str], concurrency: int | None = None, pool: str = "threads",

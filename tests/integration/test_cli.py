@@ -138,3 +138,15 @@ def test_demo_runs_and_summarises() -> None:
     assert rows["greylisted message"] == "delivered after 2 attempts"
     assert rows["refused message"].startswith("dead: nobody@example.org: 550 5.1.1")
     assert '"code": 451' in p.stdout  # the reply log shows the greylisting
+
+
+def test_worker_restarts_a_crashed_celery_child(mw: Env,
+                                                start_worker: Callable[..., WorkerProcess]) -> None:
+    w = start_worker()
+    child = int(subprocess.run(["pgrep", "-P", str(w.proc.pid)], capture_output=True,
+                               text=True, check=True).stdout.split()[0])
+    os.kill(child, 9)  # the Celery process dies; the supervisor must start another
+    mid = run(mw.env, "send", "--to", "a@example.com", "--text", "x").stdout.strip()
+    mw.final([mid], timeout=60)
+    assert b"worker.crashed" in w.log.read_bytes()
+    assert w.proc.poll() is None

@@ -3,8 +3,11 @@ exact bytes on the wire matter): recording, every fault, TLS, AUTH, limits and l
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import itertools
 import logging
+import re
 import smtplib
 import socket
 import ssl
@@ -14,11 +17,16 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import aiosmtpd.smtp
 import pytest
 import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailworker.relay import parse_relay
 from mailworker.testing import Fault, ReceivedMessage, SMTPTestServer
+from mailworker.testing.content import has_long_line, read_content, unstuff
+from mailworker.testing.session import FaultySMTP
 
 
 def message(mid: str = "m1@test", body: bytes = b"hello\r\n") -> bytes:
@@ -194,6 +202,242 @@ def test_size_limit_refuses_mail_size_and_oversized_data() -> None:
         assert (code, text[:5]) == (552, b"5.3.4")
         assert client.sendmail("a@x.test", ["b@y.test"], message()) == {}
     assert len(server.messages) == 1
+
+
+# -- message content: bulk DATA reading -------------------------------------------------
+
+
+def dotted_body(size: int) -> bytes:
+    """About *size* bytes of lines, many of them starting with one or more dots."""
+    lines = [b"plain line of text", b".one leading dot", b"..two leading dots", b".", b"..",
+             b"...", b"ends with a dot.", b"", b". .", b"x" * 200]
+    block = b"\r\n".join(lines) + b"\r\n"
+    return block * (size // len(block) + 1)
+
+
+@pytest.mark.parametrize("size", [100_000, 3_000_000])
+def test_large_messages_round_trip_byte_exact(server: SMTPTestServer, size: int) -> None:
+    mixed = message("mixed@test", dotted_body(size))
+    only_dots = b".\r\n..\r\n.x\r\n...y\r\n" * (size // 16)
+    with connect(server, timeout=30) as client:
+        for data in (mixed, only_dots):
+            assert client.sendmail("a@x.test", ["b@y.test"], data) == {}  # smtplib stuffs
+        # The next transaction on the same connection is unaffected.
+        assert client.sendmail("a@x.test", ["b@y.test"], message("after@test")) == {}
+    assert [m.data for m in server.messages] == [mixed, only_dots, message("after@test")]
+
+
+def test_large_message_over_tls_and_latency() -> None:
+    data = message("tls@test", dotted_body(3_000_000))
+    with SMTPTestServer(tls="implicit", latency=0.01) as server:
+        assert server.ca_file is not None
+        context = ssl.create_default_context(cafile=server.ca_file)
+        with smtplib.SMTP_SSL(server.host, server.port, context=context, timeout=30) as client:
+            client.sendmail("a@x.test", ["b@y.test"], data)
+            client.sendmail("a@x.test", ["b@y.test"], message())
+        assert [m.data for m in server.messages] == [data, message()]
+        assert server.messages[0].tls
+
+
+def transaction(sock: socket.socket, content: bytes, then: bytes = b"NOOP\r\n") -> list[bytes]:
+    """MAIL, RCPT and DATA; then *content* (terminator included) and *then* in one write."""
+    sock.sendall(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+    assert read_replies(sock, 3)[-1].startswith(b"354")
+    sock.sendall(content + then)
+    return read_replies(sock, 1 + then.count(b"\r\n"))
+
+
+def test_empty_message_and_a_lone_blank_line(server: SMTPTestServer) -> None:
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        read_replies(sock, 1)
+        sock.sendall(b"EHLO client\r\n")
+        read_replies(sock, 1)
+        assert transaction(sock, b".\r\n")[0].startswith(b"250 2.0.0")
+        assert transaction(sock, b"\r\n.\r\n")[0].startswith(b"250 2.0.0")
+        assert transaction(sock, b"..\r\n.\r\n")[0].startswith(b"250 2.0.0")
+    assert [m.data for m in server.messages] == [b"", b"\r\n", b".\r\n"]
+
+
+def test_next_envelope_pipelined_behind_the_dot(server: SMTPTestServer) -> None:
+    first, second = message("p1@test", b"last line ends with a dot.\r\n"), message("p2@test")
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        read_replies(sock, 1)
+        sock.sendall(b"EHLO client\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+        assert read_replies(sock, 4)[-1].startswith(b"354")
+        # The dot and the whole next envelope in one segment.
+        sock.sendall(first + b".\r\nMAIL FROM:<c@x.test>\r\nRCPT TO:<d@y.test>\r\nDATA\r\n")
+        replies = read_replies(sock, 4)
+        assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"354"]
+        # An empty message, with RSET and NOOP riding behind its dot.
+        sock.sendall(second + b".\r\nMAIL FROM:<e@x.test>\r\nRCPT TO:<f@y.test>\r\nDATA\r\n")
+        assert read_replies(sock, 4)[-1].startswith(b"354")
+        sock.sendall(b".\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+        assert [r[:3] for r in read_replies(sock, 4)] == [b"250", b"250", b"250", b"221"]
+    assert [(m.sender, m.data) for m in server.messages] == [
+        ("a@x.test", first), ("c@x.test", second), ("e@x.test", b""),
+    ]
+    verbs = [line.split(" ")[0] for _, line in server.commands]
+    assert verbs == ["EHLO", "MAIL", "RCPT", "DATA"] * 1 + ["MAIL", "RCPT", "DATA"] * 2 + [
+        "RSET", "NOOP", "QUIT"]
+
+
+def test_size_limit_counts_the_unstuffed_content_of_large_messages() -> None:
+    limit = 50_000
+    exact = b".\r\n" * 16_600 + b"x" * 198 + b"\r\n"  # 16,600 bytes more once stuffed
+    assert len(exact) == limit
+    with SMTPTestServer(size_limit=limit) as server, connect(server, timeout=30) as client:
+        client.ehlo()
+        many_lines = (b"y" * 70 + b"\r\n") * 3000
+        for data, expected in ((exact, 250), (exact + b"x\r\n", 552), (many_lines, 552)):
+            client.mail("a@x.test")  # no SIZE=: found out after the dot
+            client.rcpt("b@y.test")
+            code, text = client.data(data)
+            assert code == expected, (code, text)
+            if code == 552:
+                assert text.startswith(b"5.3.4")
+    assert [m.data for m in server.messages] == [exact]
+
+
+def test_over_long_lines_are_refused_after_the_dot(server: SMTPTestServer) -> None:
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        read_replies(sock, 1)
+        sock.sendall(b"EHLO client\r\n")
+        read_replies(sock, 1)
+        # aiosmtpd's limit: 1001 octets with the CRLF (one more than RFC 5321's 1000).
+        assert transaction(sock, b"x" * 999 + b"\r\n.\r\n")[0].startswith(b"250")
+        for line in (b"x" * 1000, b"." + b"x" * 999, b"y" * 70_000):
+            replies = transaction(sock, b"ok\r\n" + line + b"\r\nok\r\n.\r\n")
+            assert replies == [b"500 Line too long (see RFC5321 4.5.3.1.6)", b"250 OK"]
+    assert [len(m.data) for m in server.messages] == [1001]
+
+
+def test_help_data_keeps_aiosmtpds_syntax(server: SMTPTestServer) -> None:
+    with connect(server) as client:
+        assert client.docmd("HELP", "DATA") == (250, b"Syntax: DATA")
+
+
+def test_idle_time_counts_from_the_last_content_bytes(server: SMTPTestServer) -> None:
+    server.add_fault(Fault.idle_disconnect(0.3, code=None))
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        read_replies(sock, 1)
+        sock.sendall(b"EHLO client\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+        read_replies(sock, 4)
+        deadline = time.monotonic() + 0.9  # three times the idle time, trickled
+        while time.monotonic() < deadline:
+            sock.sendall(b"more content\r\n")
+            time.sleep(0.05)
+        sock.sendall(b".\r\n")
+        assert read_replies(sock, 1)[0].startswith(b"250 2.0.0")
+    assert len(server.messages) == 1
+
+
+# Raw content (terminator included) whose handling is compared with aiosmtpd's own
+# line-at-a-time smtp_DATA below.
+TRICKY_CONTENT = [
+    b".\r\n",
+    b"\r\n.\r\n",
+    b"..\r\n.\r\n",
+    b".x\r\n..y\r\n...\r\n.\r\n",
+    b"a.\r\n.\r\n",
+    b"a\n.b\r\n.\r\n",  # a bare LF: ".b" does not start a line
+    b"a\r.\r\nb\r\n.\r\n",  # a bare CR before ".\r\n"
+    b"a\r\n.\n.\r\n.\r\n",
+    b"a\r\n.\r\r\n.\r\n",
+    b"\r\n\r\n..\r\n\r\n.\r\n",
+    b"x" * 998 + b"\r\n.\r\n",
+    b"x" * 999 + b"\r\n.\r\n",
+    b"x" * 1000 + b"\r\n.\r\n",
+    b"." + b"x" * 998 + b"\r\n.\r\n",
+    b"." + b"x" * 999 + b"\r\n.\r\n",
+    b"x" * 5000 + b"\r\n.\r\n",
+    b"y" * 1001 + b".\r\nz\r\n.\r\n",
+    b"ab.\r\n" * 300 + b".\r\n",
+    b"x" * 997 + b"\r\n..\r\n" + b"y" * 1500 + b".\r\n.\r\n",
+]
+
+
+def run_content(server: SMTPTestServer) -> list[tuple[list[bytes], bytes | None]]:
+    """Send TRICKY_CONTENT, each in three writes cut near its end, with a NOOP behind."""
+    results = []
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        read_replies(sock, 1)
+        sock.sendall(b"EHLO client\r\n")
+        read_replies(sock, 1)
+        for content in TRICKY_CONTENT:
+            before = len(server.messages)
+            sock.sendall(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+            assert read_replies(sock, 3)[-1].startswith(b"354")
+            stream = content + b"NOOP\r\n"
+            cuts = sorted({0, max(0, len(content) - 4), len(content) - 1, len(stream)})
+            for start, end in itertools.pairwise(cuts):
+                sock.sendall(stream[start:end])
+                time.sleep(0.005)
+            replies = read_replies(sock, 2)
+            recorded = server.messages[before].data if len(server.messages) > before else None
+            results.append((replies, recorded))
+    return results
+
+
+def test_content_handling_matches_aiosmtpd(monkeypatch: pytest.MonkeyPatch) -> None:
+    with SMTPTestServer() as fast:
+        ours = run_content(fast)
+    monkeypatch.setattr(FaultySMTP, "smtp_DATA", aiosmtpd.smtp.SMTP.smtp_DATA)
+    with SMTPTestServer() as reference:
+        theirs = run_content(reference)
+    queued = re.compile(rb"queued as C\d+M\d+")
+    assert [([queued.sub(b"", r) for r in replies], data) for replies, data in ours] == [
+        ([queued.sub(b"", r) for r in replies], data) for replies, data in theirs
+    ]
+    for (_, data), content in zip(ours, TRICKY_CONTENT, strict=True):
+        assert data == line_by_line(content, 1001)[0], content
+
+
+def line_by_line(stream: bytes, limit: int) -> tuple[bytes | None, bytes]:
+    """aiosmtpd 1.4's DATA, one CRLF line at a time: the unstuffed content (None when a
+    line, CRLF included, is longer than *limit*) and the bytes after the terminator."""
+    lines, pos, too_long = [], 0, False
+    while True:
+        end = stream.index(b"\r\n", pos) + 2
+        line, pos = stream[pos:end], end
+        if line == b".\r\n":
+            break
+        too_long |= len(line) > limit
+        lines.append(line[1:] if line[:1] == b"." else line)
+    return (None if too_long else b"".join(lines)), stream[pos:]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    body=st.lists(
+        st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b"\r\n.", b".\r\n", b"x" * 20]),
+        max_size=40,
+    ).map(b"".join),
+    cuts=st.lists(st.integers(0, 1000), max_size=8),
+    limit=st.sampled_from([4, 8, 16, 40, 1001]),
+)
+def test_bulk_reading_matches_line_by_line(body: bytes, cuts: list[int], limit: int) -> None:
+    stream = body + b"\r\n.\r\nMAIL FROM:<next@x.test>\r\n"
+    expected, rest = line_by_line(stream, limit)
+    edges = sorted({0, len(stream), *(cut % (len(stream) + 1) for cut in cuts)})
+
+    async def receive() -> tuple[bytes | None, bytes]:
+        reader = asyncio.StreamReader(limit=limit)
+
+        async def feed() -> None:
+            for start, end in itertools.pairwise(edges):
+                reader.feed_data(stream[start:end])
+                await asyncio.sleep(0)
+            reader.feed_eof()
+
+        feeder = asyncio.create_task(feed())
+        raw = await read_content(reader)
+        await feeder
+        content = None if has_long_line(raw, limit - 1) else unstuff(raw)
+        return content, await reader.read()
+
+    assert asyncio.run(receive()) == (expected, rest)
 
 
 # -- reply faults -----------------------------------------------------------------------
