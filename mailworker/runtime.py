@@ -23,7 +23,7 @@ __all__ = ["Runtime", "configure", "current", "get_runtime", "reset_runtime"]
 @dataclass
 class Runtime:
     settings: Settings
-    redis: redis.Redis[bytes]
+    redis: redis.Redis
     store: Store
     pools: PoolManager
 
@@ -32,7 +32,7 @@ _lock = threading.Lock()
 _runtime: Runtime | None = None
 
 
-def _build(settings: Settings, client: redis.Redis[bytes] | None = None) -> Runtime:
+def _build(settings: Settings, client: redis.Redis | None = None) -> Runtime:
     client = client or redis.Redis.from_url(
         settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
     )

@@ -55,7 +55,7 @@ class Store:
     """Message records in Redis. Thread-safe (redis-py pools connections)."""
 
     def __init__(
-        self, client: redis.Redis[bytes], prefix: str = "mw", retention: float = 7 * 86400
+        self, client: redis.Redis, prefix: str = "mw", retention: float = 7 * 86400
     ) -> None:
         self.redis = client
         self.prefix = prefix
@@ -97,8 +97,7 @@ class Store:
             if not missing:
                 break
             for script in {calls[i][0].sha: calls[i][0] for i in missing}.values():
-                # redis-py leaves script_load unannotated.
-                script.sha = self.redis.script_load(script.script)  # type: ignore[no-untyped-call]
+                script.sha = self.redis.script_load(script.script)
             todo = missing
         return results
 
@@ -222,7 +221,9 @@ class Store:
 
     def raw(self, mid: str) -> bytes | None:
         v = self.redis.hget(self.key("m", mid), "raw")
-        return bytes(v) if v is not None else None
+        if v is None:
+            return None
+        return v if isinstance(v, bytes) else str(v).encode()
 
     def dead_ids(self, page: int = 5000) -> list[str]:
         """Every dead-letter id, oldest first (read in pages)."""
