@@ -23,16 +23,12 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from mailworker.testing.polling import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 __all__ = ["LatencySink", "SmtpSink", "free_port", "smtp_sink_path"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def smtp_sink_path() -> str | None:

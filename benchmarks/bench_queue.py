@@ -49,13 +49,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailworker.testing.polling import free_port
-from mailworker.testing.polling import wait_until as _wait_until
+from mailworker.testing.polling import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -150,10 +149,6 @@ class Monitor:
 
 # -- processes we start ----------------------------------------------------------------------
 
-def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    return _wait_until(pred, timeout, interval, what)
-
-
 class Child:
     """A subprocess in its own session; stopped by its process group, bounded in time."""
 
@@ -199,7 +194,7 @@ class RedisServer(Child):
             except redis.ConnectionError:
                 return False
 
-        wait_until(up, 10, "redis-server to start", 0.05)
+        wait_until(up, 10, 0.05, "redis-server to start")
 
     @property
     def url(self) -> str:
@@ -226,7 +221,7 @@ class SmtpSink(Child):
             argv[1:1] = ["-u", "nobody"]  # it refuses to run as root without -u
         self.counts = tmp / "smtp-sink.counts"
         super().__init__(argv, self.counts)
-        wait_until(self._listening, 10, "smtp-sink to listen", 0.05)
+        wait_until(self._listening, 10, 0.05, "smtp-sink to listen")
 
     def _listening(self) -> bool:
         try:
@@ -474,8 +469,8 @@ class Bench:
         if not wait:
             return w
         try:
-            wait_until(lambda: b"ready." in log.read_bytes() or not w.alive(), 60,
-                       f"{system} worker to be ready (log: {log})", 0.05)
+            wait_until(lambda: b"ready." in log.read_bytes() or not w.alive(), 60, 0.05,
+                       f"{system} worker to be ready (log: {log})")
         except BaseException:
             w.stop()
             raise
@@ -509,8 +504,8 @@ class Bench:
                     # The clock starts at the first message the sink receives: worker start-up
                     # (imports, forking, connecting) is not delivery.
                     t_start = time.perf_counter()
-                    wait_until(lambda: sink.count() > base or not w.alive(), 120,
-                               "the first message at the sink", 0.002)
+                    wait_until(lambda: sink.count() > base or not w.alive(), 120, 0.002,
+                               "the first message at the sink")
                     t0 = time.perf_counter()
                     first = sink.count() - base
                     run.extra["startup_s"] = round(t0 - t_start, 3)
@@ -525,7 +520,7 @@ class Bench:
                     e1, p1 = time.perf_counter(), time.process_time()
                 try:
                     wait_until(lambda: sink.count() - base >= n or not w.alive(),
-                               self.args.timeout, f"{n} messages at the sink", 0.002)
+                               self.args.timeout, 0.002, f"{n} messages at the sink")
                 except TimeoutError as exc:
                     run.extra["error"] = str(exc)
                 t1 = time.perf_counter()
@@ -536,8 +531,8 @@ class Bench:
                     store = get_runtime().store
                     # Saved as delivered, not just received by the sink.
                     try:
-                        wait_until(lambda: store.counts()["in_flight"] == 0, 30,
-                                   "records to be committed", 0.01)
+                        wait_until(lambda: store.counts()["in_flight"] == 0, 30, 0.01,
+                                   "records to be committed")
                         run.extra["committed_after_s"] = round(time.perf_counter() - t1, 3)
                     except TimeoutError:
                         run.extra["in_flight_left"] = store.counts()["in_flight"]

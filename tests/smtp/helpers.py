@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import time
+import threading
 from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from mailworker.relay import Relay, parse_relay
 from mailworker.smtp import Envelope
@@ -28,13 +26,24 @@ def envelope(n: int = 0, recipients: tuple[str, ...] = ("rcpt@example.test",),
     return Envelope(sender, recipients, data, message_id=f"m{n}")
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll *condition* until it holds; fail the test at the deadline (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.005)
+def run_threads(count: int, work: Callable[[int], None], timeout: float = 30) -> None:
+    """Run ``work(t)`` in *count* threads at once; re-raise the first failure."""
+    errors: list[BaseException] = []
+
+    def guarded(t: int) -> None:
+        try:
+            work(t)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in range(count)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout)
+    assert not any(th.is_alive() for th in threads), "a worker thread hung"
+    if errors:
+        raise errors[0]
 
 
 def verbs(server: SMTPTestServer) -> list[str]:

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from mailworker.smtp import Connection, Stage
+from mailworker.testing import wait_until
 
-from .helpers import ScriptedServer, envelope, wait_until
+from .helpers import ScriptedServer, envelope
 
 
 @pytest.fixture

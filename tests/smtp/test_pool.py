@@ -11,9 +11,9 @@ from collections.abc import Callable
 import pytest
 
 from mailworker.smtp import NotAttempted, Pool, PoolManager, PoolTimeout, SendResult, Stage
-from mailworker.testing import Fault, SMTPTestServer
+from mailworker.testing import Fault, SMTPTestServer, wait_until
 
-from .helpers import envelope, relay_for, verbs, wait_until
+from .helpers import envelope, relay_for, run_threads, verbs
 
 MakeServer = Callable[..., SMTPTestServer]
 
@@ -150,21 +150,12 @@ def test_idle_timeout_and_max_age_retire_connections(server: SMTPTestServer) -> 
 
 def test_eight_threads_share_two_connections(server: SMTPTestServer) -> None:
     pool = Pool(relay_for(server, max_connections=2))
-    errors: list[BaseException] = []
 
     def work(t: int) -> None:
-        try:
-            for i in range(10):
-                pool.send(envelope(t * 100 + i))
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(10):
+            pool.send(envelope(t * 100 + i))
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(30)
-    assert errors == []
+    run_threads(8, work)
     assert len(server.wait_for_messages(80)) == 80
     assert max(server.deliveries().values()) == 1
     assert server.max_concurrent_connections <= 2

@@ -12,7 +12,6 @@ import shutil
 import smtplib
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -20,6 +19,9 @@ import pytest
 
 from mailworker.relay import Relay
 from mailworker.smtp import Connection, Envelope, Pool, SendResult, Stage
+from mailworker.testing import free_port
+
+from .helpers import run_threads
 
 SMTP_SINK = shutil.which("smtp-sink") or next(
     (p for p in ("/usr/sbin/smtp-sink", "/usr/lib/postfix/sbin/smtp-sink") if os.path.exists(p)),
@@ -32,12 +34,6 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def sink() -> Iterator[Callable[..., int]]:
     """Start smtp-sink with extra flags; returns its port. All are stopped at the end."""
@@ -45,7 +41,7 @@ def sink() -> Iterator[Callable[..., int]]:
 
     def start(*flags: str) -> int:
         assert SMTP_SINK is not None
-        port = _free_port()
+        port = free_port()
         user = ["-u", "nobody"] if os.geteuid() == 0 else []  # it refuses to run as root
         proc = subprocess.Popen([SMTP_SINK, *user, *flags, f"127.0.0.1:{port}", "128"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -130,22 +126,13 @@ def test_hard_rejected_recipients(sink: Callable[..., int]) -> None:
 
 def test_pool_reuse_across_threads(sink: Callable[..., int]) -> None:
     pool = Pool(relay(sink(), max_connections=3, max_messages=1000))
-    errors: list[BaseException] = []
 
     def work(t: int) -> None:
-        try:
-            for i in range(25):
-                assert pool.send(message(t * 100 + i)).accepted
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(25):
+            assert pool.send(message(t * 100 + i)).accepted
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(30)
+    run_threads(6, work)
     stats = pool.stats()
-    assert errors == []
     assert stats.opened <= 3 and stats.reused == 150 - stats.opened
     assert stats.active == 0 and stats.idle == stats.opened
     pool.close()

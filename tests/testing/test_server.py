@@ -14,8 +14,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import aiosmtpd.smtp
 import pytest
@@ -24,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailworker.relay import parse_relay
-from mailworker.testing import Fault, ReceivedMessage, SMTPTestServer
+from mailworker.testing import Fault, ReceivedMessage, SMTPTestServer, wait_until
 from mailworker.testing.content import has_long_line, read_content, unstuff
 from mailworker.testing.session import FaultySMTP
 
@@ -35,16 +34,6 @@ def message(mid: str = "m1@test", body: bytes = b"hello\r\n") -> bytes:
 
 def connect(server: SMTPTestServer, timeout: float = 5.0) -> smtplib.SMTP:
     return smtplib.SMTP(server.host, server.port, timeout=timeout)
-
-
-def poll(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    """Wait for *predicate* to hold, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
-    return value
 
 
 def read_replies(sock: socket.socket, count: int) -> list[bytes]:
@@ -90,7 +79,7 @@ def test_records_messages_commands_and_connections(server: SMTPTestServer) -> No
     assert verbs == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA", "MAIL", "RCPT", "DATA", "QUIT"]
     assert server.commands[1] == (1, "MAIL FROM:<a@x.test>")
     assert server.connections_opened == 1
-    poll(lambda: server.active_connections == 0, what="the connection to close")
+    wait_until(lambda: server.active_connections == 0, 5.0, message="the connection to close")
 
 
 def test_counts_concurrent_connections_and_gives_each_an_id(server: SMTPTestServer) -> None:
@@ -100,7 +89,7 @@ def test_counts_concurrent_connections_and_gives_each_an_id(server: SMTPTestServ
     assert server.active_connections == 3
     for client in clients:
         client.quit()
-    poll(lambda: server.active_connections == 0, what="connections to close")
+    wait_until(lambda: server.active_connections == 0, 5.0, message="connections to close")
     assert server.connections_opened == 3
     assert server.max_concurrent_connections == 3
     assert sorted(m.connection_id for m in server.messages) == [1, 2, 3]
@@ -515,7 +504,7 @@ def test_greeting_fault_refuses_connections(server: SMTPTestServer) -> None:
         connect(server)
     with connect(server) as client:
         assert client.noop()[0] == 250
-    poll(lambda: server.active_connections == 0, what="connections to close")
+    wait_until(lambda: server.active_connections == 0, 5.0, message="connections to close")
 
 
 def test_disconnect_fault_replies_421_then_closes(server: SMTPTestServer) -> None:
@@ -550,7 +539,7 @@ def test_drop_during_data_loses_the_message(server: SMTPTestServer) -> None:
     with pytest.raises(smtplib.SMTPServerDisconnected):
         client.sendmail("a@x.test", ["b@y.test"], message(body=b"x" * 100_000 + b"\r\n"))
     client.close()
-    poll(lambda: server.active_connections == 0, what="the connection to close")
+    wait_until(lambda: server.active_connections == 0, 5.0, message="the connection to close")
     assert server.messages == []
     assert "DATA" in [line for _, line in server.commands]
 
@@ -768,7 +757,7 @@ def test_client_misbehaviour_logs_no_errors(caplog: pytest.LogCaptureFixture) ->
             client.starttls(context=ssl.create_default_context())
         with connect(server) as client, pytest.raises(smtplib.SMTPServerDisconnected):
             client.sendmail("a@x.test", ["b@y.test"], message())
-        poll(lambda: server.active_connections == 0, what="connections to close")
+        wait_until(lambda: server.active_connections == 0, 5.0, message="connections to close")
         # And stop() with a connection still open.
         left_open = connect(server)
     left_open.close()
@@ -813,7 +802,8 @@ def test_latency_proxy_passes_tls_and_closes_both_ways() -> None:
         with smtplib.SMTP_SSL(server.host, server.port, context=context, timeout=5) as client:
             client.login("u", "p")
             client.sendmail("a@x.test", ["b@y.test"], message())
-        poll(lambda: server.active_connections == 0, what="the client's close to reach the server")
+        wait_until(lambda: server.active_connections == 0, 5.0,
+                   message="the client's close to reach the server")
         # The server hanging up reaches the client after its last reply.
         server.add_fault(Fault.disconnect("NOOP"))
         with smtplib.SMTP_SSL(server.host, server.port, context=context, timeout=5) as client:
