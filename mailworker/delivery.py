@@ -39,7 +39,7 @@ from mailworker.smtp import (
     PoolTimeout,
     SendResult,
 )
-from mailworker.smtp.errors import Stage, annotate, error_stage
+from mailworker.smtp.errors import BEFORE_MAIL, Stage, annotate, error_stage
 from mailworker.store import Claim, MessageState, Record, Store
 
 __all__ = ["Deliverer", "PassReport"]
@@ -76,13 +76,12 @@ def _batch_failure(exc: Exception, relay: str) -> BaseException:
     if isinstance(exc, PoolTimeout):  # this process is busy, not the relay: no relay pause
         return NotAttempted(f"no free connection in this worker's pool: {exc}")
     stage = error_stage(exc)
-    if stage is not None and stage in _BEFORE_MAIL:
+    if stage is not None and stage in BEFORE_MAIL:
         return exc
     return annotate(DeliveryUncertain(f"batch interrupted: {type(exc).__name__}: {exc}"),
                     Stage.AFTER_DOT, relay)
 
 
-_BEFORE_MAIL = frozenset({Stage.CONNECT, Stage.GREETING, Stage.EHLO, Stage.TLS, Stage.AUTH})
 
 
 class Deliverer:
@@ -130,6 +129,7 @@ class Deliverer:
         )
         ready: dict[str, list[Claim]] = defaultdict(list)
         release: list[Claim] = []
+        finished_ids: list[str] = []  # final already: a stale wake-up
         saves: list[tuple[Claim, Step]] = []
         for mid, claim in claims.items():
             if isinstance(claim, str):
@@ -139,7 +139,7 @@ class Deliverer:
             if claim.interrupted_at is not None and not rec.state.final:
                 mark_interrupted(rec)  # persisted by whatever this pass saves
             if rec.state.final:
-                self.store.forget_inflight([mid])
+                finished_ids.append(mid)
                 release.append(claim)
                 report.skipped["final"] = report.skipped.get("final", 0) + 1
             elif (rec.next_attempt_at and rec.next_attempt_at > now + 1.0
@@ -150,6 +150,7 @@ class Deliverer:
                 saves.append((claim, apply_expiry(rec, now)))
             else:
                 ready[rec.relay].append(claim)
+        self.store.forget_inflight(finished_ids)
         self.store.release_many(release)
         report.claimed = sum(len(v) for v in ready.values())
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from mailworker.backoff import Backoff, parse_duration
 from mailworker.smtp.errors import (
+    BEFORE_MAIL,
     DeliveryUncertain,
     Stage,
     enhanced_code_of,
@@ -190,7 +191,6 @@ def _rows(name: str, action: Action, scope: Scope, reason: str, *variants: dict[
 
 
 _RCPT = frozenset({Stage.RCPT})
-_BEFORE_MAIL = frozenset({Stage.CONNECT, Stage.GREETING, Stage.EHLO, Stage.TLS, Stage.AUTH})
 _MESSAGE = frozenset({Stage.MAIL, Stage.DATA, Stage.AFTER_DOT})
 
 DEFAULT_RULES: tuple[Rule, ...] = (
@@ -225,7 +225,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
            possible_duplicate=True),
     *_rows("service-unavailable", Action.RETRY, Scope.RELAY,
            "relay unavailable (421, or 4xx before MAIL): host backoff",
-           {"codes": "421"}, {"codes": "4xx", "stages": _BEFORE_MAIL},
+           {"codes": "421"}, {"codes": "4xx", "stages": BEFORE_MAIL},
            {"exception": (smtplib.SMTPConnectError,)}),
     *_rows("connection-failure", Action.RETRY, Scope.RELAY,
            "connection failed before the final dot: retried",

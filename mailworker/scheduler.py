@@ -74,11 +74,13 @@ class Scheduler:
         if not ids:
             return 0
         groups: dict[tuple[str, str], list[str]] = defaultdict(list)
-        for mid, rec in zip(ids, self.store.get_many(ids), strict=True):
-            if rec is None:
-                self.store.forget_inflight([mid])
-                continue
-            groups[(rec.queue, rec.relay)].append(mid)
+        gone: list[str] = []
+        for mid, route in zip(ids, self.store.routes(ids), strict=True):
+            if route is None:
+                gone.append(mid)
+            else:
+                groups[route].append(mid)
+        self.store.forget_inflight(gone)
         for (queue, _relay), group in groups.items():
             for i in range(0, len(group), s.batch_size):
                 self.publish(group[i:i + s.batch_size], queue)

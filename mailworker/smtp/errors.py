@@ -21,6 +21,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 __all__ = [
+    "BEFORE_MAIL",
     "DeliveryUncertain",
     "NotAttempted",
     "Stage",
@@ -50,6 +51,10 @@ class Stage(StrEnum):
     def before_dot(self) -> bool:
         """True when no message content can have been accepted yet: safe to retry."""
         return self is not Stage.AFTER_DOT
+
+
+BEFORE_MAIL = frozenset({Stage.CONNECT, Stage.GREETING, Stage.EHLO, Stage.TLS, Stage.AUTH})
+"""Stages of session set-up: a failure here means no MAIL FROM was sent on the connection."""
 
 
 _ENHANCED_RE = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")

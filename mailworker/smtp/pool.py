@@ -33,7 +33,14 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from mailworker.relay import Relay, RelayKey
 from mailworker.smtp.connection import Connection
-from mailworker.smtp.errors import NotAttempted, Stage, annotate, error_code, error_stage
+from mailworker.smtp.errors import (
+    BEFORE_MAIL,
+    NotAttempted,
+    Stage,
+    annotate,
+    error_code,
+    error_stage,
+)
 from mailworker.smtp.pipeline import Envelope, SendResult
 
 __all__ = ["Pool", "PoolManager", "PoolStats", "PoolTimeout", "pools"]
@@ -77,8 +84,6 @@ def _is_stale(entry: Entry) -> bool:
     return isinstance(entry, smtplib.SMTPServerDisconnected) or error_code(entry) == 421
 
 
-# Failures that happen before any MAIL FROM of a connection: nothing was sent on it.
-_BEFORE_MAIL = frozenset({Stage.CONNECT, Stage.GREETING, Stage.EHLO, Stage.TLS, Stage.AUTH})
 
 
 class Pool:
@@ -126,7 +131,7 @@ class Pool:
                 # else (e.g. a time limit firing mid-transaction) may have struck after a
                 # final dot, and the caller must treat the batch as uncertain.
                 if not out or not (isinstance(exc, PoolTimeout)
-                                   or error_stage(exc) in _BEFORE_MAIL):
+                                   or error_stage(exc) in BEFORE_MAIL):
                     raise
                 entries, broken = [_not_attempted(self.relay, exc)], True
             out.extend(entries)

@@ -132,7 +132,8 @@ class Store:
             zset = self.deferred_key if due else self.inflight_key
             idem = self.key("idem", record.idempotency_key) if record.idempotency_key else ""
             calls.append((self._enqueue, [self.key("m", record.id), zset, idem],
-                          [record.id, record.to_json(), raw, due or watchdog, self.retention]))
+                          [record.id, record.to_json(), raw, due or watchdog, self.retention,
+                           f"{record.queue} {record.relay}"]))
         return [_str(v) for v in self._run(calls)]
 
     # -- leases -------------------------------------------------------------------------
@@ -218,6 +219,17 @@ class Store:
         for mid in ids:
             pipe.hget(self.key("m", mid), "doc")
         return [Record.from_json(d) if d else None for d in pipe.execute()]
+
+    def routes(self, ids: Sequence[str]) -> list[tuple[str, str] | None]:
+        """(queue, relay) per id, None for a record that is gone; one round trip, no JSON."""
+        pipe = self.redis.pipeline(transaction=False)
+        for mid in ids:
+            pipe.hget(self.key("m", mid), "route")
+        out: list[tuple[str, str] | None] = []
+        for v in pipe.execute():
+            queue, _, relay = _str(v).partition(" ") if v is not None else ("", "", "")
+            out.append((queue, relay) if queue else None)
+        return out
 
     def raw(self, mid: str) -> bytes | None:
         v = self.redis.hget(self.key("m", mid), "raw")

@@ -168,3 +168,9 @@ def test_renew_and_commit_after_lease_expiry(store: Store) -> None:
     store.claim_many([other.id], "t2", 30, time.time() + 60)  # another worker took it
     assert not isinstance(c1, str)
     assert store.commit_many([(c1, time.time(), {})]) == [False]
+
+
+def test_routes_without_parsing_records(store: Store) -> None:
+    rec = make_record(queue="bulk", relay="ses")
+    store.enqueue_many([(rec, b"x")], watchdog=time.time() + 60)
+    assert store.routes([rec.id, "missing"]) == [("bulk", "ses"), None]
