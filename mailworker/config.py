@@ -19,7 +19,8 @@ from urllib.parse import urlencode
 from mailworker.policy import Policy, parse_duration
 from mailworker.relay import InvalidRelayError, Relay, parse_relay
 
-__all__ = ["ConfigError", "QueueSettings", "Settings", "load_settings"]
+__all__ = ["ConfigError", "QueueSettings", "Settings", "check_settings", "load_settings",
+           "queue_from_spec", "relay_from_spec"]
 
 DEFAULT_QUEUES = ("transactional", "bulk")
 _SECRET_OPTIONS = {"username_env", "password_env", "password_file"}
@@ -158,18 +159,7 @@ def load_settings(
     relays: dict[str, Relay] = {}
     try:
         for name, spec in (top.get("relays") or {}).items():
-            if isinstance(spec, str):
-                relays[name] = parse_relay(name, spec, dict(env))
-            else:
-                options = dict(spec)
-                dsn = options.pop("dsn", None)
-                if not dsn:
-                    raise ConfigError(f"config file: relay {name!r} needs a dsn")
-                secrets = {k: options.pop(k) for k in list(options) if k in _SECRET_OPTIONS}
-                if secrets:
-                    dsn += ("&" if "?" in dsn else "?") + urlencode(secrets)
-                relay = parse_relay(name, dsn, dict(env))
-                relays[name] = relay.with_options(**options) if options else relay
+            relays[name] = relay_from_spec(name, spec, env)
         for var, dsn in env.items():
             if var.startswith("MAILWORKER_RELAY_") and dsn:
                 name = var.removeprefix("MAILWORKER_RELAY_").lower()
@@ -180,20 +170,7 @@ def load_settings(
 
     queues = {q: QueueSettings(q) for q in DEFAULT_QUEUES}
     for name, spec in (top.get("queues") or {}).items():
-        unknown = set(spec) - {"lifetime", "max_attempts"}
-        if unknown:
-            raise ConfigError(f"config file: [queues.{name}]: unknown key(s) "
-                              f"{', '.join(sorted(unknown))}; allowed: lifetime, max_attempts")
-        try:
-            attempts = int(spec["max_attempts"]) if "max_attempts" in spec else None
-            if attempts is not None and attempts < 1:
-                raise ValueError("max_attempts must be at least 1")
-            lifetime = parse_duration(spec["lifetime"]) if "lifetime" in spec else None
-            if lifetime is not None and lifetime <= 0:
-                raise ValueError("lifetime must be above zero")
-            queues[name] = QueueSettings(name, lifetime=lifetime, max_attempts=attempts)
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise ConfigError(f"config file: [queues.{name}]: {exc}") from None
+        queues[name] = queue_from_spec(name, spec, where="config file: ")
     values["queues"] = queues
 
     try:
@@ -201,7 +178,49 @@ def load_settings(
     except ValueError as exc:
         raise ConfigError(f"config file: [retry]: {exc}") from None
 
-    settings = Settings(**values)
+    return check_settings(Settings(**values))
+
+
+def relay_from_spec(name: str, spec: str | Mapping[str, Any], env: Mapping[str, str]) -> Relay:
+    """A relay from a DSN string or a ``{dsn = ..., option = ...}`` table.
+
+    Raises :class:`InvalidRelayError` naming the bad part.
+    """
+    if isinstance(spec, str):
+        return parse_relay(name, spec, dict(env))
+    options = dict(spec)
+    dsn = options.pop("dsn", None)
+    if not dsn:
+        raise InvalidRelayError(f"relay {name!r} needs a dsn")
+    # Secret sources are resolved by the DSN parser, so they go into the query string.
+    secrets = {k: options.pop(k) for k in list(options) if k in _SECRET_OPTIONS}
+    if secrets:
+        dsn += ("&" if "?" in dsn else "?") + urlencode(secrets)
+    relay = parse_relay(name, dsn, dict(env))
+    return relay.with_options(**options) if options else relay
+
+
+def queue_from_spec(name: str, spec: Mapping[str, Any], where: str = "") -> QueueSettings:
+    """Queue limits from a ``{lifetime = ..., max_attempts = ...}`` table; unset means
+    the retry policy's own value."""
+    unknown = set(spec) - {"lifetime", "max_attempts"}
+    if unknown:
+        raise ConfigError(f"{where}[queues.{name}]: unknown key(s) "
+                          f"{', '.join(sorted(unknown))}; allowed: lifetime, max_attempts")
+    try:
+        attempts = int(spec["max_attempts"]) if "max_attempts" in spec else None
+        if attempts is not None and attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        lifetime = parse_duration(spec["lifetime"]) if "lifetime" in spec else None
+        if lifetime is not None and lifetime <= 0:
+            raise ValueError("lifetime must be above zero")
+        return QueueSettings(name, lifetime=lifetime, max_attempts=attempts)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{where}[queues.{name}]: {exc}") from None
+
+
+def check_settings(settings: Settings) -> Settings:
+    """Checks across settings, for every way of building them (file, env, frameworks)."""
     if settings.default_queue not in settings.queues:
         settings.queue()  # raises with the list of known queues
     for relay in settings.relays.values():

@@ -20,7 +20,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mailworker.config import QueueSettings, Settings
+    from mailworker.config import Settings
 
 # mailworker modules are imported inside the functions below: Django imports this package
 # while loading INSTALLED_APPS, and mailworker.config alone pulls in the SMTP layer.
@@ -58,8 +58,14 @@ def build_settings(
     raises :class:`~mailworker.config.ConfigError` prefixed with *where* (the setting's
     name in the framework), so the message points at the line to fix.
     """
-    from mailworker.config import ConfigError, load_settings
-    from mailworker.relay import InvalidRelayError, parse_relay
+    from mailworker.config import (
+        ConfigError,
+        check_settings,
+        load_settings,
+        queue_from_spec,
+        relay_from_spec,
+    )
+    from mailworker.relay import InvalidRelayError
 
     scalars = _scalar_names()
     unknown = sorted(set(options) - set(scalars) - set(_STRUCTURED))
@@ -78,35 +84,15 @@ def build_settings(
         settings = load_settings(options.get("config") or None, env)
         relays = dict(settings.relays)
         for name, spec in (options.get("relays") or {}).items():
-            if isinstance(spec, str):
-                relays[name] = parse_relay(name, spec, env)
-            else:
-                extra = dict(spec)
-                dsn = extra.pop("dsn", None)
-                if not dsn:
-                    raise ConfigError(f"relay {name!r} needs a dsn")
-                relay = parse_relay(name, dsn, env)
-                relays[name] = relay.with_options(**extra) if extra else relay
+            relays[name] = relay_from_spec(name, spec, env)
         queues = dict(settings.queues)
         for name, spec in (options.get("queues") or {}).items():
-            queues[name] = _queue(name, spec or {})
+            queues[name] = queue_from_spec(name, spec or {})
         late = {k: str(options[k]) for k in _LATE if options.get(k) is not None}
-        settings = settings.with_(relays=relays, queues=queues, **late)
-        settings.queue()  # the default queue must exist; the error lists the known ones
+        settings = check_settings(settings.with_(relays=relays, queues=queues, **late))
     except (ConfigError, InvalidRelayError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return settings
-
-
-def _queue(name: str, spec: Mapping[str, Any]) -> QueueSettings:
-    from mailworker.config import ConfigError, QueueSettings
-    from mailworker.policy import parse_duration
-
-    try:
-        return QueueSettings(name, lifetime=parse_duration(spec.get("lifetime", 86400)),
-                   max_attempts=int(spec.get("max_attempts", 20)))
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(f"queue {name!r}: {exc}") from None
 
 
 def options_key(options: Mapping[str, Any]) -> str:

@@ -255,3 +255,21 @@ def test_email_message_and_django_style_objects(mw_env: dict[str, str]) -> None:
     assert rec.sender == "g@example.com" and rec.metadata == {"x": 1}
     with app.app_context(), pytest.raises(TypeError, match="not int"):
         mw.send_message(42)
+
+
+def test_framework_settings_get_the_same_checks_as_the_config_file() -> None:
+    from mailworker.config import ConfigError
+    from mailworker.contrib import build_settings
+
+    env = {"SMTP_PW": "s3cret"}
+    ok = build_settings({"relays": {"r": {"dsn": "smtp://u@h:25", "password_env": "SMTP_PW",
+                                          "timeout": 5}},
+                         "queues": {"slow": {"max_attempts": 3}}},
+                        where="app", environ=env)
+    assert ok.relays["r"].password == "s3cret" and ok.relays["r"].timeout == 5
+    assert ok.queues["slow"].lifetime is None  # unset: the retry policy's own lifetime
+    with pytest.raises(ConfigError, match="deadline=900s must be below lease_seconds"):
+        build_settings({"relays": {"r": {"dsn": "smtp://h:25", "deadline": "900"}}},
+                       where="app", environ=env)
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_settings({"queues": {"q": {"lifetme": "1h"}}}, where="app", environ=env)
