@@ -149,8 +149,8 @@ def status(args: argparse.Namespace) -> int:
 
 
 def _filter(args: argparse.Namespace) -> Any:
+    from mailworker.backoff import parse_duration
     from mailworker.dlq import DeadLetterFilter
-    from mailworker.policy import parse_duration
 
     try:
         older = parse_duration(args.older_than) if args.older_than else None

@@ -27,8 +27,6 @@ from mailworker.cli.output import CLIError
 
 __all__ = ["build_parser", "main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(

@@ -32,6 +32,7 @@ __all__ = [
     "ensure_runtime",
     "is_django_style",
     "options_key",
+    "routing_kwargs",
 ]
 
 #: Keys a settings mapping may hold besides the scalar ``Settings`` fields.
@@ -138,8 +139,10 @@ def django_style_item(msg: Any) -> dict[str, Any]:
         "sender": msg.from_email or None,
         "recipients": list(msg.recipients()),
     }
-    for name in ROUTING_ATTRIBUTES:
-        value = getattr(msg, f"mailworker_{name}", None)
-        if value is not None:
-            item[name] = value
-    return item
+    return item | routing_kwargs(msg)
+
+
+def routing_kwargs(msg: Any) -> dict[str, Any]:
+    """``relay=``, ``queue=`` ... from a message's ``mailworker_<name>`` attributes."""
+    return {name: value for name in ROUTING_ATTRIBUTES
+            if (value := getattr(msg, f"mailworker_{name}", None)) is not None}

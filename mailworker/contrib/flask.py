@@ -34,12 +34,12 @@ from flask import Flask, current_app, has_app_context
 
 from mailworker import api
 from mailworker.contrib import (
-    ROUTING_ATTRIBUTES,
     build_settings,
     django_style_item,
     ensure_runtime,
     is_django_style,
     options_key,
+    routing_kwargs,
 )
 from mailworker.message import Attachment, InvalidMessageError
 
@@ -226,11 +226,7 @@ def _flask_mail_kwargs(msg: Any) -> dict[str, Any]:
         "headers": dict(getattr(msg, "extra_headers", None) or {}) or None,
         "attachments": [_attachment(a, i) for i, a in enumerate(attachments)],
     }
-    for name in ROUTING_ATTRIBUTES:
-        value = getattr(msg, f"mailworker_{name}", None)
-        if value is not None:
-            kwargs[name] = value
-    return kwargs
+    return kwargs | routing_kwargs(msg)
 
 
 def _attachment(att: Any, index: int) -> Attachment:

@@ -328,11 +328,13 @@ class Connection:
 
     @property
     def supports_pipelining(self) -> bool:
-        return self.relay.pipelining and "pipelining" in self.capabilities
+        features = self._client.esmtp_features if self._client is not None else {}
+        return self.relay.pipelining and "pipelining" in features
 
     @property
     def max_size(self) -> int | None:
-        size = self.capabilities.get("size", "").strip()
+        features = self._client.esmtp_features if self._client is not None else {}
+        size = features.get("size", "").strip()
         return int(size) if size.isdigit() and int(size) > 0 else None
 
     def __repr__(self) -> str:

@@ -86,6 +86,11 @@ def _is_stale(entry: Entry) -> bool:
 
 
 
+# Built once: tenacity keeps each run's state in thread-local storage, so threads share it.
+_RECONNECT = Retrying(stop=stop_after_attempt(2), wait=wait_none(), reraise=True,
+                      retry=retry_if_exception_type(_Stale))
+
+
 class Pool:
     """Connections to one relay, shared by the threads of one process."""
 
@@ -169,10 +174,8 @@ class Pool:
     # -- one connection's worth -------------------------------------------------------------
     def _send_with_reconnect(self, envelopes: Sequence[Envelope]) -> tuple[list[Entry], bool]:
         """Entries for as many envelopes as one connection takes; and whether it broke."""
-        retrying = Retrying(stop=stop_after_attempt(2), wait=wait_none(), reraise=True,
-                            retry=retry_if_exception_type(_Stale))
         try:
-            for attempt in retrying:
+            for attempt in _RECONNECT:
                 with attempt:
                     return self._send_once(envelopes, fresh=attempt.retry_state.attempt_number > 1)
         except _Stale as stale:  # only if even a fresh connection was "stale"
