@@ -25,7 +25,7 @@ from typing import Any
 
 from mailworker.relay import Relay
 from mailworker.smtp.errors import NotAttempted, Stage, annotate
-from mailworker.smtp.pipeline import Envelope, Prepared, SendResult, Session
+from mailworker.smtp.pipeline import Envelope, Gate, Prepared, SendResult, Session
 from mailworker.smtp.replylog import ReplyLog, ReplyWire
 
 __all__ = ["Connection", "prepare"]
@@ -215,8 +215,11 @@ class Connection:
             raise entry
         return entry
 
-    def send_many(self, envelopes: Sequence[Envelope]) -> list[SendResult | BaseException]:
-        """Send a batch, one round trip per message; never raises for SMTP failures."""
+    def send_many(self, envelopes: Sequence[Envelope], *, gate: Gate | None = None
+                  ) -> list[SendResult | BaseException]:
+        """Send a batch, one round trip per message; never raises for SMTP failures.
+
+        *gate*: see :meth:`Session.run` (asked before each envelope's MAIL FROM)."""
         session = self._session
         if session is None or self.is_closed:
             return [annotate(NotAttempted("the connection is not open"), Stage.CONNECT,
@@ -229,7 +232,7 @@ class Connection:
             except (ValueError, smtplib.SMTPException) as exc:
                 prepared.append(annotate(exc, Stage.MAIL, self.relay.name))
         try:
-            return session.run(envelopes, prepared)
+            return session.run(envelopes, prepared, gate=gate)
         finally:
             self.last_used_at = self._clock()
             if self.is_closed:

@@ -41,7 +41,11 @@ from mailworker.smtp.errors import (
 )
 from mailworker.smtp.replylog import ReplyLog
 
-__all__ = ["Envelope", "Prepared", "RecipientResult", "SendResult", "Session", "Wire", "rcpt_lines"]
+__all__ = ["Envelope", "Gate", "Prepared", "RecipientResult", "SendResult", "Session", "Wire",
+           "rcpt_lines"]
+
+Gate = Callable[[int], bool]
+"""``gate(i)``: may envelope ``i`` of the batch start now? Asked just before its MAIL FROM."""
 
 _BAD_ADDRESS = re.compile(r"[\r\n\x00<>]")
 
@@ -166,6 +170,7 @@ class _Txn:
     accepted: list[str] = field(default_factory=list)
     refused: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     retry: list[str] = field(default_factory=list)
+    first: bool = True  # False for the part of an envelope a 452 pushed to a new transaction
 
     @property
     def commands(self) -> bytes:
@@ -211,12 +216,22 @@ class Session:
         self.dots = 0  # transactions that reached the final dot: counts toward max_messages
         self._cur: _Txn | None = None
         self._outcomes: list[_Outcome] = []
+        self._gate: Gate | None = None
 
     # -- entry point -------------------------------------------------------------------
-    def run(self, envelopes: Sequence[Envelope], prepared: Sequence[Prepared | BaseException]
-            ) -> list[SendResult | BaseException]:
-        """Send *envelopes*; *prepared* holds each one's wire bytes, or why it cannot go."""
+    def run(self, envelopes: Sequence[Envelope], prepared: Sequence[Prepared | BaseException],
+            *, gate: Gate | None = None) -> list[SendResult | BaseException]:
+        """Send *envelopes*; *prepared* holds each one's wire bytes, or why it cannot go.
+
+        *gate*, if given, is asked ``gate(i)`` (``i`` indexes *envelopes*) right before the
+        ``MAIL FROM`` of envelope ``i`` is written, once per envelope (not for the second
+        transaction of a 452 split: that envelope has started). When it returns False or
+        raises, envelope ``i`` and all later ones are not started: each gets
+        :class:`NotAttempted`; the previous message's content and dot, if pending, still
+        go out and its reply is read. The caller uses this to stop at a lost lease.
+        """
         outcomes = self._outcomes = [_Outcome(env) for env in envelopes]
+        self._gate = gate
         todo: deque[_Txn] = deque()
         for i, (env, prep) in enumerate(zip(envelopes, prepared, strict=True)):
             if isinstance(prep, BaseException):  # refused before sending (SIZE, SMTPUTF8)
@@ -249,7 +264,7 @@ class Session:
         pending = b""  # content + dot (or a bare dot) to write ahead of the next commands
         dot: _Txn | None = None  # whose content is in `pending` (None: a bare terminator)
         while True:
-            cur = self._cur = todo.popleft() if todo else None
+            cur = self._cur = self._next(todo)
             if cur is None and not pending:
                 return
             rset = self.needs_rset and cur is not None
@@ -284,7 +299,9 @@ class Session:
 
     def _sequential(self, todo: deque[_Txn]) -> None:
         while todo:
-            cur = self._cur = todo.popleft()
+            cur = self._cur = self._next(todo)
+            if cur is None:
+                return
             self._start(cur)
             if self.needs_rset:
                 self._rset_reply(cur, self._write(_RSET, None, cur))
@@ -360,7 +377,8 @@ class Session:
             # RFC 2920: a server may still say 354; end that empty message at once.
             return _TERMINATOR if code == 354 else b""
         if t.retry:
-            todo.appendleft(_Txn(t.index, t.prep, tuple(t.retry), rcpt_lines(t.retry)))
+            todo.appendleft(_Txn(t.index, t.prep, tuple(t.retry), rcpt_lines(t.retry),
+                                 first=False))
         return t.prep.content
 
     def _final(self, t: _Txn, started: float) -> None:
@@ -375,6 +393,28 @@ class Session:
         if code == 421:  # the message is refused, and the connection is going away
             oc.fatal = True
             raise _Abort(smtplib.SMTPDataError(code, text), Stage.AFTER_DOT, None)
+
+    # -- the gate ------------------------------------------------------------------------
+    def _next(self, todo: deque[_Txn]) -> _Txn | None:
+        """The next transaction to start, or None: none left, or the gate said stop."""
+        if not todo:
+            return None
+        t = todo[0]
+        if self._gate is None or not t.first or self._may_start(self._gate, t.index):
+            return todo.popleft()
+        for oc in self._outcomes[t.index:]:
+            exc = NotAttempted(f"not attempted: the caller stopped the batch at message {t.index}")
+            oc.decided.clear()
+            oc.error, oc.fatal = annotate(exc, Stage.MAIL, self.relay), True
+        todo.clear()
+        return None
+
+    def _may_start(self, gate: Gate, index: int) -> bool:
+        try:
+            return bool(gate(index))
+        except Exception as exc:  # a broken gate must not send: treat it as "stop"
+            self.log.failure("smtp.gate_failed", exc, index=index)
+            return False
 
     # -- I/O with failures turned into aborts ----------------------------------------------
     def _still_listening(self, t: _Txn) -> None:

@@ -41,7 +41,7 @@ from mailworker.smtp.errors import (
     error_code,
     error_stage,
 )
-from mailworker.smtp.pipeline import Envelope, SendResult
+from mailworker.smtp.pipeline import Envelope, Gate, SendResult
 
 __all__ = ["Pool", "PoolManager", "PoolStats", "PoolTimeout", "pools"]
 
@@ -77,6 +77,8 @@ def _is_stale(entry: Entry) -> bool:
     sending the envelope again would give those recipients a second copy.
     """
     if not isinstance(entry, BaseException) or error_stage(entry) is not Stage.MAIL:
+        return False
+    if isinstance(entry, NotAttempted):  # the gate stopped it: nothing to do with staleness
         return False
     partial = getattr(entry, "result", None)
     if partial is not None and any(r.accepted for r in partial.recipients):
@@ -119,18 +121,39 @@ class Pool:
             raise entry
         return entry
 
-    def send_many(self, envelopes: Sequence[Envelope]) -> list[Entry]:
+    def send_many(self, envelopes: Sequence[Envelope], *, gate: Gate | None = None
+                  ) -> list[Entry]:
         """Send a batch, as many per connection as ``max_messages`` allows.
 
         One entry per envelope (see :meth:`Connection.send_many`). Raises only when no
         connection can be had for the first message (connect, TLS or AUTH failure, or
         :class:`PoolTimeout`); once a connection fails, every later message is
-        :class:`NotAttempted`.
+        :class:`NotAttempted`. *gate* is :meth:`Session.run`'s, always called with an
+        index into *envelopes* (also when the batch spans connections or is sent again
+        after a stale one); once it refuses, no later envelope is started.
         """
         out: list[Entry] = []
+        stopped = False
+
+        def gate_at(offset: int) -> Gate | None:
+            if gate is None:
+                return None
+
+            def at(i: int) -> bool:
+                nonlocal stopped
+                stopped = True  # until it says yes (a raising gate means "stop" too)
+                stopped = not gate(offset + i)
+                return not stopped
+            return at
+
         while len(out) < len(envelopes):
+            if stopped:
+                out.extend(annotate(NotAttempted("not attempted: the caller stopped the batch"),
+                                    Stage.MAIL, self.relay.name) for _ in envelopes[len(out):])
+                break
             try:
-                entries, broken = self._send_with_reconnect(envelopes[len(out):])
+                entries, broken = self._send_with_reconnect(envelopes[len(out):],
+                                                            gate_at(len(out)))
             except Exception as exc:
                 # Only a failure to get the next connection leaves the rest unsent; anything
                 # else (e.g. a time limit firing mid-transaction) may have struck after a
@@ -172,22 +195,24 @@ class Pool:
         return f"<Pool relay={self.relay.name!r} [{s.active} active, {s.idle} idle]>"
 
     # -- one connection's worth -------------------------------------------------------------
-    def _send_with_reconnect(self, envelopes: Sequence[Envelope]) -> tuple[list[Entry], bool]:
+    def _send_with_reconnect(self, envelopes: Sequence[Envelope], gate: Gate | None
+                             ) -> tuple[list[Entry], bool]:
         """Entries for as many envelopes as one connection takes; and whether it broke."""
         try:
             for attempt in _RECONNECT:
                 with attempt:
-                    return self._send_once(envelopes, fresh=attempt.retry_state.attempt_number > 1)
+                    return self._send_once(envelopes, gate,
+                                           fresh=attempt.retry_state.attempt_number > 1)
         except _Stale as stale:  # only if even a fresh connection was "stale"
             return stale.entries, True
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _send_once(self, envelopes: Sequence[Envelope], fresh: bool
+    def _send_once(self, envelopes: Sequence[Envelope], gate: Gate | None, fresh: bool
                    ) -> tuple[list[Entry], bool]:
         conn, reused = self._checkout(fresh)
         try:
             budget = max(1, self.relay.max_messages - conn.messages_sent)
-            entries = conn.send_many(envelopes[:budget])
+            entries = conn.send_many(envelopes[:budget], gate=gate)
             broken = conn.is_closed  # only a failure closes it inside send_many
         except BaseException:
             conn.close(quit=False)  # interrupted mid-transaction: out of step
