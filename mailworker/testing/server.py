@@ -30,16 +30,18 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlencode
 
-import trustme
 from aiosmtpd.smtp import TLSSetupException
 
 from .faults import Fault, FaultBook
 from .latency import LatencyProxy
 from .records import ReceivedMessage, Recorder
 from .session import FaultySMTP, SessionConfig
+
+if TYPE_CHECKING:
+    import trustme
 
 __all__ = ["SMTPTestServer"]
 
@@ -114,6 +116,13 @@ class SMTPTestServer:
         self._stopping: asyncio.Event | None = None
 
     def _make_tls(self, hostname: str) -> ssl.SSLContext:
+        # Imported here: trustme is in the `testing` extra, and only TLS servers need it.
+        try:
+            import trustme
+        except ImportError:
+            raise ImportError(
+                "SMTPTestServer(tls=...) needs trustme for its throwaway CA: "
+                "pip install 'mailworker[testing]'") from None
         self.ca = trustme.CA()
         names = {"127.0.0.1", "localhost", "::1", hostname, self.host} - set(_WILDCARDS)
         cert = self.ca.issue_cert(*sorted(names))
