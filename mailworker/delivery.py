@@ -7,6 +7,7 @@ costs one round trip per message and the per-task overhead is paid once per batc
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -20,6 +21,7 @@ import structlog
 
 from mailworker.config import ConfigError, Settings
 from mailworker.hooks import Hooks
+from mailworker.leases import HeldLeases, heartbeat
 from mailworker.outcome import (
     Step,
     apply_expiry,
@@ -40,16 +42,23 @@ from mailworker.smtp import (
     SendResult,
 )
 from mailworker.smtp.errors import BEFORE_MAIL, Stage, annotate, error_stage
-from mailworker.store import Claim, MessageState, Record, Store
+from mailworker.store import Claim, MessageState, Record, Store, Unreadable
 
-__all__ = ["Deliverer", "PassReport"]
+__all__ = ["Deliverer", "PassReport", "invalid_reason"]
+
+Gate = Callable[[int], bool]
+"""Asked before each transaction's MAIL FROM (by index): may it start?"""
+SendMany = Callable[..., Sequence[SendResult | BaseException]]
 
 log = structlog.get_logger("mailworker.delivery")
 
-# Messages sent per send_many call within a batch; between chunks the time budget is
-# checked. Larger chunks save a round trip per chunk; smaller ones bound the time a
-# pathological relay (replying just inside every timeout) can hold the leases.
+# Messages sent per send_many call within a batch (one pooled connection checkout each).
 CHUNK = 50
+
+# Transactions marked "sending" in Redis per round trip, just before the first of them
+# starts. A worker killed mid-batch flags as possible duplicates only the messages of the
+# window it was in (at most this many), for one Redis round trip per window.
+MARK_WINDOW = 8
 
 # How long a relay is paused for a configuration problem (bad credentials, bad certificate)
 # before workers try it again. Mail stays queued meanwhile; an operator can resume sooner.
@@ -64,6 +73,27 @@ class PassReport:
     skipped: dict[str, int] = field(default_factory=dict)
     states: dict[str, int] = field(default_factory=dict)
     lost_leases: int = 0
+    quarantined: int = 0
+
+
+def invalid_reason(rec: Record) -> str | None:
+    """Why a stored record cannot be delivered as it is, or None.
+
+    Checked before any SMTP so that one bad record (written by an older version, edited
+    by hand) is set aside instead of failing every batch it is in.
+    """
+    for name in ("created_at", "expires_at"):
+        value = getattr(rec, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            return f"{name} is {value!r}, not a finite time"
+    if not isinstance(rec.sender, str):
+        return f"sender is {type(rec.sender).__name__}, not a string"
+    if not rec.recipients or not all(isinstance(r.address, str) for r in rec.recipients):
+        return "no valid recipient list"
+    if not isinstance(rec.relay, str) or not isinstance(rec.queue, str):
+        return "relay or queue is not a string"
+    return None
 
 
 def _batch_failure(exc: Exception, relay: str) -> BaseException:
@@ -122,6 +152,7 @@ class Deliverer:
             return report
         s = self.settings
         now = self.clock()
+        leased_at = time.monotonic()
         token = uuid.uuid4().hex
         claims = self.store.claim_many(
             list(dict.fromkeys(ids)), token, s.lease_seconds,
@@ -131,11 +162,19 @@ class Deliverer:
         release: list[Claim] = []
         finished_ids: list[str] = []  # final already: a stale wake-up
         saves: list[tuple[Claim, Step]] = []
+        poison: list[tuple[str, str, str]] = []
         for mid, claim in claims.items():
             if isinstance(claim, str):
                 report.skipped[claim] = report.skipped.get(claim, 0) + 1
                 continue
+            if isinstance(claim, Unreadable):
+                poison.append((mid, token, f"unreadable record: {claim.error}"))
+                continue
             rec = claim.record
+            bad = invalid_reason(rec)
+            if bad is not None:
+                poison.append((mid, token, f"invalid record: {bad}"))
+                continue
             if claim.interrupted_at is not None and not rec.state.final:
                 mark_interrupted(rec)  # persisted by whatever this pass saves
             if rec.state.final:
@@ -150,20 +189,28 @@ class Deliverer:
                 saves.append((claim, apply_expiry(rec, now)))
             else:
                 ready[rec.relay].append(claim)
+        self._quarantine(poison, report)
         self.store.forget_inflight(finished_ids)
         self.store.release_many(release)
         report.claimed = sum(len(v) for v in ready.values())
 
         self._effects = []
         self._claimed_at = now
-        for relay_name, group in ready.items():
-            try:
-                saves.extend(self._deliver_group(relay_name, group, task_id))
-            except Exception:
-                # A bug or a Redis blip mid-group: save nothing for it and keep the leases
-                # and "sending" markers, so the sweeper retries them flagged as possible
-                # duplicates once the leases expire. The other groups are still saved.
-                log.exception("delivery.group_failed", relay=relay_name, count=len(group))
+        held = HeldLeases(self.store, [c for g in ready.values() for c in g], s.lease_seconds,
+                          leased_at)
+        heartbeat.register(held)
+        try:
+            for relay_name, group in ready.items():
+                try:
+                    saves.extend(self._deliver_group(relay_name, group, task_id, held))
+                except Exception:
+                    # A bug or a Redis blip mid-group: save nothing for it and keep the
+                    # "sending" markers, so the sweeper retries them flagged as possible
+                    # duplicates once the leases expire. The other groups are still saved.
+                    log.exception("delivery.group_failed", relay=relay_name, count=len(group))
+                    held.release([c.record.id for c in group])
+        finally:
+            heartbeat.unregister(held)
 
         ok = self.store.commit_many((c, st.score, st.counters) for c, st in saves)
         self._apply_relay_effects()
@@ -171,14 +218,26 @@ class Deliverer:
             if not saved:
                 report.lost_leases += 1
                 log.warning("delivery.lease_lost", message_id=claim.record.id,
-                            hint="the attempt outlived its lease; raise lease_seconds")
+                            hint="another worker took the message over; it decides")
                 continue
             report.states[step.state.value] = report.states.get(step.state.value, 0) + 1
             self._announce(claim.record, step)
         return report
 
+    def _quarantine(self, poison: list[tuple[str, str, str]], report: PassReport) -> None:
+        """Set unreadable or invalid records aside in the dead letters, as they are."""
+        if not poison:
+            return
+        for (mid, _, reason), done in zip(poison, self.store.quarantine_many(poison),
+                                           strict=True):
+            if done:
+                report.quarantined += 1
+                log.error("delivery.quarantined", message_id=mid, reason=reason,
+                          hint="kept in the dead letters with its raw bytes: "
+                               "inspect with `mailworker dlq show`, then fix or purge it")
+
     def _deliver_group(
-        self, relay_name: str, group: list[Claim], task_id: str | None
+        self, relay_name: str, group: list[Claim], task_id: str | None, held: HeldLeases
     ) -> list[tuple[Claim, Step]]:
         now = self.clock()
         try:
@@ -194,11 +253,12 @@ class Deliverer:
             return [(c, apply_relay_hold(c.record, now, now + left, f"relay paused: {reason}"))
                     for c in group]
         if relay.fleet_max_connections or relay.fleet_rate:
-            return self._deliver_limited(relay, group, task_id)
-        return self._send_and_decide(relay, group, task_id, self.pools.get(relay).send_many)
+            return self._deliver_limited(relay, group, task_id, held)
+        return self._send_and_decide(relay, group, task_id, self.pools.get(relay).send_many,
+                                     held)
 
     def _deliver_limited(
-        self, relay: Relay, group: list[Claim], task_id: str | None
+        self, relay: Relay, group: list[Claim], task_id: str | None, held: HeldLeases
     ) -> list[tuple[Claim, Step]]:
         """Deliver under the relay's fleet-wide limits; hold what the limits do not allow.
 
@@ -219,50 +279,57 @@ class Deliverer:
                     for c in group]
         rest = group[granted:]
         later = now + (len(rest) / relay.fleet_rate if relay.fleet_rate else 0.5) + jitter
-        held = [(c, apply_relay_hold(c.record, now, later,
-                                     "waiting for the relay's fleet-wide limit")) for c in rest]
+        held_back = [(c, apply_relay_hold(c.record, now, later,
+                                          "waiting for the relay's fleet-wide limit"))
+                     for c in rest]
         if not relay.fleet_max_connections:
-            return held + self._send_and_decide(relay, group[:granted], task_id,
-                                                self.pools.get(relay).send_many)
+            return held_back + self._send_and_decide(relay, group[:granted], task_id,
+                                                     self.pools.get(relay).send_many, held)
 
-        def send_alone(envelopes: Sequence[Envelope]) -> list[SendResult | BaseException]:
+        def send_alone(envelopes: Sequence[Envelope], *, gate: Gate | None = None
+                       ) -> list[SendResult | BaseException]:
             conn = Connection(relay)
             try:
                 conn.open()
-                return conn.send_many(envelopes)
+                return conn.send_many(envelopes, gate=gate)
             finally:
                 conn.close()
 
         try:
-            return held + self._send_and_decide(relay, group[:granted], task_id, send_alone)
+            return held_back + self._send_and_decide(relay, group[:granted], task_id, send_alone,
+                                                     held)
         finally:
             self.store.fleet_release(relay.name, token)
 
     def _send_and_decide(
         self, relay: Relay, group: list[Claim], task_id: str | None,
-        send_many: Callable[[Sequence[Envelope]], Sequence[SendResult | BaseException]],
+        send_many: SendMany, held: HeldLeases,
     ) -> list[tuple[Claim, Step]]:
         relay_name = relay.name
-        envelopes = [
-            Envelope(c.record.sender, tuple(r.address for r in c.record.open_recipients), c.raw,
-                     message_id=c.record.id)
-            for c in group
-        ]
+        envelopes: list[Envelope] = []
+        sendable: list[Claim] = []
+        out: list[tuple[Claim, Step]] = []
+        for c in group:
+            try:
+                envelopes.append(Envelope(
+                    c.record.sender, tuple(r.address for r in c.record.open_recipients), c.raw,
+                    message_id=c.record.id))
+                sendable.append(c)
+            except ValueError as exc:  # stored before today's checks: set aside, alone
+                self._quarantine([(c.record.id, c.token, f"invalid record: {exc}")],
+                                 PassReport())
+                held.release([c.record.id])
+        group = sendable
         started = self.clock()
         results: list[SendResult | BaseException] = []
-        budget = min(self.settings.task_time_limit, self.settings.lease_seconds) * 0.8
         with structlog.contextvars.bound_contextvars(task_id=task_id, relay=relay_name):
             for i in range(0, len(envelopes), CHUNK):
-                # The threads pool enforces no task time limit, so the batch keeps its own,
-                # and renews its leases between chunks so no other worker takes them.
-                if i and (self.clock() - self._claimed_at > budget
-                          or not self.store.renew_many(group[i:], self.settings.lease_seconds)):
-                    results += [NotAttempted("batch time budget spent or lease lost")] * (
-                        len(envelopes) - i)
+                if i and self._budget_spent():
+                    results += [NotAttempted("batch time budget spent")] * (len(envelopes) - i)
                     break
                 chunk = envelopes[i:i + CHUNK]
                 try:
-                    results += list(send_many(chunk))
+                    results += list(send_many(chunk, gate=self._gate(group, i, held)))
                 except Exception as exc:
                     failure = _batch_failure(exc, relay_name)
                     rest = len(envelopes) - i - len(chunk)
@@ -272,8 +339,8 @@ class Deliverer:
                     results += [failure if failure is exc else NotAttempted("not started")] * rest
                     break
         finished = self.clock()
+        held.release([c.record.id for c in group])
 
-        out: list[tuple[Claim, Step]] = []
         pause: tuple[float, str] | None = None
         for claim, result in zip(group, results, strict=True):
             if isinstance(result, NotAttempted):
@@ -310,6 +377,32 @@ class Deliverer:
         elif any(isinstance(r, SendResult) for r in results):
             self._effects.append(relay_name)
         return out
+
+    def _budget_spent(self) -> bool:
+        # The threads pool enforces no task time limit, so a batch keeps its own: no new
+        # transaction starts once most of it is spent (leases are not the bound: the
+        # heartbeat keeps them for as long as the batch runs).
+        return self.clock() - self._claimed_at > self.settings.task_time_limit * 0.8
+
+    def _gate(self, group: list[Claim], offset: int, held: HeldLeases) -> Gate:
+        """Called by the SMTP layer before each MAIL FROM: may this message start?
+
+        Not when the batch's time budget is spent, nor when its lease is lost or not
+        known to be ours for a while yet. Before each window of ``MARK_WINDOW``
+        messages, one round trip renews their leases and marks them as being sent.
+        """
+        marked: dict[int, bool] = {}
+
+        def gate(i: int) -> bool:
+            j = offset + i
+            if self._budget_spent():
+                return False
+            if j not in marked:
+                window = group[j:j + MARK_WINDOW]
+                marked.update(zip(range(j, j + len(window)), held.mark(window), strict=True))
+            return marked[j] and held.usable(group[j].record.id)
+
+        return gate
 
     def _apply_relay_effects(self) -> None:
         """Relay pauses and failure counters, after the outcomes are safely saved."""

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from mailworker.runtime import get_runtime
 from mailworker.scheduler import Publisher, publish_ids
-from mailworker.store import Attempt, MessageState, RcptState, Record
+from mailworker.store import Attempt, Claim, MessageState, RcptState, Record
 
-__all__ = ["DeadLetterFilter", "list_dead", "purge", "retry", "show"]
+__all__ = ["DeadLetterFilter", "exception_classes", "list_dead", "purge", "retry", "show"]
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class DeadLetterFilter:
 
     relay: str | None = None
     code: int | None = None            # a failed recipient's (or the last error's) reply code
-    exception: str | None = None       # class name of the last error, e.g. "SMTPDataError"
+    exception: str | None = None       # an error class met, e.g. "SMTPRecipientsRefused"
     domain: str | None = None          # a failed recipient's domain
     older_than: float | None = None    # seconds since dead-lettered
     newer_than: float | None = None
@@ -43,13 +43,33 @@ class DeadLetterFilter:
             if self.code not in codes:
                 return False
         if self.exception:
-            classes = {a.error.get("class") for a in rec.history if a.error}
-            if self.exception not in classes:
+            want = self.exception.removeprefix("smtplib.")
+            if want not in exception_classes(rec):
                 return False
         age = now - (rec.dead_at or rec.updated_at or rec.created_at)
         if self.older_than is not None and age < self.older_than:
             return False
         return not (self.newer_than is not None and age > self.newer_than)
+
+
+#: The smtplib exception a refusal at each stage raises (or, for a refusal of some
+#: recipients only, would have raised had they been alone): a recipient refused at RCPT
+#: is an SMTPRecipientsRefused although the attempt as a whole succeeded for the others.
+_STAGE_EXCEPTIONS = {"mail": "SMTPSenderRefused", "rcpt": "SMTPRecipientsRefused",
+                     "data": "SMTPDataError", "after-dot": "SMTPDataError"}
+
+
+def exception_classes(rec: Record) -> set[str]:
+    """The exception class names a dead letter met: whole-attempt errors from its history,
+    plus the class of each per-recipient refusal (see ``_STAGE_EXCEPTIONS``)."""
+    classes = {str(a.error.get("class")) for a in rec.history if a.error}
+    refusals = [(x.get("stage"), x.get("code")) for a in rec.history for x in a.replies]
+    refusals += [(r.reply.stage, r.reply.code) for r in rec.recipients
+                 if r.state is RcptState.FAILED and r.reply]
+    for stage, code in refusals:
+        if isinstance(code, int) and code >= 400 and stage in _STAGE_EXCEPTIONS:
+            classes.add(_STAGE_EXCEPTIONS[stage])
+    return classes
 
 
 def list_dead(flt: DeadLetterFilter | None = None, limit: int = 1000) -> list[Record]:
@@ -96,7 +116,7 @@ def retry(ids: Sequence[str] | None = None, flt: DeadLetterFilter | None = None,
                                  now + rt.settings.stuck_after)
     saves = []
     for claim in claims.values():
-        if isinstance(claim, str):
+        if not isinstance(claim, Claim):  # gone, busy, or unreadable (purge those)
             continue
         if claim.record.state is not MessageState.DEAD:  # retried meanwhile: hands off
             rt.store.release_many([claim])

@@ -8,7 +8,7 @@ from mailworker.store.record import (
     Record,
     Reply,
 )
-from mailworker.store.redis_store import Claim, Store
+from mailworker.store.redis_store import Claim, Store, Unreadable
 
 __all__ = [
     "Attempt",
@@ -19,4 +19,5 @@ __all__ = [
     "Record",
     "Reply",
     "Store",
+    "Unreadable",
 ]

@@ -1,10 +1,13 @@
 -- Take the lease on a record; only the lease holder may talk SMTP for it.
 -- KEYS: 1 record, 2 lease, 3 inflight
 -- ARGV: 1 token, 2 lease ttl ms, 3 watchdog score (when the sweeper should look again),
---       4 id, 5 now
+--       4 id
 -- Returns {status, doc, raw, sending}: status is "ok", "missing" or "locked"; sending is
--- "<token> <time>" of an earlier holder that started sending and never committed (it
--- died mid-send), or false: a retry after such a death may duplicate, and is flagged.
+-- "<token> <time>" left by an earlier holder that started a transaction window with this
+-- record and never saved an outcome (it died mid-send), or false: a retry after such a
+-- death may duplicate, and is flagged. Claiming does not mark the record as sending: the
+-- holder does that just before the record's transaction window (mark.lua), so a worker
+-- killed with a batch in hand flags only the records it may really have sent.
 if redis.call("EXISTS", KEYS[1]) == 0 then
   redis.call("ZREM", KEYS[3], ARGV[4])
   return {"missing", false, false, false}
@@ -16,5 +19,4 @@ if redis.call("ZSCORE", KEYS[3], ARGV[4]) then
   redis.call("ZADD", KEYS[3], ARGV[3], ARGV[4])
 end
 local v = redis.call("HMGET", KEYS[1], "doc", "raw", "sending")
-redis.call("HSET", KEYS[1], "sending", ARGV[1] .. " " .. ARGV[5])
 return {"ok", v[1], v[2], v[3]}

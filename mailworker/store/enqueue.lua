@@ -1,12 +1,29 @@
--- Create a message record atomically, honouring an idempotency key.
--- KEYS: 1 record, 2 zset to place it in (inflight or deferred), 3 idempotency key or ""
--- ARGV: 1 id, 2 doc json, 3 raw bytes, 4 score, 5 idempotency ttl seconds,
---       6 route ("<queue> <relay>": what the scheduler needs, without parsing the doc)
-if KEYS[3] ~= "" then
-  local existing = redis.call("GET", KEYS[3])
-  if existing then return existing end
-  redis.call("SET", KEYS[3], ARGV[1], "EX", ARGV[5])
+-- Create a batch of message records atomically, honouring idempotency keys.
+-- One script for the whole batch: Redis refuses a script under maxmemory only at its
+-- first write, and never stops one midway, so a batch is written whole or not at all
+-- (send_many is all-or-nothing even when Redis is full).
+-- KEYS: per message, 3 keys: record, zset to place it in (inflight or deferred),
+--       idempotency key (or the record key again when there is none)
+-- ARGV: per message, 5 values: id, doc json, raw bytes, score, route ("<queue> <relay>");
+--       then the idempotency ttl seconds last.
+-- Returns the ids: a message whose idempotency key was seen returns the first one's id.
+local ttl = ARGV[#ARGV]
+local out = {}
+for i = 0, #KEYS / 3 - 1 do
+  local rec, zset, idem = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
+  local id, doc, raw, score, route =
+    ARGV[i * 5 + 1], ARGV[i * 5 + 2], ARGV[i * 5 + 3], ARGV[i * 5 + 4], ARGV[i * 5 + 5]
+  local existing = false
+  if idem ~= rec then
+    existing = redis.call("GET", idem)
+    if not existing then redis.call("SET", idem, id, "EX", ttl) end
+  end
+  if existing then
+    out[#out + 1] = existing
+  else
+    redis.call("HSET", rec, "doc", doc, "raw", raw, "route", route)
+    redis.call("ZADD", zset, score, id)
+    out[#out + 1] = id
+  end
 end
-redis.call("HSET", KEYS[1], "doc", ARGV[2], "raw", ARGV[3], "route", ARGV[6])
-redis.call("ZADD", KEYS[2], ARGV[4], ARGV[1])
-return ARGV[1]
+return out

@@ -26,9 +26,9 @@ from typing import Any
 
 import redis
 
-from mailworker.store.record import Record
+from mailworker.store.record import MessageState, Record
 
-__all__ = ["Claim", "Store"]
+__all__ = ["Claim", "Store", "Unreadable"]
 
 _Call = tuple[Any, list[Any], list[Any]]  # (registered Script, keys, args)
 
@@ -51,6 +51,16 @@ class Claim:
     interrupted_at: float | None = None
 
 
+@dataclass
+class Unreadable:
+    """A record this worker holds the lease on whose stored document cannot be parsed
+    (corrupt, or written by a newer version): set aside, never a reason to fail others."""
+
+    id: str
+    token: str
+    error: str
+
+
 class Store:
     """Message records in Redis. Thread-safe (redis-py pools connections)."""
 
@@ -69,6 +79,8 @@ class Store:
         self._fleet = client.register_script(_script("fleet"))
         self._renew = client.register_script(_script("renew"))
         self._purge = client.register_script(_script("purge"))
+        self._mark = client.register_script(_script("mark"))
+        self._quarantine = client.register_script(_script("quarantine"))
 
     def _run(self, calls: Sequence[_Call]) -> list[Any]:
         """Run script calls in one round trip (EVALSHA), loading a script only when Redis
@@ -121,41 +133,67 @@ class Store:
     def enqueue_many(
         self, items: Sequence[tuple[Record, bytes]], watchdog: float
     ) -> list[str]:
-        """Write new records in one round trip; return each one's id.
+        """Write new records in one round trip, all or none; return each one's id.
 
         A record whose idempotency key was seen before is not written; the id of the
-        first message with that key is returned in its place.
+        first message with that key is returned in its place. The batch is one script
+        call, so a Redis that refuses writes (``maxmemory``, a replica, a restart)
+        refuses the whole batch and nothing half-written survives.
         """
-        calls: list[_Call] = []
+        if not items:
+            return []
+        keys: list[str] = []
+        args: list[Any] = []
+        now = time.time()
         for record, raw in items:
-            due = record.send_at if record.send_at and record.send_at > time.time() else None
-            zset = self.deferred_key if due else self.inflight_key
-            idem = self.key("idem", record.idempotency_key) if record.idempotency_key else ""
-            calls.append((self._enqueue, [self.key("m", record.id), zset, idem],
-                          [record.id, record.to_json(), raw, due or watchdog, self.retention,
-                           f"{record.queue} {record.relay}"]))
-        return [_str(v) for v in self._run(calls)]
+            due = record.send_at if record.send_at and record.send_at > now else None
+            rec_key = self.key("m", record.id)
+            idem = self.key("idem", record.idempotency_key) if record.idempotency_key else rec_key
+            keys += [rec_key, self.deferred_key if due else self.inflight_key, idem]
+            args += [record.id, record.to_json(), raw, due or watchdog,
+                     f"{record.queue} {record.relay}"]
+        args.append(self.retention)
+        return [_str(v) for v in self._run([(self._enqueue, keys, args)])[0]]
 
     # -- leases -------------------------------------------------------------------------
     def claim_many(
         self, ids: Sequence[str], token: str, lease_seconds: float, watchdog: float
-    ) -> dict[str, Claim | str]:
-        """Take leases on *ids*; each maps to a :class:`Claim` or "missing"/"locked"."""
-        now = time.time()
+    ) -> dict[str, Claim | Unreadable | str]:
+        """Take leases on *ids*; each maps to a :class:`Claim`, an :class:`Unreadable`
+        (leased, but its document cannot be parsed) or "missing"/"locked"."""
         calls: list[_Call] = [
             (self._claim, [self.key("m", mid), self.key("lease", mid), self.inflight_key],
-             [token, int(lease_seconds * 1000), watchdog, mid, now])
+             [token, int(lease_seconds * 1000), watchdog, mid])
             for mid in ids
         ]
-        out: dict[str, Claim | str] = {}
+        out: dict[str, Claim | Unreadable | str] = {}
         for mid, (raw_status, doc, raw, sending) in zip(ids, self._run(calls), strict=True):
             status = _str(raw_status)
             if status != "ok":
                 out[mid] = status
                 continue
-            interrupted = float(_str(sending).rsplit(" ", 1)[-1]) if sending else None
-            out[mid] = Claim(Record.from_json(doc), bytes(raw), token, interrupted)
+            try:
+                interrupted = float(_str(sending).rsplit(" ", 1)[-1]) if sending else None
+                record = Record.from_json(doc)
+            except Exception as exc:  # one bad record must never fail its batch-mates
+                out[mid] = Unreadable(mid, token, f"{type(exc).__name__}: {exc}"[:500])
+                continue
+            out[mid] = Claim(record, bytes(raw) if raw is not None else b"", token, interrupted)
         return out
+
+    def quarantine_many(self, items: Sequence[tuple[str, str, str]]) -> list[bool]:
+        """Dead-letter unreadable or invalid records as they are: (id, token, reason).
+
+        The stored document and raw bytes stay untouched for the operator; the reason
+        goes beside them. Only the lease holder can do this.
+        """
+        now = time.time()
+        return [bool(v) for v in self._run([
+            (self._quarantine,
+             [self.key("m", mid), self.key("lease", mid), self.inflight_key,
+              self.deferred_key, self.dead_key, self.key("sweeps")],
+             [token, mid, reason, now])
+            for mid, token, reason in items])]
 
     def commit_many(
         self, items: Iterable[tuple[Claim, float, dict[str, int]]]
@@ -181,12 +219,20 @@ class Store:
             ))
         return [bool(v) for v in self._run(calls)]
 
-    def renew_many(self, claims: Sequence[Claim], lease_seconds: float) -> bool:
-        """Extend our leases; False if any was lost (stop sending: someone else may)."""
+    def renew_many(self, claims: Sequence[Claim], lease_seconds: float) -> list[bool]:
+        """Extend our leases, one round trip; False for each one lost (do not send it)."""
         ms = int(lease_seconds * 1000)
         done = self._run([(self._renew, [self.key("lease", c.record.id)], [c.token, ms])
                           for c in claims])
-        return all(int(v) == 1 for v in done)
+        return [int(v) == 1 for v in done]
+
+    def mark_sending(self, claims: Sequence[Claim], lease_seconds: float) -> list[bool]:
+        """Renew the leases of a window of transactions about to start and mark the
+        records as being sent (see mark.lua); False for each one whose lease is lost."""
+        ms, now = int(lease_seconds * 1000), time.time()
+        done = self._run([(self._mark, [self.key("m", c.record.id), self.key("lease", c.record.id)],
+                           [c.token, ms, now]) for c in claims])
+        return [int(v) == 1 for v in done]
 
     def release_many(self, claims: Sequence[Claim]) -> None:
         """Give up leases without writing (e.g. the records were not due)."""
@@ -211,14 +257,15 @@ class Store:
 
     # -- reads ----------------------------------------------------------------------------
     def get(self, mid: str) -> Record | None:
-        doc = self.redis.hget(self.key("m", mid), "doc")
-        return Record.from_json(doc) if doc else None
+        return self.get_many([mid])[0]
 
     def get_many(self, ids: Sequence[str]) -> list[Record | None]:
+        """Records by id (None when gone). A record that cannot be parsed comes back as
+        a stand-in: dead, with the reason, so status and the dead-letter tools show it."""
         pipe = self.redis.pipeline(transaction=False)
         for mid in ids:
-            pipe.hget(self.key("m", mid), "doc")
-        return [Record.from_json(d) if d else None for d in pipe.execute()]
+            pipe.hmget(self.key("m", mid), "doc", "poison", "route")
+        return [_load(mid, *fields) for mid, fields in zip(ids, pipe.execute(), strict=True)]
 
     def routes(self, ids: Sequence[str]) -> list[tuple[str, str] | None]:
         """(queue, relay) per id, None for a record that is gone; one round trip, no JSON."""
@@ -328,6 +375,54 @@ class Store:
                 "Run Redis with --appendonly yes (see README, 'Redis persistence')."
             )
         return None
+
+    # -- relay state listing (CLI stats) --
+    def relay_states(self) -> dict[str, dict[str, Any]]:
+        """Every relay Redis knows of, with its counters and any pause.
+
+        ``{relay: {"counters": {...}, "paused": {"reason": str, "seconds_left": float} | None}}``,
+        found by SCAN over the ``stats`` and ``pause`` key families, so an operator sees
+        relays that only the workers (not the calling shell) have configured. Read in one
+        pipeline after the scans; for the CLI, not the delivery path.
+        """
+        families = {"stats": self.key("stats", ""), "pause": self.key("pause", "")}
+        names: dict[str, set[str]] = {family: set() for family in families}
+        for family, head in families.items():
+            # The prefix is literal text in the MATCH pattern: escape glob characters.
+            pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in head) + "*"
+            for key in self.redis.scan_iter(match=pattern, count=1000):
+                names[family].add(_str(key)[len(head):])
+        relays = sorted(names["stats"] | names["pause"])
+        pipe = self.redis.pipeline(transaction=False)
+        for name in relays:
+            pipe.hgetall(families["stats"] + name)
+            pipe.get(families["pause"] + name)
+            pipe.pttl(families["pause"] + name)
+        replies = pipe.execute()
+        out: dict[str, dict[str, Any]] = {}
+        for i, name in enumerate(relays):
+            counters, reason, ttl = replies[3 * i:3 * i + 3]
+            paused = None
+            if reason is not None and ttl is not None and int(ttl) > 0:
+                paused = {"reason": _str(reason), "seconds_left": int(ttl) / 1000.0}
+            out[name] = {"counters": {_str(k): int(v) for k, v in (counters or {}).items()},
+                         "paused": paused}
+        return out
+
+
+def _load(mid: str, doc: Any, poison: Any, route: Any) -> Record | None:
+    if doc is None and poison is None:
+        return None
+    try:
+        if doc is not None and poison is None:
+            return Record.from_json(doc)
+        error = _str(poison) if poison is not None else "no document"
+    except Exception as exc:
+        error = f"unreadable record: {type(exc).__name__}: {exc}"[:500]
+    queue, _, relay = _str(route).partition(" ") if route is not None else ("", "", "")
+    return Record(id=mid, queue=queue or "?", relay=relay or "?", sender="", recipients=[],
+                  created_at=0.0, expires_at=0.0, size=0, state=MessageState.DEAD,
+                  dead_reason=error, last_error=error)
 
 
 def _str(v: Any) -> str:

@@ -268,8 +268,8 @@ def test_framework_settings_get_the_same_checks_as_the_config_file() -> None:
                         where="app", environ=env)
     assert ok.relays["r"].password == "s3cret" and ok.relays["r"].timeout == 5
     assert ok.queues["slow"].lifetime is None  # unset: the retry policy's own lifetime
-    with pytest.raises(ConfigError, match="deadline=900s must be below lease_seconds"):
-        build_settings({"relays": {"r": {"dsn": "smtp://h:25", "deadline": "900"}}},
+    with pytest.raises(ConfigError, match="lease_seconds=1s is too short"):
+        build_settings({"relays": {"r": {"dsn": "smtp://h:25"}}, "lease_seconds": "1"},
                        where="app", environ=env)
     with pytest.raises(ConfigError, match="unknown key"):
         build_settings({"queues": {"q": {"lifetme": "1h"}}}, where="app", environ=env)
