@@ -345,9 +345,14 @@ class Policy:
             self, max_attempts=self.max_attempts if max_attempts is None else max_attempts,
             lifetime=self.lifetime if lifetime is None else lifetime)
 
-    def describe(self) -> list[dict[str, Any]]:
-        """The table as config-shaped rows (``None`` = any), for docs and the CLI."""
-        return [_rule_to_config(r) for r in self.rules]
+    def describe(self) -> RuleTable:
+        """The whole table: config-shaped rows (``None`` = any) that show as a text table.
+
+        A list of dicts (``Policy.from_config({"rules": rows})`` reads it back), whose
+        ``repr``/``str`` is the table, so ``Policy().describe()`` at a prompt, or
+        ``print()``-ed, shows every rule in the order they are tried.
+        """
+        return RuleTable(_rule_to_config(r) for r in self.rules)
 
     @classmethod
     def from_config(cls, table: Mapping[str, Any]) -> Policy:
@@ -453,6 +458,25 @@ def _rule_from_config(index: str, row: Any) -> Rule:
         return Rule(**kwargs)
     except ValueError as exc:
         raise ValueError(f"{index}: {exc}") from None
+
+
+class RuleTable(list[dict[str, Any]]):
+    """:meth:`Policy.describe`'s rows; shown as an aligned text table."""
+
+    _COLUMNS = ("name", "exception", "codes", "enhanced", "stages", "action", "scope", "reason")
+
+    def __str__(self) -> str:
+        def cell(value: Any) -> str:
+            if value is None:
+                return "*"
+            return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+        rows = [list(self._COLUMNS)] + [[cell(r.get(c)) for c in self._COLUMNS] for r in self]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(self._COLUMNS))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                         for row in rows)
+
+    __repr__ = __str__
 
 
 def _rule_to_config(rule: Rule) -> dict[str, Any]:

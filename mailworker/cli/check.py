@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailworker.cli.output import CLIError
+from mailworker.cli.output import CLIError, say
 from mailworker.relay import InvalidRelayError, Relay, parse_relay
 from mailworker.smtp import Connection
 from mailworker.smtp.errors import error_stage, error_text
@@ -59,8 +59,8 @@ def _resolve(target: str | None) -> Relay:
 
 def run_check(target: str | None) -> int:
     relay = _resolve(target)
-    print(f"checking relay {relay.name!r}: {relay.dsn} (security: {relay.security}, "
-          f"verify: {relay.verify})")
+    say(f"checking relay {relay.name!r}: {relay.dsn} (security: {relay.security}, "
+        f"verify: {relay.verify})")
     log = _Transcript()
     conn = Connection(relay, logger=log)
     failure: BaseException | None = None
@@ -77,18 +77,18 @@ def run_check(target: str | None) -> int:
     for event, kw in log.events:
         if event == "smtp.reply":
             text = str(kw.get("text", "")).replace("\n", "\n" + " " * 14)
-            print(f"  -> {kw.get('command', ''):<8.60}\n  <- {kw.get('code')} "
-                  f"({kw.get('latency_ms', 0):.1f} ms) {text}")
+            say(f"  -> {kw.get('command', ''):<8.60}\n  <- {kw.get('code')} "
+                f"({kw.get('latency_ms', 0):.1f} ms) {text}")
     if failure is not None:
         stage = error_stage(failure)
         where = stage.value if stage else "connect"
         raise CLIError(f"relay {relay.name!r} failed at {where}: {error_text(failure)}",
                        HINTS.get(where), 1)
     caps = facts["caps"]
-    print("\ncapabilities: " + (", ".join(f"{k} {v}".strip() for k, v in caps.items()) or "-"))
-    print(f"encrypted:    {'yes' if facts['encrypted'] else 'NO'}")
-    print(f"pipelining:   {'yes' if facts['pipelining'] else 'no'}")
-    print(f"max size:     {facts['max_size'] or 'not declared'}")
-    print(f"auth:         {'logged in as ' + relay.username if relay.username else 'not used'}")
-    print(f"\nrelay {relay.name!r} OK")
+    say("\ncapabilities: " + (", ".join(f"{k} {v}".strip() for k, v in caps.items()) or "-"))
+    say(f"encrypted:    {'yes' if facts['encrypted'] else 'NO'}")
+    say(f"pipelining:   {'yes' if facts['pipelining'] else 'no'}")
+    say(f"max size:     {facts['max_size'] or 'not declared'}")
+    say(f"auth:         {'logged in as ' + relay.username if relay.username else 'not used'}")
+    say(f"\nrelay {relay.name!r} OK")
     return 0

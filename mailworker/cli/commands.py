@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from mailworker.cli.output import CLIError, print_json, table
+from mailworker.cli.output import CLIError, clean, print_json, say, table
 from mailworker.config import ConfigError
 
 __all__ = ["check", "classify", "demo", "dlq_list", "dlq_purge", "dlq_retry", "dlq_show",
@@ -66,6 +66,13 @@ def worker(args: argparse.Namespace) -> int:
     if unknown:
         raise CLIError(f"unknown queue(s): {', '.join(unknown)}",
                        f"known queues: {', '.join(rt.settings.queues)}", 3)
+    if not rt.settings.relays and not args.allow_no_relay:
+        # A worker without relays takes mail and can only defer it ("unknown relay"), for
+        # minutes at a time, while looking healthy: refuse loudly instead.
+        raise CLIError("no relay is configured, so this worker could deliver nothing",
+                       "set MAILWORKER_RELAY_DEFAULT=smtp://host:25 (or [relays] in the config "
+                       "file, or run it as 'flask mailworker worker' / 'manage.py mailworker "
+                       "worker' to use the app's settings); --allow-no-relay starts it anyway", 3)
     if not args.no_restart:
         from mailworker.logging import configure_logging
 
@@ -105,7 +112,7 @@ def send(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"id": mid})
     else:
-        print(mid)
+        say(mid)
     return 0
 
 
@@ -115,24 +122,41 @@ def _ts(t: float | None) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _attempt_count(rec: Any) -> int:
+    """Delivery attempts made: the history's entries, less operator retries (not attempts)."""
+    return sum(1 for a in rec.history if a.outcome != "operator_retry")
+
+
+def _last_word(r: Any) -> str:
+    """A recipient's last reply, or why it waits when no server has answered for it."""
+    if r.reply and r.reply.text:
+        return str(r.reply.text)
+    return str(r.reason or "")
+
+
 def _print_record(rec: Any, history: bool) -> None:
-    print(f"message  {rec.id}")
-    print(f"state    {rec.state.value}{'  (possible duplicate)' if rec.possible_duplicate else ''}")
-    print(f"relay    {rec.relay}   queue {rec.queue}   attempts {rec.attempts}")
-    print(f"created  {_ts(rec.created_at)}   expires {_ts(rec.expires_at)}   "
-          f"next {_ts(rec.next_attempt_at)}")
+    say(f"message  {rec.id}")
+    say(f"state    {rec.state.value}{'  (possible duplicate)' if rec.possible_duplicate else ''}")
+    say(f"relay    {rec.relay}   queue {rec.queue}   attempts {_attempt_count(rec)}")
+    say(f"created  {_ts(rec.created_at)}   expires {_ts(rec.expires_at)}   "
+        f"next {_ts(rec.next_attempt_at)}")
     if rec.dead_reason:
-        print(f"reason   {rec.dead_reason}")
+        say(f"reason   {clean(rec.dead_reason, newlines=False)}")
+    elif rec.last_error and not rec.state.final:
+        # Why it waits (relay paused, unknown relay, a 4xx...): the first thing to ask.
+        say(f"waiting  {clean(rec.last_error, newlines=False)}")
     rows = [(r.address, r.state.value, r.reply.code if r.reply else "",
-             r.reply.enhanced_code if r.reply else "", (r.reply.text if r.reply else "")[:60],
+             r.reply.enhanced_code if r.reply else "", _last_word(r)[:60],
              r.attempts) for r in rec.recipients]
-    print(table(["recipient", "state", "code", "enhanced", "last reply", "attempts"], rows))
+    say(table(["recipient", "state", "code", "enhanced", "last reply", "attempts"], rows))
     if history:
-        print("\nhistory")
+        say("\nhistory")
         hrows = [(a.number, _ts(a.started_at), a.outcome, a.relay,
-                  "; ".join(f"{x.get('recipient') or '*'} {x.get('code')} {x.get('text', '')[:40]}"
-                            for x in a.replies)[:100]) for a in rec.history]
-        print(table(["#", "at", "outcome", "relay", "replies"], hrows))
+                  "; ".join(f"{x.get('recipient') or '*'} {x.get('code')} "
+                            f"{str(x.get('text', ''))[:40]}" for x in a.replies)[:100]
+                  or (a.error or {}).get("text", ""))
+                 for a in rec.history]
+        say(table(["#", "at", "outcome", "relay", "replies"], hrows))
 
 
 def status(args: argparse.Namespace) -> int:
@@ -177,8 +201,8 @@ def dlq_list(args: argparse.Namespace) -> int:
     rows = [(r.id, _ts(r.dead_at), r.relay, r.sender,
              ",".join(x.address for x in r.recipients if x.state.value == "failed")[:40],
              (r.dead_reason or "")[:60]) for r in recs]
-    print(table(["id", "dead since", "relay", "sender", "failed recipients", "reason"], rows))
-    print(f"{len(recs)} dead letter(s)")
+    say(table(["id", "dead since", "relay", "sender", "failed recipients", "reason"], rows))
+    say(f"{len(recs)} dead letter(s)")
     return 0
 
 
@@ -212,8 +236,8 @@ def _bulk(args: argparse.Namespace, action: str) -> int:
         verb = {"retry": "retried", "purge": "purged"}[action]
         prefix = "would be " if args.dry_run else ""
         for mid in ids:
-            print(mid)
-        print(f"{len(ids)} dead letter(s) {prefix}{verb}")
+            say(mid)
+        say(f"{len(ids)} dead letter(s) {prefix}{verb}")
     return 0
 
 
@@ -235,31 +259,48 @@ def _queue_depths(rt: Any) -> dict[str, int]:
     return out
 
 
+def _left(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _snapshot(rt: Any) -> dict[str, Any]:
+    # Relays as Redis knows them (every worker's), plus any configured here and idle yet.
+    states = rt.store.relay_states()
+    for name in rt.settings.relays:
+        states.setdefault(name, {"counters": {}, "paused": None})
+    return {"queues": _queue_depths(rt), **rt.store.counts(),
+            "relays": {name: st["counters"] for name, st in states.items()},
+            "paused": {name: {"reason": st["paused"]["reason"],
+                              "seconds_left": round(st["paused"]["seconds_left"], 1)}
+                       for name, st in states.items() if st["paused"]}}
+
+
 def stats(args: argparse.Namespace) -> int:
     rt = _runtime()
     while True:
-        snap = {"queues": _queue_depths(rt), **rt.store.counts(),
-                "relays": rt.store.relay_stats()}
-        paused = {name: rt.store.relay_pause(name) for name in rt.settings.relays}
-        snap["paused"] = {k: {"reason": v[0], "seconds_left": round(v[1], 1)}
-                          for k, v in paused.items() if v}
+        snap = _snapshot(rt)
         if args.json:
             print_json(snap)
         else:
             if args.watch:
-                print("\033[2J\033[H", end="")
-            print(f"mailworker stats  {_ts(time.time())} UTC")
-            print(table(["queue", "waiting on broker"], list(snap["queues"].items())))
-            print(f"\nin flight {snap['in_flight']}   deferred {snap['deferred']}   "
-                  f"dead letters {snap['dead']}\n")
-            rows = [(name, c.get("delivered", 0), c.get("deferred", 0), c.get("failed", 0),
-                     c.get("dead", 0), c.get("attempts", 0),
-                     "paused: " + snap["paused"][name]["reason"] if name in snap["paused"] else "")
-                    for name, c in sorted(snap["relays"].items())]
-            print(table(["relay", "delivered", "deferred", "failed rcpts", "dead", "attempts",
-                         "note"], rows))
+                print("\033[2J\033[H", end="")  # our own clear-screen, never from data
+            say(f"mailworker stats  {_ts(time.time())} UTC")
+            say(table(["queue", "waiting on broker"], list(snap["queues"].items())))
+            say(f"\nin flight {snap['in_flight']}   deferred {snap['deferred']}   "
+                f"dead letters {snap['dead']}\n")
+            rows = []
+            for name, c in sorted(snap["relays"].items()):
+                pause = snap["paused"].get(name)
+                note = (f"paused, {_left(pause['seconds_left'])} left: {pause['reason']}"
+                        if pause else "")
+                rows.append((name, c.get("delivered", 0), c.get("deferred", 0),
+                             c.get("failed", 0), c.get("dead", 0), c.get("attempts", 0), note))
+            say(table(["relay", "delivered", "deferred", "failed rcpts", "dead", "attempts",
+                       "note"], rows))
         if not args.watch:
             return 0
+        sys.stdout.flush()
         time.sleep(args.watch)
 
 

@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from mailworker.cli import commands
-from mailworker.cli.output import CLIError
+from mailworker.cli.output import CLIError, clean
 
 __all__ = ["build_parser", "main"]
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reliable email delivery: workers, status and dead-letter tools.",
     )
     p.add_argument("--config", help="TOML config file (default: $MAILWORKER_CONFIG)")
+    p.add_argument("--version", action="version", version=f"mailworker {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     w = sub.add_parser("worker", help="run a complete worker: consumer, scheduler and sweeper")
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-restart", action="store_true",
                    help="run Celery in this process instead of a child that is restarted "
                         "if it crashes (for use under a supervisor that restarts it)")
+    w.add_argument("--allow-no-relay", action="store_true",
+                   help="start even though no relay is configured (mail waits, deferred, "
+                        "until a worker that has its relay takes it)")
     w.set_defaults(func=commands.worker)
 
     s = sub.add_parser("scheduler", help="run only the scheduler/sweeper (one tick per second)")
@@ -113,6 +117,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from mailworker import __version__
+
+    return __version__
+
+
+def _report(err: CLIError) -> int:
+    # Error text may quote a relay's reply or a message's subject: cleaned like all output.
+    print(clean(f"mailworker: error: {err}", newlines=False), file=sys.stderr)
+    if err.hint:
+        print(clean(f"hint: {err.hint}", newlines=False), file=sys.stderr)
+    return err.exit_code
+
+
+def _reader_went_away() -> int:
+    """``mailworker dlq list | head``: the reader closed the pipe; stop quietly.
+
+    Whatever is still buffered can never be written, and Python would report that at exit
+    ("Exception ignored ... BrokenPipeError", exit 120): point stdout at /dev/null first.
+    Exit 0, as the output was cut short by the reader's choice, not by a failure.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -120,22 +151,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["MAILWORKER_CONFIG"] = args.config
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
     except CLIError as exc:
-        print(f"mailworker: error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
+        return _report(exc)
     except Exception as exc:  # the last line of defence: one line, not a traceback
         err = commands.classify(exc)
         if os.environ.get("MAILWORKER_DEBUG"):
             traceback.print_exc()
-        print(f"mailworker: error: {err}", file=sys.stderr)
-        if err.hint:
-            print(f"hint: {err.hint}", file=sys.stderr)
-        return err.exit_code
+        return _report(err)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,20 +17,27 @@ Decisions:
 * ``send_message`` takes an ``email.message.Message``, a Django-style message with
   ``message()`` and ``recipients()`` (Flask-Mailman), or a Flask-Mail-style ``Message``
   (``subject``, ``recipients``, ``body``, ``html``, ``attachments``...), duck-typed, so
-  neither library is a dependency.
+  neither library is a dependency. Flask-Mail's argument names and ``MAIL_*`` keys are
+  read too (:mod:`mailworker.contrib.flask_mail_compat`).
+* ``init_app`` registers ``flask mailworker ...``: the ``mailworker`` command with the
+  runtime configured from ``app.config``, so a worker needs no second copy of the
+  config in ``MAILWORKER_*`` variables.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.message import Message
-from email.utils import formataddr
 from typing import TYPE_CHECKING, Any
 
+import click
 from flask import Flask, current_app, has_app_context
+from flask.cli import with_appcontext
 
 from mailworker import api
 from mailworker.contrib import (
@@ -39,9 +46,8 @@ from mailworker.contrib import (
     ensure_runtime,
     is_django_style,
     options_key,
-    routing_kwargs,
 )
-from mailworker.message import Attachment, InvalidMessageError
+from mailworker.contrib.flask_mail_compat import address, mail_relay, message_kwargs, send_kwargs
 
 if TYPE_CHECKING:
     from mailworker.config import Settings
@@ -71,9 +77,9 @@ def _sender_text(value: Any) -> str | None:
     """An address as text; Flask-Mail also allows ``(name, address)``."""
     if value is None or value == "":
         return None
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return formataddr((str(value[0]), str(value[1])))
-    return str(value)
+    if isinstance(value, list) and len(value) == 2:
+        value = tuple(value)
+    return str(address(value))
 
 
 def _read_config(config: Mapping[str, Any]) -> _AppState:
@@ -91,12 +97,13 @@ def _read_config(config: Mapping[str, Any]) -> _AppState:
     defaults = {name: options.pop(name, None) for name in _DEFAULTS}
     sender = _sender_text(defaults["default_sender"] or config.get("MAIL_DEFAULT_SENDER"))
     settings: Settings | None = None
-    if options:
-        key = options_key(options)
+    if options or config.get("MAIL_SERVER"):
+        key = options_key({**options, "flask-mail": _mail_key(config)})
         with _cache_lock:
             settings = _settings_cache.get(key)
             if settings is None:
-                settings = build_settings(options, where="app.config")
+                settings = _with_mail_relay(build_settings(options, where="app.config"),
+                                            config, defaults["default_relay"])
                 _settings_cache[key] = settings
     if settings is not None:
         # Checked here so that a typo fails at start-up; the error lists the known names.
@@ -105,6 +112,32 @@ def _read_config(config: Mapping[str, Any]) -> _AppState:
         if defaults["default_relay"]:
             settings.relay(defaults["default_relay"])
     return _AppState(settings, sender, defaults["default_queue"], defaults["default_relay"])
+
+
+_MAIL_KEYS = ("MAIL_SERVER", "MAIL_PORT", "MAIL_USE_TLS", "MAIL_USE_SSL", "MAIL_USERNAME",
+              "MAIL_PASSWORD")
+
+
+def _mail_key(config: Mapping[str, Any]) -> str:
+    # Part of the settings cache key; hashed so that the password is not kept as text.
+    import hashlib
+
+    values = repr([config.get(k) for k in _MAIL_KEYS]).encode()
+    return hashlib.sha256(values).hexdigest()
+
+
+def _with_mail_relay(settings: Settings, config: Mapping[str, Any],
+                     default_relay: str | None) -> Settings:
+    """Flask-Mail's ``MAIL_*`` keys as the default relay, when no other config names it."""
+    from mailworker.config import check_settings
+
+    name = default_relay or settings.default_relay
+    if name in settings.relays:
+        return settings  # MAILWORKER_RELAY_*, MAILWORKER_RELAYS, the environment or file win
+    relay = mail_relay(config, name, os.environ)
+    if relay is None:
+        return settings
+    return check_settings(settings.with_(relays={**settings.relays, name: relay}))
 
 
 class MailWorker:
@@ -122,9 +155,15 @@ class MailWorker:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        """Read and check ``app``'s ``MAILWORKER_*`` config; register the extension."""
-        self._states[app] = _read_config(app.config)
+        """Read and check ``app``'s ``MAILWORKER_*`` config; register the extension and
+        the ``flask mailworker`` command."""
+        state = _read_config(app.config)
+        self._states[app] = state
         app.extensions["mailworker"] = self
+        # Flask-Mail's Message() reads its default sender from app.extensions["mail"]
+        # when none is given; apps that dropped Mail(app) keep working.
+        app.extensions.setdefault("mail", _FlaskMailDefaults(state.sender))
+        app.cli.add_command(mailworker_command)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -166,7 +205,7 @@ class MailWorker:
             if "recipients" in kwargs:
                 raise TypeError("recipients= applies to MIME messages; set the Flask-Mail "
                                 "message's recipients, cc and bcc instead")
-            item = {**_flask_mail_kwargs(message), **kwargs}
+            item = {**message_kwargs(message), **kwargs}
             if not item.get("sender"):
                 item["sender"] = state.sender
         else:
@@ -177,8 +216,15 @@ class MailWorker:
 
     # -- API -----------------------------------------------------------------------------
 
-    def send(self, **kwargs: Any) -> str:
-        """:func:`mailworker.send` with this app's default sender, queue and relay."""
+    def send(self, message: Any = None, /, **kwargs: Any) -> str:
+        """:func:`mailworker.send` with this app's default sender, queue and relay.
+
+        Flask-Mail's names work too (``recipients=``, ``body=``, ``extra_headers=``,
+        ``(name, address)`` tuples, its ``Attachment`` objects), and ``mw.send(msg)``
+        with a message object is :meth:`send_message`.
+        """
+        if message is not None:
+            return self.send_message(message, **kwargs)
         return self.send_many([kwargs])[0]
 
     def send_message(self, message: Any, **kwargs: Any) -> str:
@@ -193,7 +239,10 @@ class MailWorker:
         items = []
         for message in messages:
             if isinstance(message, Mapping):
-                item = {k: v for k, v in message.items() if v is not None}
+                # {"message": EmailMessage, "recipients": [...]} is send_message()'s form,
+                # whose recipients= is the envelope; anything else is send()'s keywords.
+                args = message if "message" in message else send_kwargs(message)
+                item = {k: v for k, v in args.items() if v is not None}
                 if "message" not in item and not item.get("sender"):
                     item["sender"] = state.sender
                 items.append(self._defaults(item, state))
@@ -207,42 +256,28 @@ class MailWorker:
         return api.status(message_id)
 
 
-def _flask_mail_kwargs(msg: Any) -> dict[str, Any]:
-    """``send()`` keyword arguments from a Flask-Mail-style ``Message``."""
-    def addresses(name: str) -> list[str | None]:
-        value = getattr(msg, name, None) or []
-        return [_sender_text(a) for a in ([value] if isinstance(value, str) else value)]
+class _FlaskMailDefaults:
+    """Stands in for Flask-Mail's state in ``app.extensions["mail"]`` (its default sender)."""
 
-    attachments = getattr(msg, "attachments", None) or []
-    kwargs: dict[str, Any] = {
-        "to": addresses("recipients"),
-        "cc": addresses("cc"),
-        "bcc": addresses("bcc"),
-        "reply_to": addresses("reply_to") or None,
-        "subject": getattr(msg, "subject", None) or "",
-        "text": getattr(msg, "body", None),
-        "html": getattr(msg, "html", None),
-        "sender": _sender_text(getattr(msg, "sender", None)),
-        "headers": dict(getattr(msg, "extra_headers", None) or {}) or None,
-        "attachments": [_attachment(a, i) for i, a in enumerate(attachments)],
-    }
-    return kwargs | routing_kwargs(msg)
+    def __init__(self, default_sender: str | None) -> None:
+        self.default_sender = default_sender
 
 
-def _attachment(att: Any, index: int) -> Attachment:
-    """A Flask-Mail ``Attachment`` (filename, data, content_type, disposition, headers)."""
-    headers = dict(getattr(att, "headers", None) or {})
-    content_id = None
-    for name, value in headers.items():
-        if name.lower() != "content-id":
-            raise InvalidMessageError(f"attachments[{index}].headers[{name}]",
-                                      "only Content-ID is supported on attachments")
-        content_id = str(value)
-    disposition = (getattr(att, "disposition", None) or "attachment").lower()
-    return Attachment(
-        filename=getattr(att, "filename", None) or f"attachment-{index}",
-        content=getattr(att, "data", b""),
-        mimetype=getattr(att, "content_type", None),
-        inline=disposition == "inline",
-        content_id=content_id,
-    )
+@click.command("mailworker", add_help_option=False,
+               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+@with_appcontext
+def mailworker_command(argv: tuple[str, ...]) -> None:
+    """Run a mailworker command (worker, status, dlq, stats...) with this app's config.
+
+    ``flask mailworker worker`` is ``mailworker worker`` with the runtime configured from
+    ``app.config``, so Redis, relays and queues are written once, in the app.
+    """
+    from mailworker.cli.main import main
+
+    ext = current_app.extensions.get("mailworker")
+    if isinstance(ext, MailWorker):
+        ext._state()  # configures the process runtime from this app's config
+    code = main(list(argv) or ["--help"])
+    if code:
+        sys.exit(code)
