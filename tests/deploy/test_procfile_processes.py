@@ -74,7 +74,9 @@ def run_and_stop(name: str, env: dict[str, str], log: Path,
 
 def test_procfile_worker_starts_and_stops(mw_env: dict[str, str], tmp_path: Path,
                                           processes: list[subprocess.Popen[bytes]]) -> None:
-    code, log = run_and_stop("worker", mw_env, tmp_path / "worker.log", processes)
+    # A worker needs a relay to start (it would otherwise only defer mail); none is used here.
+    env = dict(mw_env, MAILWORKER_RELAY_DEFAULT="smtp://127.0.0.1:2525")
+    code, log = run_and_stop("worker", env, tmp_path / "worker.log", processes)
     # Celery's warm shutdown exits 0 once running tasks are done.
     assert code == 0, f"worker exited {code} after SIGTERM:\n{log}"
     assert "Traceback" not in log, log
