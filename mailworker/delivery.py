@@ -52,8 +52,10 @@ SendMany = Callable[..., Sequence[SendResult | BaseException]]
 
 log = structlog.get_logger("mailworker.delivery")
 
-# Messages sent per send_many call within a batch (one pooled connection checkout each).
-CHUNK = 50
+# Messages sent per send_many call within a batch (one pooled connection checkout each),
+# and saved together: a worker killed mid-batch re-sends at most the chunk it was in.
+# Smaller chunks cost a Redis round trip and a pipelined round trip each.
+CHUNK = 16
 
 # Transactions marked "sending" in Redis per round trip, just before the first of them
 # starts. A worker killed mid-batch flags as possible duplicates only the messages of the
@@ -136,6 +138,8 @@ class Deliverer:
         self._policies: dict[str, Policy] = {}
         self._effects: list[tuple[str, float, str] | str] = []
         self._claimed_at = 0.0
+        self._report = PassReport()
+        self._paused_until: tuple[float, str] | None = None
 
     def policy_for(self, queue: str) -> Policy:
         if queue not in self._policies:
@@ -147,7 +151,7 @@ class Deliverer:
         return self._policies[queue]
 
     def run(self, ids: Sequence[str], task_id: str | None = None) -> PassReport:
-        report = PassReport()
+        report = self._report = PassReport()
         if not ids:
             return report
         s = self.settings
@@ -212,6 +216,14 @@ class Deliverer:
         finally:
             heartbeat.unregister(held)
 
+        self._save(saves)
+        return report
+
+    def _save(self, saves: Sequence[tuple[Claim, Step]]) -> None:
+        """Commit outcomes (one round trip), then relay effects, then announce them."""
+        if not saves:
+            return
+        report = self._report
         ok = self.store.commit_many((c, st.score, st.counters) for c, st in saves)
         self._apply_relay_effects()
         for (claim, step), saved in zip(saves, ok, strict=True):
@@ -222,7 +234,6 @@ class Deliverer:
                 continue
             report.states[step.state.value] = report.states.get(step.state.value, 0) + 1
             self._announce(claim.record, step)
-        return report
 
     def _quarantine(self, poison: list[tuple[str, str, str]], report: PassReport) -> None:
         """Set unreadable or invalid records aside in the dead letters, as they are."""
@@ -308,7 +319,6 @@ class Deliverer:
         relay_name = relay.name
         envelopes: list[Envelope] = []
         sendable: list[Claim] = []
-        out: list[tuple[Claim, Step]] = []
         for c in group:
             try:
                 envelopes.append(Envelope(
@@ -320,28 +330,47 @@ class Deliverer:
                                  PassReport())
                 held.release([c.record.id])
         group = sendable
-        started = self.clock()
-        results: list[SendResult | BaseException] = []
         with structlog.contextvars.bound_contextvars(task_id=task_id, relay=relay_name):
             for i in range(0, len(envelopes), CHUNK):
+                claims, chunk = group[i:i + CHUNK], envelopes[i:i + CHUNK]
                 if i and self._budget_spent():
-                    results += [NotAttempted("batch time budget spent")] * (len(envelopes) - i)
+                    self._save([(c, requeue(c.record, self.clock())) for c in group[i:]])
                     break
-                chunk = envelopes[i:i + CHUNK]
+                started = self.clock()
                 try:
-                    results += list(send_many(chunk, gate=self._gate(group, i, held)))
+                    results = list(send_many(chunk, gate=self._gate(group, i, held)))
                 except Exception as exc:
-                    failure = _batch_failure(exc, relay_name)
-                    rest = len(envelopes) - i - len(chunk)
-                    # A connection that could not be had fails the rest alike (and pauses
+                    # A connection that could not be had fails the chunk alike (and pauses
                     # the relay once); after an interruption the rest were never started.
-                    results += [failure] * len(chunk)
-                    results += [failure if failure is exc else NotAttempted("not started")] * rest
+                    failure = _batch_failure(exc, relay_name)
+                    results = [failure] * len(chunk)
+                    if failure is not exc:
+                        self._save(self._decide(relay_name, claims, results, started, task_id))
+                        now = self.clock()
+                        self._save([(c, requeue(c.record, now)) for c in group[i + CHUNK:]])
+                        break
+                held.release([c.record.id for c in claims])
+                # Saved chunk by chunk: a worker killed mid-batch re-sends at most the
+                # chunk it was in, and those are exactly the records it had marked.
+                pairs = self._decide(relay_name, claims, results, started, task_id)
+                self._save(pairs)
+                paused = self._paused_until
+                if paused is not None:  # host-level trouble: the rest waits with the relay
+                    until, reason = paused
+                    now = self.clock()
+                    self._save([(c, apply_relay_hold(c.record, now, until, reason))
+                                for c in group[i + CHUNK:]])
                     break
-        finished = self.clock()
-        held.release([c.record.id for c in group])
+        return []
 
+    def _decide(self, relay_name: str, group: list[Claim],
+                results: Sequence[SendResult | BaseException], started: float,
+                task_id: str | None) -> list[tuple[Claim, Step]]:
+        """Fold one chunk's results into its records; note relay-level effects."""
+        finished = self.clock()
+        out: list[tuple[Claim, Step]] = []
         pause: tuple[float, str] | None = None
+        self._paused_until = None
         for claim, result in zip(group, results, strict=True):
             if isinstance(result, NotAttempted):
                 # Behind a message that broke the connection; nothing of it was sent.
@@ -369,6 +398,7 @@ class Deliverer:
                     failures = 1
                 seconds = self.settings.policy.relay_backoff.delay(failures, self.rng)
             self._effects.append((relay_name, seconds, reason))
+            self._paused_until = (finished + seconds, f"relay paused: {reason}")
             for claim, step in out:
                 if step.state is MessageState.DEFERRED and claim.record.next_attempt_at:
                     due = max(claim.record.next_attempt_at, finished + seconds)
