@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import email
 import email.policy
+import os
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 
 from mailworker.runtime import get_runtime, reset_runtime
 from mailworker.testing import SMTPTestServer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 # The example projects are what the tests drive: make them importable (mailshop, flaskshop).
 EXAMPLES = ROOT / "examples"
@@ -58,3 +63,26 @@ def queue_names(env: dict[str, str]) -> tuple[str, str]:
 
 def store_keys(prefix: str) -> list[bytes]:
     return sorted(get_runtime().redis.keys(f"{prefix}:m:*"))
+
+
+@contextmanager
+def framework_worker(argv: list[str], env: dict[str, str], log: Path,
+                     cwd: Path = ROOT) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker started through a framework (``manage.py mailworker worker``, ``flask
+    mailworker worker``), ready inside the block and stopped (warm, then killed) after."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_until(lambda: b"ready." in log.read_bytes() or proc.poll() is not None, 30,
+                   message=f"{' '.join(argv[1:4])} to be ready")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)

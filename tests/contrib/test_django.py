@@ -8,8 +8,6 @@ TestCase transaction: on-commit callbacks must really fire (or really not).
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from email.mime.image import MIMEImage
@@ -34,7 +32,7 @@ from mailworker.runtime import get_runtime
 from mailworker.store import MessageState, Record
 from mailworker.testing import SMTPTestServer
 from tests.conftest import ROOT, WorkerProcess, wait_until
-from tests.contrib.conftest import EXAMPLES, parse, queue_names, store_keys
+from tests.contrib.conftest import EXAMPLES, framework_worker, parse, queue_names, store_keys
 
 EXAMPLE = EXAMPLES / "django_app"
 StartWorker = Callable[..., WorkerProcess]
@@ -396,16 +394,10 @@ def test_manage_py_worker_sends_signals_to_receivers(
     """`manage.py mailworker worker` loads Django: the example's receiver updates the order."""
     env = dict(worker_env, DJANGO_SETTINGS_MODULE="mailshop.settings", MAILSHOP_DB=str(django_db),
                PYTHONPATH=os.pathsep.join([str(EXAMPLE), str(ROOT)]))
+    argv = [sys.executable, str(EXAMPLE / "manage.py"), "mailworker", "worker",
+            "-Q", env["MW_TEST_QUEUES"], "-c", "2"]
     log = tmp_path / "manage-worker.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(EXAMPLE / "manage.py"), "mailworker", "worker",
-             "-Q", env["MW_TEST_QUEUES"], "-c", "2"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until(lambda: b"ready." in log.read_bytes() or proc.poll() is not None, 30,
-                   message="manage.py worker to be ready")
-        assert proc.poll() is None, log.read_text()[-3000:]
+    with framework_worker(argv, env, log):
         with override_settings(MAILWORKER=mailworker_setting(worker_env)):
             placed = Client().post("/orders/", {"email": "cy@example.com", "item": "cup"})
         assert placed.status_code == 201, placed.content
@@ -416,11 +408,3 @@ def test_manage_py_worker_sends_signals_to_receivers(
         wait_until(lambda: Order.objects.get(pk=order).mail_state == "delivered", 20,
                    message=f"the receiver to mark the order delivered (log: {log})")
         assert smtp_server.messages[0].recipients == ("cy@example.com",)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any, ClassVar
 
 import flask
@@ -13,12 +16,12 @@ from flaskshop import LOGO_PNG, create_app, terms_pdf
 
 from mailworker.config import ConfigError
 from mailworker.contrib.flask import MailWorker
-from mailworker.message import InvalidMessageError
+from mailworker.message import Attachment, InvalidMessageError
 from mailworker.runtime import get_runtime
 from mailworker.store import Record
 from mailworker.testing import SMTPTestServer
-from tests.conftest import WorkerProcess, wait_until
-from tests.contrib.conftest import parse, queue_names, store_keys
+from tests.conftest import ROOT, WorkerProcess, wait_until
+from tests.contrib.conftest import framework_worker, parse, queue_names, store_keys
 
 StartWorker = Callable[..., WorkerProcess]
 
@@ -273,3 +276,178 @@ def test_framework_settings_get_the_same_checks_as_the_config_file() -> None:
                        where="app", environ=env)
     with pytest.raises(ConfigError, match="unknown key"):
         build_settings({"queues": {"q": {"lifetme": "1h"}}}, where="app", environ=env)
+
+
+# --- Flask-Mail habits ---------------------------------------------------------------------
+
+
+def test_flask_mail_argument_names_tuples_and_attachments(mw_env: dict[str, str]) -> None:
+    import flask_mail
+
+    app = flask.Flask("names")
+    app.config.update(app_config(mw_env))
+    mw = MailWorker(app)
+    pdf = b"%PDF-1.4\n" + bytes(range(256))
+    mid = mw.send(
+        recipients=[("Ann Äbel", "ann@example.com"), "bob@example.com"], subject="Invoice",
+        body="See attached.", html="<p>See attached.</p>",
+        sender=("Shop, Inc.", "shop@example.com"), cc=[("Cy", "cy@example.com")],
+        bcc=["audit@example.com"], reply_to=("Help", "help@example.com"),
+        extra_headers={"X-Invoice": "7"},
+        attachments=[flask_mail.Attachment("invoice.pdf", "application/pdf", pdf),
+                     ("notes.txt", "plain notes", "text/plain")],
+    )
+    rec, raw = record(mid)
+    assert rec.sender == "shop@example.com"
+    assert [r.address for r in rec.recipients] == ["ann@example.com", "bob@example.com",
+                                                  "cy@example.com", "audit@example.com"]
+    msg = parse(raw)
+    assert msg["From"] == '"Shop, Inc." <shop@example.com>'
+    assert msg["To"] == "Ann Äbel <ann@example.com>, bob@example.com"
+    assert msg["Cc"] == "Cy <cy@example.com>" and msg["Reply-To"] == "Help <help@example.com>"
+    assert msg["X-Invoice"] == "7" and "Bcc" not in msg
+    assert msg.get_body(("plain",)).get_content().strip() == "See attached."  # type: ignore[union-attr]
+    parts = {p.get_filename(): p for p in msg.iter_attachments()}
+    assert parts["invoice.pdf"].get_content() == pdf
+    assert parts["notes.txt"].get_content().strip() == "plain notes"
+
+    with pytest.raises(TypeError, match="both recipients= and to="):
+        mw.send(recipients=["a@example.com"], to=["b@example.com"], body="x")
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) bodyy; it takes"):
+        mw.send(recipients=["a@example.com"], bodyy="x")
+
+
+def test_swapped_attachment_is_a_short_clear_error(mw_env: dict[str, str]) -> None:
+    app = flask.Flask("swap")
+    app.config.update(app_config(mw_env, MAILWORKER_DEFAULT_SENDER="shop@example.com"))
+    mw = MailWorker(app)
+    big = b"%PDF-1.4\n" + bytes(range(256)) * 100  # 25 KB: none of it may be in the error
+    for swapped in (("invoice.pdf", "application/pdf", big),
+                    Attachment("invoice.pdf", "application/pdf", big)):  # type: ignore[arg-type]
+        with pytest.raises(InvalidMessageError) as err:
+            mw.send(to="a@example.com", text="x", attachments=[swapped])
+        assert err.value.field == "attachments[0]"
+        assert "swap" in str(err.value) and "Flask-Mail's order" in str(err.value)
+        assert len(str(err.value)) < 300
+    assert store_keys(mw_env["MAILWORKER_KEY_PREFIX"]) == []
+
+
+def test_flask_mail_message_through_send_without_mail_initialised(mw_env: dict[str, str]) -> None:
+    """``mw.send(flask_mail.Message(...))``; Message() needs no Mail(app) for its sender."""
+    import flask_mail
+
+    app = flask.Flask("fmsend")
+    app.config.update(app_config(mw_env, MAIL_DEFAULT_SENDER=("Shop", "shop@example.com")))
+    mw = MailWorker(app)
+    with app.app_context():
+        msg = flask_mail.Message("Hello", recipients=["ann@example.com"], body="hi")
+        msg.attach("logo.png", "image/png", LOGO_PNG, "inline", {"Content-ID": "<logo>"})
+        mid = mw.send(msg)
+    rec, raw = record(mid)
+    assert rec.sender == "shop@example.com" and parse(raw)["From"] == "Shop <shop@example.com>"
+    parts = [p for p in parse(raw).walk() if p.get_filename() == "logo.png"]
+    assert parts[0].get_content() == LOGO_PNG and parts[0]["Content-ID"] == "<logo>"
+
+
+def test_flask_mail_config_keys_make_the_default_relay(mw_env: dict[str, str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    base = {k: v for k, v in app_config(mw_env).items() if k != "MAILWORKER_RELAYS"}
+
+    def relays(**mail: Any) -> dict[str, Any]:
+        app = flask.Flask("fmconf")
+        app.config.update(base, **mail)
+        mw = MailWorker(app)
+        state = mw._states[app]
+        assert state.settings is not None
+        return dict(state.settings.relays)
+
+    r = relays(MAIL_SERVER="smtp.example.com", MAIL_PORT=587, MAIL_USE_TLS=True,
+               MAIL_USERNAME="me@example.com", MAIL_PASSWORD="s3cret-pw")["default"]
+    assert (r.host, r.port, r.security, r.verify) == ("smtp.example.com", 587, "starttls", True)
+    assert (r.username, r.password) == ("me@example.com", "s3cret-pw")
+    assert not r.allow_plain_auth  # plain AUTH rules unchanged
+    assert "s3cret" not in repr(r) and "s3cret" not in r.dsn
+    ssl = relays(MAIL_SERVER="smtp.example.com", MAIL_USE_SSL=True)["default"]
+    assert (ssl.port, ssl.security) == (465, "tls")
+    plain = relays(MAIL_SERVER="127.0.0.1", MAIL_PORT=2525)["default"]
+    assert (plain.port, plain.security, plain.username) == (2525, "starttls-optional", None)
+    # MAILWORKER_* relays win, in app.config or the environment.
+    explicit = relays(MAIL_SERVER="ignored.example.com", MAILWORKER_RELAY_DEFAULT="smtp://mx:25")
+    assert explicit["default"].host == "mx"
+    monkeypatch.setenv("MAILWORKER_RELAY_DEFAULT", "smtp://from-env:25")
+    assert relays(MAIL_SERVER="ignored.example.com")["default"].host == "from-env"
+    monkeypatch.delenv("MAILWORKER_RELAY_DEFAULT")
+    with pytest.raises(ConfigError, match="MAIL_USE_SSL and MAIL_USE_TLS are both set"):
+        relays(MAIL_SERVER="smtp.example.com", MAIL_USE_SSL=True, MAIL_USE_TLS=True)
+    with pytest.raises(ConfigError, match="MAIL_PASSWORD is set but MAIL_USERNAME is not"):
+        relays(MAIL_SERVER="smtp.example.com", MAIL_PASSWORD="s3cret-pw")
+    with pytest.raises(ConfigError, match="MAIL_SERVER/MAIL_PORT") as err:
+        relays(MAIL_SERVER="smtp.example.com", MAIL_PORT=99999, MAIL_USERNAME="u",
+               MAIL_PASSWORD="s3cret-pw")
+    assert "s3cret" not in str(err.value)
+
+
+# --- flask mailworker ----------------------------------------------------------------------
+
+
+def test_flask_cli_command_uses_the_app_config(mw_env: dict[str, str]) -> None:
+    app = flask.Flask("cli")
+    app.config.update({k: v for k, v in app_config(mw_env).items() if k != "MAILWORKER_RELAYS"})
+    MailWorker(app)
+    runner = app.test_cli_runner()
+    version = runner.invoke(args=["mailworker", "--version"])
+    assert version.exit_code == 0 and version.output.startswith("mailworker ")
+    # No relay anywhere: the worker refuses at once (exit 3) instead of deferring mail.
+    refused = runner.invoke(args=["mailworker", "worker"])
+    assert refused.exit_code == 3
+    assert "no relay is configured" in refused.output and "Traceback" not in refused.output
+    # The command's runtime is the app's: its key prefix, not the environment's.
+    stats = runner.invoke(args=["mailworker", "stats", "--json"])
+    assert stats.exit_code == 0, stats.output
+    assert get_runtime().settings.key_prefix == mw_env["MAILWORKER_KEY_PREFIX"]
+
+
+APP_MODULE = '''
+from flask import Flask
+from mailworker.contrib.flask import MailWorker
+
+mw = MailWorker()
+
+
+def create_app():
+    app = Flask("configonce")
+    app.config.update({config!r})
+    mw.init_app(app)
+    return app
+'''
+
+
+@pytest.mark.integration
+def test_flask_mailworker_worker_reads_app_config_only(
+    mw_env: dict[str, str], smtp_server: SMTPTestServer, tmp_path: Path,
+) -> None:
+    """Config lives once: the worker gets Redis, queues and the relay (from Flask-Mail's
+    MAIL_* keys) from the app; its environment holds no MAILWORKER_* variable at all."""
+    host, port = smtp_server.dsn().removeprefix("smtp://").split("?")[0].rsplit(":", 1)
+    config = {**{k: v for k, v in app_config(mw_env).items() if k != "MAILWORKER_RELAYS"},
+              "MAILWORKER_TICK_INTERVAL": "0.2",
+              "MAIL_SERVER": host, "MAIL_PORT": int(port),
+              "MAIL_DEFAULT_SENDER": ("Config Once", "once@example.com")}
+    (tmp_path / "configonce.py").write_text(APP_MODULE.format(config=config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILWORKER_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
+    argv = [sys.executable, "-m", "flask", "--app", "configonce:create_app", "mailworker",
+            "worker", "-Q", mw_env["MW_TEST_QUEUES"], "-c", "2"]
+    with framework_worker(argv, env, tmp_path / "flask-worker.log", cwd=tmp_path):
+        sys.path.insert(0, str(tmp_path))
+        try:
+            from configonce import create_app as make  # type: ignore[import-not-found]
+        finally:
+            sys.path.remove(str(tmp_path))
+        with make().app_context():
+            ext = flask.current_app.extensions["mailworker"]
+            mid = ext.send(recipients=["ann@example.com"], subject="once", body="hi")
+        [got] = smtp_server.wait_for_messages(1, timeout=20)
+        assert got.sender == "once@example.com" and got.recipients == ("ann@example.com",)
+        wait_until(lambda: record(mid)[0].state.value == "delivered", 10,
+                   message="the record to say delivered")

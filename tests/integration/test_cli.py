@@ -150,3 +150,80 @@ def test_worker_restarts_a_crashed_celery_child(mw: Env,
     mw.final([mid], timeout=60)
     assert b"worker.crashed" in w.log.read_bytes()
     assert w.proc.poll() is None
+
+
+# --- issue 10 / S2-10: what the operator sees ------------------------------------------------
+
+HOSTILE = "5.1.1 \x1b[2J\x1b[H\x1b]0;pwned-title\x07\x1b[32mAll messages delivered OK\x1b[0m"
+
+
+def assert_terminal_safe(p: subprocess.CompletedProcess[str]) -> None:
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    for stream in (p.stdout, p.stderr):
+        assert "\x1b" not in stream and "\x07" not in stream and "pwned-title" not in stream
+
+
+def test_s2_10_relay_text_reaches_the_terminal_cleaned(
+        mw: Env, start_worker: Callable[..., WorkerProcess]) -> None:
+    """A relay's reply text with escape sequences, through status, dlq list/show and check;
+    also the RCPT-level dead letters --exception finds, and why a message waits."""
+    mw.server.add_fault(Fault.reply("RCPT", 550, HOSTILE, match="gone@"))
+    mw.server.add_fault(Fault.reply("NOOP", 250, HOSTILE))
+    start_worker()
+    dead = run(mw.env, "send", "--to", "gone@a.example", "--text", "x").stdout.strip()
+    partial = run(mw.env, "send", "--to", "ok@example.com", "--to", "gone@b.example",
+                  "--text", "x").stdout.strip()
+    # Queued for a relay this shell knows and the worker does not: it waits, and says why.
+    producer = dict(mw.env, MAILWORKER_RELAY_ELSEWHERE=f"smtp://127.0.0.1:{free_port()}")
+    waiting = run(producer, "send", "--relay", "elsewhere", "--to", "a@example.com",
+                  "--text", "x").stdout.strip()
+    mw.final([dead, partial])
+    wait_until(lambda: (r := mw.store.get(waiting)) is not None and r.last_error, 30,
+               message="the worker to hold the message for the unknown relay")
+
+    for args in (("status", dead), ("dlq", "list"), ("dlq", "show", dead), ("check",),
+                 ("status", partial)):
+        p = run(mw.env, *args)
+        assert_terminal_safe(p)
+        assert "All messages delivered OK" in p.stdout or args == ("dlq", "list")
+    # One attempt count for a message and its delivered recipient.
+    shown = run(mw.env, "status", partial).stdout
+    assert "attempts 1" in shown
+    assert re.search(r"ok@example\.com\s+delivered\s+250.*\s1$", shown, re.M), shown
+    held = run(mw.env, "status", waiting)
+    assert held.returncode == 0 and "waiting  unknown relay 'elsewhere'" in held.stdout
+
+    def listed(*flt: str) -> set[str]:
+        p = run(mw.env, "dlq", "list", "--json", *flt)
+        assert p.returncode == 0, p.stderr
+        return {r["id"] for r in json.loads(p.stdout)}
+
+    assert listed("--exception", "SMTPRecipientsRefused") == {dead, partial}
+    assert listed("--exception", "smtplib.SMTPRecipientsRefused") == {dead, partial}
+    assert listed("--exception", "SMTPDataError") == set()
+
+
+def test_stats_lists_every_relay_in_redis_with_pause_time_left(mw: Env) -> None:
+    # Relays only some worker knows: counters and a pause written by "another" worker.
+    mw.store.redis.hincrby(mw.store.key("stats", "backup"), "delivered", 3)
+    mw.store.pause_relay("backup", 125, "535 5.7.8 auth failed \x1b[31m(check password)")
+    mw.store.pause_relay("paused-only", 30, "certificate not trusted")
+    snap = json.loads(run(mw.env, "stats", "--json").stdout)
+    assert snap["relays"]["backup"]["delivered"] == 3
+    assert set(snap["relays"]) >= {"backup", "paused-only", "default"}
+    assert 100 < snap["paused"]["backup"]["seconds_left"] <= 125
+    assert snap["paused"]["paused-only"]["reason"] == "certificate not trusted"
+    assert "default" not in snap["paused"]
+    text = run(mw.env, "stats")
+    assert_terminal_safe(text)
+    line = next(ln for ln in text.stdout.splitlines() if ln.startswith("backup"))
+    assert re.search(r"paused, 2m0\ds left: 535 5\.7\.8 auth failed", line), line
+
+
+def test_worker_without_relay_refuses_unless_allowed(
+        mw: Env, start_worker: Callable[..., WorkerProcess]) -> None:
+    env = {k: v for k, v in mw.env.items() if not k.startswith("MAILWORKER_RELAY_")}
+    p = run(env, "worker", "-Q", env["MW_TEST_QUEUES"])
+    assert_one_line_error(p, 3, "no relay is configured", "--allow-no-relay")
+    w = start_worker("--allow-no-relay", env=env)  # starts, and says ready
+    assert w.proc.poll() is None
