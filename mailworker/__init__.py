@@ -13,6 +13,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
     "InvalidMessageError",
+    "MailworkerError",
+    "QueueFull",
+    "QueueUnavailable",
     "__version__",
     "configure",
     "hooks",
@@ -35,11 +38,15 @@ _EXPORTS = {
     "on": "mailworker.hooks",
     "ConfigError": "mailworker.config",
     "InvalidMessageError": "mailworker.message",
+    "MailworkerError": "mailworker.errors",
+    "QueueFull": "mailworker.errors",
+    "QueueUnavailable": "mailworker.errors",
 }
 
 if TYPE_CHECKING:
     from mailworker.api import send, send_many, send_message, status
     from mailworker.config import ConfigError
+    from mailworker.errors import MailworkerError, QueueFull, QueueUnavailable
     from mailworker.hooks import hooks, on
     from mailworker.message import InvalidMessageError
     from mailworker.runtime import configure

@@ -2,22 +2,37 @@
 
 ``send()`` returns once the record is in Redis and a wake-up is on the broker. If the
 publish fails after the record is written, the mail is not lost: the record sits in the
-in-flight set and the sweeper wakes it (DESIGN.md principle 1).
+in-flight set and the sweeper wakes it (DESIGN.md principle 1). If Redis fails, nothing
+is written (a batch is one atomic script) and the caller gets
+:class:`~mailworker.errors.QueueUnavailable` (an ``OSError``), or
+:class:`~mailworker.errors.QueueFull` when Redis is out of memory.
 """
 
 from __future__ import annotations
 
+import difflib
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from email.message import Message
-from typing import Any
+from typing import Any, TypeVar
 
+import orjson
+import redis
 import structlog
 
-from mailworker.config import Settings
-from mailworker.message import Attachment, BuiltMessage, build_message, from_email_message
+from mailworker.config import Settings, redact_url
+from mailworker.errors import QueueFull, QueueUnavailable, shown
+from mailworker.message import (
+    Attachment,
+    BuiltMessage,
+    InvalidMessageError,
+    build_message,
+    from_email_message,
+)
+from mailworker.routing import When, check_metadata, check_name, delay_until, epoch
+from mailworker.routing import idempotency_key as check_key
 from mailworker.runtime import get_runtime
 from mailworker.scheduler import Publisher, publish_ids
 from mailworker.store import MessageState, RecipientState, Record
@@ -25,37 +40,70 @@ from mailworker.store import MessageState, RecipientState, Record
 __all__ = ["enqueue_prepared", "prepare_many", "send", "send_many", "send_message", "status"]
 
 log = structlog.get_logger("mailworker.api")
-When = datetime | timedelta | float | int | None
 Prepared = tuple[Record, bytes]
+T = TypeVar("T")
+
+_ROUTING = ("relay", "queue", "idempotency_key", "send_at", "delay", "expires_at", "metadata")
+_BUILD = ("to", "sender", "subject", "text", "html", "cc", "bcc", "reply_to", "attachments",
+          "headers", "message_id", "date", "sender_header")
+_MESSAGE = ("message", "sender", "recipients")
+# Habits from other mail APIs (Flask-Mail, Django, smtplib) and what send() calls them.
+_RENAMED = {"recipients": "to", "body": "text", "html_body": "html", "from_email": "sender",
+            "from_addr": "sender", "extra_headers": "headers", "reply_to_addresses": "reply_to",
+            "html_message": "html"}
 
 
-def _epoch(value: When, now: float, field: str) -> float | None:
-    if value is None:
-        return None
+def _unknown_key(key: object, allowed: Sequence[str]) -> InvalidMessageError:
+    name = key if isinstance(key, str) else shown(key)
+    better = _RENAMED.get(name)
+    if "message" in allowed and name in ("to", "cc", "bcc"):
+        better = "recipients"  # a ready-made message: the envelope, if not its headers
+    if better is None:
+        close = difflib.get_close_matches(name, allowed, n=1)
+        better = close[0] if close else None
+    hint = f"; did you mean {better}{'' if better.endswith(')') else '='}?" if better else ""
+    return InvalidMessageError(
+        name, f"not an argument here{hint} (allowed: {', '.join(allowed)})")
+
+
+def _when_from(value: datetime | float | None) -> float | None:
+    """``date=`` as epoch seconds; a naive datetime is refused like in send_at."""
     if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise ValueError(f"{field}: use a timezone-aware datetime (e.g. datetime.now(UTC))")
-        return value.timestamp()
-    if isinstance(value, timedelta):
-        return now + value.total_seconds()
-    if isinstance(value, (int, float)):
-        return float(value)
-    raise TypeError(f"{field}: expected a datetime, timedelta or epoch seconds, got {value!r}")
+        return epoch(value, time.time(), "date")
+    return value
 
 
 def _record(built: BuiltMessage, settings: Settings, *, relay: str | None, queue: str | None,
-            idempotency_key: str | None, send_at: When, expires_at: When,
-            metadata: Mapping[str, Any] | None, now: float) -> Record:
-    relay_name = settings.relay(relay).name  # raises ConfigError naming known relays
-    q = settings.queue(queue)
-    start = _epoch(send_at, now, "send_at")
-    expiry = _epoch(expires_at, now, "expires_at")
+            idempotency_key: str | None, send_at: When, delay: timedelta | float | None,
+            expires_at: When, metadata: Mapping[str, Any] | None, now: float) -> Record:
+    relay_name = settings.relay(check_name(relay, "relay")).name  # ConfigError if unknown
+    q = settings.queue(check_name(queue, "queue"))
+    key = check_key(idempotency_key)
+    meta = check_metadata(metadata)
+    if send_at is not None and delay is not None:
+        raise InvalidMessageError("delay", "pass send_at= (a time) or delay= (a wait), not both")
+    start = epoch(send_at, now, "send_at") if delay is None else delay_until(delay, now)
+    expiry = epoch(expires_at, now, "expires_at")
     if expiry is None:
         expiry = max(now, start or now) + settings.lifetime(q.name)
     if expiry <= now:
-        raise ValueError("expires_at is in the past; the message would never be sent")
+        raise InvalidMessageError("expires_at", "is in the past; the message would never be sent")
     if start is not None and expiry <= start:
-        raise ValueError("expires_at is not after send_at; the message would never be sent")
+        raise InvalidMessageError("expires_at",
+                                  "is not after send_at; the message would never be sent")
+    if len(built.recipients) > settings.max_recipients:
+        raise InvalidMessageError(
+            "recipients", f"{len(built.recipients):,} recipients, over the limit of "
+            f"{settings.max_recipients:,} per message (MAILWORKER_MAX_RECIPIENTS); split them "
+            "over several messages with send_many()")
+    # Metadata and the key are stored and loaded with the record: they count, or a "1 MiB"
+    # limit would let a 50 MB record in.
+    extra = (len(orjson.dumps(meta)) if meta else 0) + len((key or "").encode("utf-8"))
+    if built.size + extra > settings.max_message_size:
+        raise InvalidMessageError(
+            "size", f"message {built.size:,} bytes + metadata and idempotency_key "
+            f"{extra:,} bytes is over the {settings.max_message_size:,}-byte limit "
+            "(MAILWORKER_MAX_MESSAGE_SIZE); keep metadata to small values such as ids")
     return Record(
         id=uuid.uuid4().hex,
         queue=q.name,
@@ -69,16 +117,34 @@ def _record(built: BuiltMessage, settings: Settings, *, relay: str | None, queue
         state=MessageState.DEFERRED if start and start > now else MessageState.QUEUED,
         next_attempt_at=start if start and start > now else None,
         send_at=start,
-        idempotency_key=idempotency_key,
-        metadata=dict(metadata or {}),
+        idempotency_key=key,
+        metadata=meta,
     )
+
+
+def _store_call(settings: Settings, doing: str, call: Callable[[], T]) -> T:
+    """Run a store call; turn any Redis failure into QueueUnavailable / QueueFull."""
+    try:
+        return call()
+    except redis.RedisError as exc:
+        where = redact_url(settings.redis_url)
+        text = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
+            raise QueueFull(
+                f"Redis at {where} is out of memory and refused to {doing} ({text}); nothing "
+                "was queued. Workers free memory as they deliver; or give Redis more "
+                "maxmemory, or lower retention") from exc
+        raise QueueUnavailable(
+            f"cannot {doing}: Redis at {where} did not answer or refused ({text}); nothing "
+            "was changed. Check that Redis is up (MAILWORKER_REDIS_URL)") from exc
 
 
 def _enqueue(items: list[tuple[Record, bytes]], publish: Publisher | None = None) -> list[str]:
     rt = get_runtime()
     s = rt.settings
     now = time.time()
-    ids = rt.store.enqueue_many(items, watchdog=now + s.stuck_after)
+    ids = _store_call(s, "queue the mail",
+                      lambda: rt.store.enqueue_many(items, watchdog=now + s.stuck_after))
     publish = publish or publish_ids
     by_queue: dict[str, list[str]] = {}
     for (rec, _raw), mid in zip(items, ids, strict=True):
@@ -111,25 +177,32 @@ def send(
     queue: str | None = None,
     idempotency_key: str | None = None,
     send_at: When = None,
+    delay: timedelta | float | None = None,
     expires_at: When = None,
     metadata: Mapping[str, Any] | None = None,
+    message_id: str | None = None,
+    date: datetime | float | None = None,
+    sender_header: str | None = None,
 ) -> str:
     """Accept one message for delivery and return its id.
 
-    Raises :class:`mailworker.message.InvalidMessageError` (bad address, CR/LF in a
-    header, over the size limit) or :class:`mailworker.config.ConfigError` (unknown relay
-    or queue) before anything is queued. The same *idempotency_key* twice returns the
-    first message's id and sends once.
+    ``send_at`` is when to send (an aware datetime or epoch seconds); ``delay`` is how
+    long to wait (seconds or a timedelta): ``delay=60`` sends in a minute. ``sender`` is
+    the From author and envelope sender; ``sender_header`` an optional Sender field.
+
+    Raises :class:`~mailworker.message.InvalidMessageError` (bad address, CR/LF in a
+    header, over the size limit, a wrong type: the field is named) or
+    :class:`~mailworker.config.ConfigError` (unknown relay or queue) before anything is
+    queued, and :class:`~mailworker.errors.QueueUnavailable` (an ``OSError``) when Redis
+    cannot take it. The same *idempotency_key* twice returns the first message's id and
+    sends once.
     """
     return send_many([dict(
         to=to, sender=sender, subject=subject, text=text, html=html, cc=cc, bcc=bcc,
         reply_to=reply_to, attachments=attachments, headers=headers, relay=relay, queue=queue,
-        idempotency_key=idempotency_key, send_at=send_at, expires_at=expires_at,
-        metadata=metadata,
+        idempotency_key=idempotency_key, send_at=send_at, delay=delay, expires_at=expires_at,
+        metadata=metadata, message_id=message_id, date=date, sender_header=sender_header,
     )])[0]
-
-
-_ROUTING = ("relay", "queue", "idempotency_key", "send_at", "expires_at", "metadata")
 
 
 def send_message(
@@ -141,13 +214,46 @@ def send_message(
     queue: str | None = None,
     idempotency_key: str | None = None,
     send_at: When = None,
+    delay: timedelta | float | None = None,
     expires_at: When = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> str:
     """Accept a ready-made :class:`email.message.EmailMessage` (Bcc is stripped)."""
     return send_many([dict(message=message, sender=sender, recipients=recipients, relay=relay,
                            queue=queue, idempotency_key=idempotency_key, send_at=send_at,
-                           expires_at=expires_at, metadata=metadata)])[0]
+                           delay=delay, expires_at=expires_at, metadata=metadata)])[0]
+
+
+def _prepare(item: object, s: Settings, now: float) -> Prepared:
+    if isinstance(item, Message):
+        args: dict[str, Any] = {"message": item}
+    elif isinstance(item, Mapping):
+        args = dict(item)
+    else:
+        raise InvalidMessageError(
+            "message", "each item is a dict of send() arguments or an email.message.Message, "
+            f"got {type(item).__name__}")
+    allowed = (*(_MESSAGE if "message" in args else _BUILD), *_ROUTING)
+    for key in args:
+        if key not in allowed:
+            raise _unknown_key(key, allowed)
+    routing = {k: args.pop(k, None) for k in _ROUTING}
+    if "message" in args:
+        built = from_email_message(args["message"], sender=args.get("sender"),
+                                   recipients=args.get("recipients"),
+                                   max_size=s.max_message_size)
+    else:
+        if args.get("sender") is None:
+            args["sender"] = s.default_sender
+            if not args["sender"]:
+                raise InvalidMessageError(
+                    "sender", "required: pass sender='Shop <shop@example.com>', or configure a "
+                    "default sender (MAILWORKER_DEFAULT_SENDER in the environment, "
+                    "default_sender in the config file, MAILWORKER['DEFAULT_SENDER'] in "
+                    "Django settings, MAILWORKER_DEFAULT_SENDER in Flask's app.config)")
+        args["date"] = _when_from(args.get("date"))
+        built = build_message(max_size=s.max_message_size, **args)
+    return _record(built, s, now=now, **routing), built.data
 
 
 def prepare_many(messages: Iterable[Mapping[str, Any] | Message]) -> list[Prepared]:
@@ -160,31 +266,26 @@ def prepare_many(messages: Iterable[Mapping[str, Any] | Message]) -> list[Prepar
     """
     s = get_runtime().settings
     now = time.time()
+    if isinstance(messages, str | bytes | Mapping | Message) or not isinstance(messages,
+                                                                                Iterable):
+        raise InvalidMessageError(
+            "messages", f"expected a list of dicts or messages, got {type(messages).__name__}")
     items: list[Prepared] = []
     for i, item in enumerate(messages):
         try:
-            args: dict[str, Any] = {"message": item} if isinstance(item, Message) else dict(item)
-            routing = {k: args.pop(k, None) for k in _ROUTING}
-            if "message" in args:
-                built = from_email_message(args["message"], sender=args.get("sender"),
-                                           recipients=args.get("recipients"),
-                                           max_size=s.max_message_size)
-            else:
-                if not args.get("sender"):
-                    args["sender"] = s.default_sender
-                    if not args["sender"]:
-                        raise ValueError(
-                            "sender is required: pass sender=... or set MAILWORKER_DEFAULT_SENDER")
-                built = build_message(max_size=s.max_message_size, **args)
-            items.append((_record(built, s, now=now, **routing), built.data))
-        except (ValueError, TypeError) as exc:
+            items.append(_prepare(item, s, now))
+        except ValueError as exc:  # InvalidMessageError, ConfigError
             exc.add_note(f"(item {i} of the batch; nothing in the batch was queued)")
             raise
     return items
 
 
 def enqueue_prepared(items: Sequence[Prepared]) -> list[str]:
-    """Queue records made by :func:`prepare_many`; returns their ids."""
+    """Queue records made by :func:`prepare_many`; returns their ids.
+
+    All or none: raises :class:`~mailworker.errors.QueueUnavailable` (or ``QueueFull``)
+    with nothing queued when Redis fails.
+    """
     return _enqueue(list(items)) if items else []
 
 
@@ -192,15 +293,23 @@ def send_many(messages: Iterable[Mapping[str, Any] | Message]) -> list[str]:
     """Accept many messages in one Redis round trip and few broker publishes.
 
     Every item is validated before any is queued: one bad item raises and queues none,
-    so a caller never has to work out which part of a batch went out.
+    so a caller never has to work out which part of a batch went out. Redis writes the
+    batch in one atomic script: a Redis failure, :class:`~mailworker.errors.QueueFull`
+    included, also leaves nothing queued.
     """
     return enqueue_prepared(prepare_many(messages))
 
 
 def status(message_id: str) -> dict[str, Any] | None:
-    """What became of a message: its state and, per recipient, state, last reply, attempts.
+    """What became of a message: its state, attempts made, the reason it is waiting or
+    dead, and per recipient: state, last reply, attempts.
 
-    Returns None for an unknown id (or one whose record passed its retention).
+    Returns None for an unknown id (or one whose record passed its retention); raises
+    :class:`~mailworker.errors.QueueUnavailable` when Redis cannot be read.
     """
-    rec = get_runtime().store.get(message_id)
+    if not isinstance(message_id, str) or not message_id:
+        raise InvalidMessageError("message_id", f"expected the id send() returned, got "
+                                  f"{shown(message_id)}")
+    rt = get_runtime()
+    rec = _store_call(rt.settings, "read the message status", lambda: rt.store.get(message_id))
     return rec.summary() if rec else None

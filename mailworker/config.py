@@ -8,26 +8,51 @@ the setting and what it accepts: a worker that starts is a worker whose config p
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from mailworker.errors import MailworkerError, shown
 from mailworker.policy import Policy, parse_duration
 from mailworker.relay import InvalidRelayError, Relay, parse_relay
 
-__all__ = ["ConfigError", "QueueSettings", "Settings", "check_settings", "load_settings",
-           "queue_from_spec", "relay_from_spec"]
+__all__ = ["MAX_DURATION", "ConfigError", "QueueSettings", "Settings", "check_settings",
+           "load_settings", "queue_from_spec", "redact_url", "relay_from_spec"]
 
 DEFAULT_QUEUES = ("transactional", "bulk")
 _SECRET_OPTIONS = {"username_env", "password_env", "password_file"}
+#: Longest duration any setting accepts (ten years): longer is a typo (milliseconds
+#: for seconds), and times past it overflow dates in ``status`` and Redis expiries.
+MAX_DURATION = 10 * 365 * 86400.0
 
 
-class ConfigError(ValueError):
-    """A setting is missing or malformed; the message names it and what it accepts."""
+class ConfigError(MailworkerError, ValueError):
+    """A setting is missing or malformed; the message names it and what it accepts.
+
+    A ``ValueError`` for callers that caught that before :class:`MailworkerError` existed.
+    """
+
+
+def redact_url(url: str | None) -> str | None:
+    """*url* with its password replaced by ``***``, for reprs, errors and logs.
+
+    The credentials end at the *last* '@', so a password holding an unencoded '@' or
+    '/' is hidden whole (a URL parser would end it at the first of them and show the
+    rest). Without a ':' the whole user part is hidden: it may be a bare password.
+    """
+    if not url or "@" not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<URL hidden: it holds '@' but no scheme>"
+    userinfo, _, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user + ':***' if colon else '***'}@{host}"
 
 
 @dataclass(frozen=True)
@@ -54,6 +79,12 @@ class Settings:
     default_queue: str = "transactional"
     default_sender: str | None = None
     max_message_size: int = 10 * 1024 * 1024
+    max_recipients: int = 1000
+    # A web request waits for Redis at most about connect + socket timeout; a refused or
+    # reset connection is retried redis_retries times with exponential backoff.
+    redis_connect_timeout: float = 1.0
+    redis_socket_timeout: float = 2.0
+    redis_retries: int = 2
     retention: float = 7 * 86400.0
     # Short leases, renewed by the heartbeat every lease/3 while the batch runs: a killed
     # worker's mail moves again within lease + stuck_after (+ a tick), 26 s by default.
@@ -64,6 +95,20 @@ class Settings:
     task_time_limit: float = 600.0
     visibility_timeout: float = 3600.0
     policy: Policy = field(default_factory=Policy)
+
+    def __post_init__(self) -> None:
+        # Settings built in code (configure(**overrides), frameworks) get the same range
+        # checks as the file and the environment: NaN, inf and 1e300 never get in.
+        for name in _SCALARS:
+            _check_scalar(name, getattr(self, name))
+
+    def __repr__(self) -> str:
+        # The Redis URLs carry the password: reprs end up in debug pages and error reports.
+        shown_urls = {"redis_url": redact_url(self.redis_url),
+                      "broker_url": redact_url(self.broker_url)}
+        body = ", ".join(f"{f.name}={shown_urls.get(f.name, getattr(self, f.name))!r}"
+                         for f in fields(self) if f.repr)
+        return f"Settings({body})"
 
     @property
     def broker(self) -> str:
@@ -104,31 +149,63 @@ class Settings:
 _SCALARS: dict[str, type] = {
     "redis_url": str, "broker_url": str, "key_prefix": str, "default_relay": str,
     "default_queue": str, "default_sender": str, "max_message_size": int,
+    "max_recipients": int, "redis_connect_timeout": float, "redis_socket_timeout": float,
+    "redis_retries": int,
     "retention": float, "lease_seconds": float, "stuck_after": float, "batch_size": int,
     "tick_interval": float, "task_time_limit": float, "visibility_timeout": float,
 }
 _DURATIONS = {"retention", "lease_seconds", "stuck_after", "tick_interval",
-              "task_time_limit", "visibility_timeout"}
+              "task_time_limit", "visibility_timeout", "redis_connect_timeout",
+              "redis_socket_timeout"}
+_OPTIONAL = {"broker_url", "default_sender"}
+# Whole-number settings: (least, most). Redis refuses values over 512 MiB; past the other
+# ceilings a value is a typo, and would make one record or one task unreasonably big.
+_COUNTS = {"max_message_size": (1, 512 * 1024 * 1024), "max_recipients": (1, 100_000),
+           "batch_size": (1, 10_000), "redis_retries": (0, 10)}
+_DEFAULT_COUNT = (1, 1_000_000_000)
+
+
+def _hint(name: str) -> str:
+    if name in _DURATIONS or _SCALARS[name] is float:
+        return "a duration above zero and at most 10 years, like 30, '90s', '15m', '24h'"
+    if _SCALARS[name] is int:
+        low, high = _COUNTS.get(name, _DEFAULT_COUNT)
+        return f"a whole number from {low:,} to {high:,}"
+    return "text" if name in _OPTIONAL else "non-empty text"
+
+
+def _check_scalar(name: str, value: Any) -> None:
+    """Raise ConfigError unless *value* is a valid, already coerced value of *name*."""
+    kind = _SCALARS[name]
+    if kind is float:
+        ok = (not isinstance(value, bool) and isinstance(value, int | float)
+              and math.isfinite(value) and 0 < value <= MAX_DURATION)
+    elif kind is int:
+        low, high = _COUNTS.get(name, _DEFAULT_COUNT)
+        ok = not isinstance(value, bool) and isinstance(value, int) and low <= value <= high
+    else:
+        ok = (value is None and name in _OPTIONAL) or (isinstance(value, str) and value != "")
+    if not ok:
+        if name.endswith("_url") and isinstance(value, str):
+            value = redact_url(value)
+        raise ConfigError(f"setting {name}={shown(value)} is not {_hint(name)}")
 
 
 def _coerce(name: str, value: Any) -> Any:
     kind = _SCALARS[name]
     try:
         if name in _DURATIONS:
-            seconds = parse_duration(value)
-            if seconds <= 0:  # 0 would disable leases, time limits or retention
+            coerced: Any = parse_duration(value)
+        elif kind is int:
+            if isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return seconds
-        if kind is int:
-            number = int(value)
-            if number <= 0:
-                raise ValueError
-            return number
-        return str(value)
-    except (TypeError, ValueError):
-        hint = ("a duration above zero, like 30, '90s', '15m', '24h'" if name in _DURATIONS
-                else "a positive whole number")
-        raise ConfigError(f"setting {name}={value!r} is not {hint}") from None
+            coerced = int(value)
+        else:
+            coerced = str(value)
+    except (TypeError, ValueError, OverflowError):
+        coerced = value
+    _check_scalar(name, coerced)
+    return coerced
 
 
 def load_settings(
@@ -214,8 +291,8 @@ def queue_from_spec(name: str, spec: Mapping[str, Any], where: str = "") -> Queu
         if attempts is not None and attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         lifetime = parse_duration(spec["lifetime"]) if "lifetime" in spec else None
-        if lifetime is not None and lifetime <= 0:
-            raise ValueError("lifetime must be above zero")
+        if lifetime is not None and not 0 < lifetime <= MAX_DURATION:
+            raise ValueError("lifetime must be above zero and at most 10 years")
         return QueueSettings(name, lifetime=lifetime, max_attempts=attempts)
     except (TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"{where}[queues.{name}]: {exc}") from None
@@ -225,6 +302,16 @@ def check_settings(settings: Settings) -> Settings:
     """Checks across settings, for every way of building them (file, env, frameworks)."""
     if settings.default_queue not in settings.queues:
         settings.queue()  # raises with the list of known queues
+    policy = settings.policy
+    for where, seconds in (("[retry] lifetime", policy.lifetime),
+                           ("[retry] backoff.maximum", policy.backoff.maximum),
+                           ("[retry] relay_backoff.maximum", policy.relay_backoff.maximum),
+                           *((f"[queues.{q.name}] lifetime", q.lifetime)
+                             for q in settings.queues.values() if q.lifetime is not None)):
+        # The policy checks finiteness; a lifetime of 1e300 s would still overflow dates.
+        if not (math.isfinite(seconds) and 0 < seconds <= MAX_DURATION):
+            raise ConfigError(f"{where}={shown(seconds)} is not a duration above zero and at "
+                              "most 10 years")
     if settings.lease_seconds < 3:
         # The heartbeat renews every lease_seconds / 3: below a second, a Redis hiccup
         # would lose leases of live batches.

@@ -14,9 +14,21 @@ Decisions (the syntax itself lives in :mod:`mailworker.mime`):
   non-ASCII local part needs SMTPUTF8 and is written raw (RFC 6531/6532). The address
   returned by :func:`validate_address` and kept in :attr:`BuiltMessage.recipients` is
   that envelope form.
+* A non-ASCII domain is normalised as IDNA maps it (NFKC: full-width letters become
+  ordinary ones; ideographic full stops are dots); one with an invisible character
+  (zero-width space, soft hyphen, joiner) is refused, never kept raw or silently dropped.
 * Headers we write ourselves (From, To, Cc, Bcc, Reply-To, Subject, Message-ID, Date,
   MIME-Version and every Content-* header) cannot be set through ``headers=``; the error
-  names the argument to use. Non-ASCII values are RFC 2047 encoded.
+  names the argument to use. Trace and identity fields (Received, Return-Path, every
+  Resent-*) are written by the servers along the way, never by the author: a
+  ``Resent-Bcc`` set here would show a "blind" copy to everyone. ``Sender`` (the agent
+  sending for the From author) has its own argument, ``sender_header=``, validated as an
+  address. Non-ASCII values are RFC 2047 encoded; a control character other than TAB
+  (VT, FF, FS..., DEL) is refused, because mail software downstream turns some of them
+  into line breaks, i.e. injected headers. The same holds for a ready-made message's
+  headers, and a message whose header block the parser could not read whole (a line
+  that is not a field, such as ``BCC : x``, ends the headers and would go out as body
+  text) is refused.
 * ``text=""`` is an empty body; ``None`` is no body.
 """
 
@@ -27,17 +39,20 @@ import email.generator
 import email.message
 import email.policy
 import io
+import math
 import mimetypes
 import re
 import secrets
 import time
 import unicodedata
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from email.utils import formatdate
 
 from mailworker import mime
+from mailworker.errors import shown
 from mailworker.mime import InvalidMessageError
 
 __all__ = [
@@ -92,11 +107,29 @@ AttachmentLike = Attachment | tuple[str, bytes | str] | tuple[str, bytes | str, 
 Addresses = str | Sequence[str]
 
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # printable ASCII except ':' (RFC 5322 ftext)
+_HEAD_LINE = re.compile(rb"[!-9;-~]+:")  # a serialised field's start
 _MIMETYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
 _MSG_ID = re.compile(r"<?([!-;=?-~]+@[!-;=?-~]+)>?")  # printable ASCII, no '<' or '>'
 _CONTENT_ID = re.compile(r"[!-;=?-~]+")
 _BAD_FOLD = re.compile(r"\n(?![ \t])|\r|\0")  # a line break that is not folding
+_FOLD = re.compile(r"\n[ \t]")
+# C0 controls but TAB, and DEL: invalid in a header (RFC 5322 2.2), and VT, FF, FS, GS,
+# RS are line breaks to str.splitlines(), which the stdlib generator folds with.
+# NEL, LS and PS are line breaks too; they are refused in ready-made messages, whose
+# values are written as given (ours are RFC 2047 encoded).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_PARSED_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 _INJECTION = "contains a line break or NUL (header injection); remove it"
+_MAX_MESSAGE_ID = 250
+# Dates RFC 5322 can write (years 1900-9999); formatdate() fails or lies outside them.
+_DATES = (-2208988800.0, 253402300799.0)
+# Parser defects that mean the header block was not read whole: a line that is not a
+# field ends the headers, and it and every line after it become body text.
+_HEAD_DEFECTS = (
+    email.errors.MissingHeaderBodySeparatorDefect,
+    email.errors.FirstHeaderLineIsContinuationDefect,
+    email.errors.MisplacedEnvelopeHeaderDefect,
+)
 # Control, format, unassigned, private-use characters and line/paragraph separators.
 _NOT_IN_FILENAMES = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"})
 _MAX_FILENAME = 255  # what file systems allow; keeps the RFC 2231 form within 998 octets
@@ -111,7 +144,33 @@ _RESERVED = {
     "message-id": "pass it as message_id=...",
     "date": "pass a timestamp as date=...",
     "mime-version": "mailworker writes it",
+    "sender": "pass the address as sender_header=... (the agent sending for the From author)",
+    "received": "each server on the way adds its own trace field",
+    "return-path": "the receiving server writes it from the envelope sender (sender=)",
 }
+
+
+def _reserved_hint(name: str) -> str | None:
+    """Why a header may not be set through ``headers=``, or None if it may."""
+    lower = name.lower()
+    hint = _RESERVED.get(lower)
+    if hint is None and lower.startswith("content-"):
+        hint = "mailworker writes it from text=, html= and attachments="
+    if hint is None and lower.startswith("resent-"):
+        hint = ("Resent-* fields are added by software that re-sends a message it received; "
+                "for new mail use to=, cc=, bcc= and sender=")
+    return hint
+
+
+def _control_error(field: str, char: str) -> InvalidMessageError:
+    return InvalidMessageError(
+        field, f"the value contains the control character U+{ord(char):04X}; remove it "
+        "(mail software may turn it into a line break, i.e. an injected header)")
+
+
+def _field_name(name: object) -> str:
+    """``headers[Name]`` for an error, with an absurd name cut short."""
+    return f"headers[{name if isinstance(name, str) and len(name) <= 80 else shown(name)}]"
 
 
 def parse_mailbox(value: str, field: str = "address") -> tuple[str, str]:
@@ -134,7 +193,7 @@ def _mailboxes(value: Addresses | None, field: str) -> list[tuple[str, str]]:
     if isinstance(value, str):
         items = mime.split_addresses(value)
         return [mime.mailbox_of(item, f"{field}[{i}]") for i, item in enumerate(items)]
-    if not isinstance(value, Iterable):
+    if isinstance(value, Mapping | bytes | bytearray) or not isinstance(value, Iterable):
         kind = type(value).__name__
         raise InvalidMessageError(field, f"expected a string or a list of strings, got {kind}")
     return [parse_mailbox(item, f"{field}[{i}]") for i, item in enumerate(value)]
@@ -157,22 +216,28 @@ def _encode(text: str, field: str) -> bytes:
 
 def _header_lines(headers: Mapping[str, str] | None) -> list[str]:
     """Validated ``headers=`` as header lines."""
+    if headers is None:
+        return []
+    if not isinstance(headers, Mapping):
+        raise InvalidMessageError("headers", "expected a mapping of name to value, e.g. "
+                                  f"{{'X-Campaign': 'spring'}}, got {type(headers).__name__}")
     lines = []
-    for name, value in (headers or {}).items():
-        field = f"headers[{name}]"
+    for name, value in headers.items():
+        field = _field_name(name)
         if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             raise InvalidMessageError(
                 field, "a header name is printable ASCII without spaces or ':', e.g. X-Campaign"
             )
-        hint = _RESERVED.get(name.lower())
-        if hint is None and name.lower().startswith("content-"):
-            hint = "mailworker writes it from text=, html= and attachments="
+        hint = _reserved_hint(name)
         if hint:
             raise InvalidMessageError(field, f"{name} cannot be set through headers=; {hint}")
         if not isinstance(value, str):
             raise InvalidMessageError(field, f"expected a string value, got {type(value).__name__}")
         if mime.BREAKS.search(value):
             raise InvalidMessageError(field, f"the value {_INJECTION}")
+        control = _CONTROL.search(value)
+        if control:
+            raise _control_error(field, control[0])
         _encode(value, field)
         if not value.isascii():
             lines.append(mime.unstructured(name, value))
@@ -196,12 +261,24 @@ def _attachment(item: object, field: str) -> tuple[Attachment, bytes]:
         raise InvalidMessageError(
             field, "expected Attachment(...) or a (filename, content[, mimetype]) tuple"
         )
+    if isinstance(att.mimetype, bytes | bytearray | memoryview) and isinstance(att.content, str):
+        raise InvalidMessageError(
+            f"{field}.mimetype", "got bytes where a type such as 'application/pdf' goes: "
+            "content and mimetype look swapped. The order is Attachment(filename, content, "
+            "mimetype); Flask-Mail's attach() takes (filename, content_type, data)")
+    if not isinstance(att.filename, str):
+        kind = type(att.filename).__name__
+        raise InvalidMessageError(f"{field}.filename", f"expected a string, got {kind}")
+    if att.content_id is not None and not isinstance(att.content_id, str):
+        kind = type(att.content_id).__name__
+        raise InvalidMessageError(f"{field}.content_id",
+                                  f"expected a string such as 'logo@example.com', got {kind}")
     # Readers strip whitespace around a filename; strip it here so the round trip is exact.
-    name = att.filename.strip() if isinstance(att.filename, str) else ""
+    name = att.filename.strip()
     if not name:
         raise InvalidMessageError(f"{field}.filename", "a filename is required, e.g. 'invoice.pdf'")
     if any(unicodedata.category(c) in _NOT_IN_FILENAMES for c in name):
-        raise InvalidMessageError(f"{field}.filename", f"{name!r} has control characters")
+        raise InvalidMessageError(f"{field}.filename", f"{shown(name)} has control characters")
     if len(_encode(name, f"{field}.filename")) > _MAX_FILENAME:
         raise InvalidMessageError(f"{field}.filename", f"over {_MAX_FILENAME} octets; shorten it")
     if name != att.filename:
@@ -227,7 +304,8 @@ def _content_type(att: Attachment, field: str) -> str:
         mimetype = guessed
     elif not isinstance(mimetype, str) or not _MIMETYPE.fullmatch(mimetype):
         raise InvalidMessageError(
-            f"{field}.mimetype", f"{mimetype!r} is not a type/subtype such as 'application/pdf'"
+            f"{field}.mimetype",
+            f"{shown(mimetype)} is not a type/subtype such as 'application/pdf'"
         )
     elif mimetype.lower().startswith(("message/", "multipart/")):
         raise InvalidMessageError(
@@ -242,10 +320,10 @@ def _content_type(att: Attachment, field: str) -> str:
 def _content_id(att: Attachment, field: str, domain: str, taken: set[str]) -> str | None:
     """The Content-ID for an attachment, without angle brackets; None if it needs none."""
     if att.content_id is not None:
-        cid = str(att.content_id).strip().removeprefix("<").removesuffix(">")
+        cid = att.content_id.strip().removeprefix("<").removesuffix(">")
         if not _CONTENT_ID.fullmatch(cid):
             raise InvalidMessageError(
-                f"{field}.content_id", f"{att.content_id!r} must be printable ASCII, no spaces"
+                f"{field}.content_id", f"{shown(att.content_id)} must be printable ASCII, no spaces"
             )
     elif att.inline:
         usable = _CONTENT_ID.fullmatch(att.filename) and att.filename not in taken
@@ -253,7 +331,8 @@ def _content_id(att: Attachment, field: str, domain: str, taken: set[str]) -> st
     else:
         return None
     if cid in taken:
-        raise InvalidMessageError(f"{field}.content_id", f"{cid!r} is used twice; make it unique")
+        raise InvalidMessageError(f"{field}.content_id",
+                                  f"{shown(cid)} is used twice; make it unique")
     taken.add(cid)
     return cid
 
@@ -276,8 +355,10 @@ def _body(
 ) -> mime.Part:
     """The root part: text, html, alternative, related and mixed as needed."""
     files = [_attachment(item, f"attachments[{i}]") for i, item in enumerate(attachments)]
-    # Base64 only grows a file: refuse before encoding megabytes that cannot be sent.
+    # Base64 only grows a file, and every character of text becomes at least one octet:
+    # refuse before encoding megabytes that cannot be sent.
     least = sum(mime.base64_size(len(data)) for _, data in files)
+    least += len(text or "") + len(html or "")
     if least > limit:
         raise _size_error(least, limit, at_least=True)
     related: list[mime.Part] = []
@@ -320,8 +401,13 @@ def build_message(
     message_id: str | None = None,
     max_size: int = DEFAULT_MAX_SIZE,
     date: float | None = None,
+    sender_header: str | None = None,
 ) -> BuiltMessage:
     """Validate ``send()`` arguments and build the envelope and the MIME bytes.
+
+    ``sender`` is the author (``From:``) and the envelope sender, where bounces go;
+    ``sender_header`` is an optional ``Sender:`` field, for mail an agent sends on the
+    author's behalf (RFC 5322 3.6.2). ``date`` is epoch seconds (default: now).
 
     Runs inside the web request, so the MIME is written by hand (:mod:`mailworker.mime`)
     rather than through ``EmailMessage``: some 20 times faster (benchmarks/bench_build.py).
@@ -329,6 +415,7 @@ def build_message(
     if not sender:
         raise InvalidMessageError("sender", "required, e.g. sender='Shop <shop@example.com>'")
     from_name, from_addr = parse_mailbox(sender, "sender")
+    agent = parse_mailbox(sender_header, "sender_header") if sender_header is not None else None
     to_boxes = _mailboxes(to, "to")
     cc_boxes = _mailboxes(cc, "cc")
     recipients = _dedupe(a for _, a in (*to_boxes, *cc_boxes, *_mailboxes(bcc, "bcc")))
@@ -338,6 +425,12 @@ def build_message(
     if not isinstance(subject, str) or mime.BREAKS.search(subject):
         raise InvalidMessageError("subject", f"must be a string that never {_INJECTION}")
     _encode(subject, "subject")
+    if isinstance(attachments, str | bytes | bytearray | Mapping | Attachment) or not isinstance(
+            attachments, Iterable):
+        raise InvalidMessageError("attachments", "expected a list of Attachment(...) or "
+                                  f"(filename, content[, mimetype]) tuples, got "
+                                  f"{type(attachments).__name__}")
+    attachments = list(attachments)
     if text is None and html is None and not attachments:
         raise InvalidMessageError("body", "nothing to send; pass text=, html= or attachments=")
     for field, value in (("text", text), ("html", html)):
@@ -348,11 +441,19 @@ def build_message(
         message_id = f"<{uuid.uuid4().hex}@{domain}>"
     else:
         match = _MSG_ID.fullmatch(message_id.strip()) if isinstance(message_id, str) else None
-        if not match:
-            raise InvalidMessageError("message_id", f"{message_id!r} is not like <id@example.com>")
+        if not match or len(match[1]) > _MAX_MESSAGE_ID:
+            raise InvalidMessageError(
+                "message_id", f"{shown(message_id)} is not like <id@example.com> (printable "
+                f"ASCII, one '@', at most {_MAX_MESSAGE_ID} characters)")
         message_id = f"<{match[1]}>"
+    if date is not None and (isinstance(date, bool) or not isinstance(date, int | float)
+                             or not (math.isfinite(date) and _DATES[0] <= date <= _DATES[1])):
+        raise InvalidMessageError("date", f"{shown(date)} is not epoch seconds of a year "
+                                  "from 1900 to 9999")
 
     lines = [mime.address_list("From", [mime.mailbox(from_name, from_addr)])]
+    if agent is not None:
+        lines.append(mime.address_list("Sender", [mime.mailbox(*agent)]))
     if to_boxes:
         lines.append(mime.address_list("To", [mime.mailbox(n, a) for n, a in to_boxes]))
     else:  # Spam filters score a missing To; this is what sendmail writes for Bcc-only mail.
@@ -384,15 +485,48 @@ def _check_headers(msg: email.message.Message) -> None:
     """Refuse header names and values that would inject headers when serialised.
 
     ``compat32`` messages (``email.mime``, Django) store any value; a line break is only
-    allowed as folding, i.e. followed by a space or tab.
+    allowed as folding, i.e. followed by a space or tab. The stdlib generator refolds a
+    parsed value with ``str.splitlines()``, so VT, FF, FS, GS, RS, NEL, LS and PS would
+    become line breaks on the wire: refused like any other control character.
     """
     for part in msg.walk():
+        for defect in part.defects:
+            if isinstance(defect, _HEAD_DEFECTS):
+                raise InvalidMessageError(
+                    "message", f"its header block is malformed ({type(defect).__name__}): a "
+                    "line in it is not a header field (e.g. 'BCC : x', a space before the "
+                    "colon), so that line and every one after it would be sent as body text; "
+                    "fix the source")
         for name, value in part.raw_items():
-            field = f"headers[{name}]"
+            field = _field_name(name)
             if not _HEADER_NAME.fullmatch(name):
                 raise InvalidMessageError(field, "a name is printable ASCII without spaces or ':'")
-            if _BAD_FOLD.search(str(value).replace("\r\n", "\n")):
+            text = str(value).replace("\r\n", "\n")
+            if _BAD_FOLD.search(text):
                 raise InvalidMessageError(field, f"the value {_INJECTION}")
+            control = _PARSED_CONTROL.search(_FOLD.sub(" ", text))
+            if control:
+                raise _control_error(field, control[0])
+
+
+def _check_head(head: bytes, msg: email.message.Message) -> None:
+    """The serialised header block holds exactly the message's own fields.
+
+    A second line of defence after :func:`_check_headers`: whatever a policy's folding
+    does to a value, no new field may appear on the wire.
+    """
+    names: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            continue
+        if not _HEAD_LINE.match(line):
+            raise InvalidMessageError("message", "serialising it produced a header line that "
+                                      f"is not a field: {shown(line)}")
+        names.append(line.partition(b":")[0].lower())
+    expected = Counter(name.lower().encode("ascii") for name in msg)
+    if Counter(names) != expected:
+        raise InvalidMessageError("message", "serialising it changed its header fields "
+                                  "(a value holds a line break); fix the source")
 
 
 def _header_mailboxes(msg: email.message.Message, names: Iterable[str]) -> list[str]:
@@ -435,6 +569,10 @@ def from_email_message(
     Django) are written by their own policy, which cannot put a non-ASCII address in a
     header; the envelope is right either way.
     """
+    if not isinstance(msg, email.message.Message):
+        raise InvalidMessageError(
+            "message", f"expected an email.message.EmailMessage, got {type(msg).__name__}; "
+            "for raw bytes use email.message_from_bytes(data, policy=email.policy.default)")
     _check_headers(msg)
     if sender is None:
         senders = _header_mailboxes(msg, ["Sender"]) or _header_mailboxes(msg, ["From"])
@@ -454,6 +592,7 @@ def from_email_message(
     smtputf8 = not from_addr.isascii() or not all(a.isascii() for a in rcpts)
 
     head, _, body = _serialise(msg, smtputf8).partition(b"\r\n\r\n")
+    _check_head(head, msg)
     kept: list[bytes] = []
     dropping = False
     for line in head.split(b"\r\n"):

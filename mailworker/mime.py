@@ -25,6 +25,8 @@ import secrets
 import unicodedata
 from urllib.parse import quote
 
+from mailworker.errors import MailworkerError, shown
+
 __all__ = [
     "BREAKS",
     "HARD_LIMIT",
@@ -47,14 +49,21 @@ __all__ = [
 ]
 
 
-class InvalidMessageError(ValueError):
+_MAX_REASON = 500
+
+
+class InvalidMessageError(MailworkerError, ValueError):
     """Bad input at enqueue: says what is wrong (``reason``) and where (``field``).
 
     ``field`` is e.g. ``"to[2]"``, ``"headers[X-Foo]"``, ``"subject"``, ``"size"``.
     ``args`` is ``(field, reason)`` so the error pickles and crosses process boundaries.
+    A ``ValueError`` for callers that caught that before :class:`MailworkerError` existed.
     """
 
     def __init__(self, field: str, reason: str) -> None:
+        # A safety net under errors.shown(): the text goes into HTTP 400 bodies and logs.
+        if len(reason) > _MAX_REASON:
+            reason = reason[: _MAX_REASON - 15] + "... (truncated)"
         super().__init__(field, reason)
         self.field = field
         self.reason = reason
@@ -77,14 +86,34 @@ _ATEXT = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-"
 )
 _MAX_ADDRESS = 254  # RFC 5321 4.5.3.1.3: a path is at most 256 octets including "<>".
+# RFC 3490 3.1: these full stops separate labels like "." (after NFKC, U+FF0E is "."
+# and U+FF61 is U+3002).
+_IDEOGRAPHIC_DOT = re.compile("[\u3002\uff0e\uff61]")
+# Characters nobody can see or type on purpose in a domain: format (zero-width space,
+# joiners, soft hyphen, BOM), control, private-use, unassigned, separators.
+_INVISIBLE = frozenset({"Cc", "Cf", "Co", "Cn", "Cs", "Zs", "Zl", "Zp"})
 _MAX_LOCAL = 64
 
 
 def _bad(field: str, value: object, why: str) -> InvalidMessageError:
-    shown = repr(value)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return InvalidMessageError(field, f"{shown} is not a valid email address: {why}")
+    return InvalidMessageError(field, f"{shown(value)} is not a valid email address: {why}")
+
+
+def _normalise_domain(domain: str, field: str, address: str) -> str:
+    """A non-ASCII domain as a name server would see it, or an error if it hides anything.
+
+    Full-width and other compatibility forms (a full-width ``EXAMPLE.com``) become their
+    ordinary letters (NFKC, as IDNA's own mapping does), ideographic full stops become
+    dots, and an invisible character (``ex\u200bample.com``) is refused rather than
+    silently dropped or kept: either way the address would not be the one shown.
+    """
+    if domain.isascii():
+        return domain
+    hidden = next((c for c in domain if unicodedata.category(c) in _INVISIBLE), None)
+    if hidden is not None:
+        raise _bad(field, address, f"the domain contains the invisible character "
+                                   f"U+{ord(hidden):04X}; remove it")
+    return _IDEOGRAPHIC_DOT.sub(".", unicodedata.normalize("NFKC", domain))
 
 
 def _domain(domain: str, field: str, address: str) -> tuple[str, bool]:
@@ -161,6 +190,7 @@ def check_address(address: str, field: str) -> str:
         raise _bad(field, address, "missing domain after '@'")
     if "@" in local:
         raise _bad(field, address, "it contains more than one '@'")
+    domain = _normalise_domain(domain, field, address)
     if local.startswith(".") or local.endswith(".") or ".." in local:
         raise _bad(field, address, "the part before '@' starts or ends with '.' or has '..'")
     for c in local:

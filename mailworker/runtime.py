@@ -7,11 +7,14 @@ and Flask integrations call it from their settings) before the first ``send()``.
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from mailworker.config import Settings, load_settings
 from mailworker.smtp import PoolManager, pools
@@ -33,8 +36,14 @@ _runtime: Runtime | None = None
 
 
 def _build(settings: Settings, client: redis.Redis | None = None) -> Runtime:
+    # Bounded waits (a web request must not hang on a Redis that accepts and never
+    # answers); a refused or reset connection (a restart, a failover) is retried with
+    # backoff, a timeout is not: retrying it would double the wait.
     client = client or redis.Redis.from_url(
-        settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+        settings.redis_url, socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=settings.redis_connect_timeout, health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), settings.redis_retries,
+                    supported_errors=(redis.ConnectionError,)),
     )
     store = Store(client, prefix=settings.key_prefix, retention=settings.retention)
     return Runtime(settings, client, store, pools)
@@ -64,9 +73,12 @@ def configure(
         base = base.with_(**overrides)
     with _lock:
         _runtime = _build(base, redis_client)
-        from mailworker import celery_app  # local: the app reads the runtime's broker
-
-        celery_app.reconfigure(_runtime.settings)
+        # mailworker's own Celery app, if already created, follows the new broker; if
+        # not, it reads this runtime when first imported (an app that installed
+        # delivery into its own Celery app never creates it).
+        celery_app = sys.modules.get("mailworker.celery_app")
+        if celery_app is not None:
+            celery_app.reconfigure(_runtime.settings)
     return _runtime
 
 

@@ -15,6 +15,9 @@ import orjson
 
 __all__ = ["Attempt", "MessageState", "RcptState", "RecipientState", "Record", "Reply"]
 
+#: History entries that record an operator's action, not a delivery attempt.
+_NOT_ATTEMPTS = frozenset({"operator_retry"})
+
 
 def _dumps(value: Any) -> str:
     # orjson (a dependency) is about 4x faster than json on records; output is the same.
@@ -152,9 +155,46 @@ class Record:
         d["history"] = [Attempt(**a) for a in d.get("history", [])]
         return cls(**d)
 
+    @property
+    def attempts_made(self) -> int:
+        """Delivery attempts made: history entries, without operator actions (a DLQ retry).
+
+        ``attempts`` itself counts the *failed* attempts the retry policy numbers its
+        backoff by, so it stays 0 for mail delivered at the first try.
+        """
+        return sum(1 for a in self.history if a.outcome not in _NOT_ATTEMPTS)
+
+    def reason(self) -> str | None:
+        """Why the message is not delivered yet (or is dead), in one line; None if it is
+        delivered or has not been tried."""
+        if self.state is MessageState.DEAD:
+            return self.dead_reason
+        if self.state is MessageState.DELIVERED:
+            return None
+        last = self.history[-1] if self.history else None
+        # A hold without an attempt (relay paused, unknown relay) updates the record after
+        # the last attempt, and only last_error says why.
+        if last is None or (self.updated_at or 0) > last.finished_at:
+            return self.last_error
+        if last.error:
+            return str(last.error.get("text") or self.last_error)
+        waiting = [r for r in self.open_recipients if r.reply]
+        replies = "; ".join(
+            f"{r.address}: " + " ".join(str(x) for x in (r.reply.code, r.reply.text) if x)
+            for r in waiting[:3] if r.reply)
+        more = f" (+{len(waiting) - 3} more)" if len(waiting) > 3 else ""
+        return (replies + more) or self.last_error
+
     def summary(self) -> dict[str, Any]:
-        """What ``mailworker.status()`` returns: state per recipient, no message body."""
+        """What ``mailworker.status()`` returns: state per recipient, no message body.
+
+        ``attempts`` is the number of delivery attempts made (what a recipient's own
+        ``attempts`` also counts); ``failed_attempts`` the policy's failure count;
+        ``reason`` why the message waits or died.
+        """
         d = self.to_dict()
         d.pop("history")
-        d["attempt_count"] = len(self.history)
+        d["failed_attempts"] = self.attempts
+        d["attempts"] = self.attempts_made
+        d["reason"] = self.reason()
         return d
