@@ -60,6 +60,8 @@ class _Attempt:
         self.retry_now: list[str] = []
         self.relay_decision: Decision | None = None
         self.counted = False
+        # Per-recipient lookups by address: linear in recipients per attempt, not quadratic.
+        self.by_address = {r.address: r for r in record.recipients}
 
     def decide(self, **kw: Any) -> Decision:
         return self.policy.decide(attempt=self.number, age=self.age, lifetime=self.lifetime,
@@ -73,7 +75,7 @@ class _Attempt:
         """One recipient's outcome: delivered (*decision* None) or the policy's decision."""
         self.replies.append(_reply_dict(address, code, text, enhanced,
                                         stage.value if stage else None))
-        rs = self.record.recipient(address)
+        rs = self.by_address[address]
         rs.reply = Reply(code, text, enhanced, stage.value if stage else None)
         rs.updated_at = self.now
         if decision is None:
@@ -172,7 +174,7 @@ def apply_result(
         # "Too many recipients" on a transaction that took nobody: retrying at once would
         # loop, so it backs off and counts like any temporary failure.
         for addr in att.retry_now:
-            rs = record.recipient(addr)
+            rs = att.by_address[addr]
             rs.state, rs.attempts = RcptState.DEFERRED, rs.attempts + 1
         att.counted, att.retry_now = True, []
         att.delays.append(policy.backoff.delay(att.number, rng))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import smtplib
 
+import pytest
+
 from mailworker.outcome import apply_expiry, apply_relay_hold, apply_result, requeue
 from mailworker.policy import Backoff, Policy
 from mailworker.smtp import Envelope, RecipientResult, SendResult
@@ -152,3 +154,25 @@ def test_interruption_flag_survives_a_deferral() -> None:
     assert rec.recipients[0].possible_duplicate
     apply(rec, result(rec, ("a@x.org", 250, "2.0.0 OK", Stage.AFTER_DOT)))
     assert rec.state is MessageState.DELIVERED and rec.possible_duplicate
+
+
+def test_s2_15_attempt_cost_is_linear_in_recipients(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The per-recipient lookup was a linear scan per recipient (quadratic per attempt: a
+    # 1,000-recipient message cost a million comparisons). It is now an index built once:
+    # no scan is made at all, whatever the outcome mix.
+    calls = {"n": 0}
+    original = Record.recipient
+
+    def counting(self: Record, address: str) -> RecipientState:
+        calls["n"] += 1
+        return original(self, address)
+
+    monkeypatch.setattr(Record, "recipient", counting)
+    rcpts = [f"u{i}@x.org" for i in range(1000)]
+    rec = record(*rcpts)
+    replies = [(a, 250 if i % 3 else 451, "2.0.0 OK" if i % 3 else "4.2.0 later",
+                Stage.AFTER_DOT if i % 3 else Stage.RCPT) for i, a in enumerate(rcpts)]
+    step = apply(rec, result(rec, *replies))
+    assert calls["n"] == 0
+    assert step.state is MessageState.DEFERRED  # type: ignore[attr-defined]
+    assert sum(r.state is RcptState.DELIVERED for r in rec.recipients) == 666
