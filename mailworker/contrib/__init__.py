@@ -31,6 +31,7 @@ __all__ = [
     "django_style_item",
     "ensure_runtime",
     "is_django_style",
+    "option_names",
     "options_key",
     "routing_kwargs",
 ]
@@ -46,6 +47,11 @@ def _scalar_names() -> tuple[str, ...]:
     from mailworker.config import Settings
 
     return tuple(f.name for f in fields(Settings) if f.name not in _NOT_SCALAR)
+
+
+def option_names() -> tuple[str, ...]:
+    """Every option a framework settings mapping may hold (lower case), for error hints."""
+    return (*_STRUCTURED, *_scalar_names())
 
 
 def build_settings(
@@ -69,9 +75,9 @@ def build_settings(
     from mailworker.relay import InvalidRelayError
 
     scalars = _scalar_names()
-    unknown = sorted(set(options) - set(scalars) - set(_STRUCTURED))
+    unknown = sorted(set(options) - set(option_names()))
     if unknown:
-        known = ", ".join(n.upper() for n in (*_STRUCTURED, *scalars))
+        known = ", ".join(n.upper() for n in option_names())
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(k.upper() for k in unknown)}; "
                           f"known: {known}")
     env = dict(os.environ if environ is None else environ)

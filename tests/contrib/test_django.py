@@ -8,6 +8,7 @@ TestCase transaction: on-commit callbacks must really fire (or really not).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from email.mime.image import MIMEImage
@@ -218,13 +219,47 @@ def test_fail_silently_logs_and_counts_accepted(queued: Queued) -> None:
 
 
 def test_fail_silently_when_redis_is_down(django_db: Path, mw_env: dict[str, str]) -> None:
+    """Redis down is mailworker.QueueUnavailable, an OSError like smtplib's errors: code
+    written for Django's SMTP backend catches it, and fail_silently honours it."""
     conf = mailworker_setting(mw_env, REDIS_URL="redis://127.0.0.1:1/0")
     with override_settings(MAILWORKER=conf), structlog.testing.capture_logs() as logs:
-        assert mail.send_mail("Hi", "x", "shop@example.com", ["a@example.com"],
-                              fail_silently=True) == 0
-        with pytest.raises(Exception, match=r"(?i)connect"):
-            mail.send_mail("Hi", "x", "shop@example.com", ["a@example.com"])
-    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["django.enqueue_failed"]
+        quiet = mail.EmailMessage("Hi", "x", "shop@example.com", ["a@example.com"])
+        assert mail.get_connection(fail_silently=True).send_messages([quiet]) == 0
+        assert quiet.mailworker_id is None  # not queued: no id
+        loud = mail.EmailMessage("Hi", "x", "shop@example.com", ["a@example.com"])
+        with pytest.raises(OSError, match=r"(?i)redis") as err:
+            loud.send()
+        assert type(err.value).__name__ == "QueueUnavailable" and loud.mailworker_id is None
+        # Inside a transaction: raised at commit (the data is saved), or logged when silent.
+        with transaction.atomic():
+            later = mail.EmailMessage("Hi", "x", "shop@example.com", ["a@example.com"])
+            assert later.send(fail_silently=True) == 1 and later.mailworker_id is not None
+        assert later.mailworker_id is None
+    failed = [e["event"] for e in logs if e["log_level"] == "error"]
+    assert failed == ["django.enqueue_failed", "django.enqueue_failed"]
+
+
+def test_mailworker_id_only_on_messages_queued(queued: Queued) -> None:
+    good = mail.EmailMessage("ok", "x", "shop@example.com", ["a@example.com"])
+    bad = mail.EmailMessage("bad", "x", "shop@example.com", ["not an address"])
+    empty = mail.EmailMessage("nobody", "x", "shop@example.com", [])
+    with pytest.raises(InvalidMessageError):
+        mail.get_connection().send_messages([good, bad])
+    assert good.mailworker_id is None and bad.mailworker_id is None  # none of it queued
+    assert mail.get_connection(fail_silently=True).send_messages([good, bad, empty]) == 1
+    assert good.mailworker_id == queued[0][0].id
+    assert bad.mailworker_id is None and empty.mailworker_id is None
+
+    class Rollback(Exception):
+        pass
+
+    with pytest.raises(Rollback), transaction.atomic():
+        dropped = mail.EmailMessage("dropped", "x", "shop@example.com", ["a@example.com"])
+        dropped.send()
+        reserved = dropped.mailworker_id  # known inside, to store with the app's own rows
+        raise Rollback
+    assert reserved is not None and api.status(reserved) is None
+    assert [rec.id for rec, _ in queued] == [good.mailworker_id]
 
 
 # --- transactions ---------------------------------------------------------------------------
@@ -296,6 +331,64 @@ def test_settings_mapping(django_db: Path, mw_env: dict[str, str]) -> None:
         configured_settings()
     with override_settings(MAILWORKER={"ENQUEUE_ON_COMMIT": False}):
         assert configured_settings() is None  # the runtime is left to the environment
+
+
+def test_system_check_reports_a_bad_mailworker_setting(django_db: Path,
+                                                       mw_env: dict[str, str]) -> None:
+    from django.core.management.base import SystemCheckError
+
+    from mailworker.contrib.django.checks import check_mailworker_setting
+
+    good = mailworker_setting(mw_env)
+
+    def errors(value: Any) -> list[tuple[str, str, str]]:
+        with override_settings(MAILWORKER=value):
+            return [(e.id, e.msg, e.hint) for e in check_mailworker_setting()]
+
+    assert errors(good) == []
+    assert errors({"ENQUEUE_ON_COMMIT": False}) == []
+    [(eid, msg, hint)] = errors({**good, "REDIS_URI": "redis://x"})
+    assert eid == "mailworker.E002" and "REDIS_URI" in msg and "REDIS_URL" in hint
+    [(eid, msg, hint)] = errors({**good, "RELAYS": {"default": "smtpx://mail.example.com"}})
+    assert eid == "mailworker.E003" and "scheme 'smtpx'" in msg and "smtp+starttls://" in hint
+    [(eid, msg, hint)] = errors({**good, "DEFAULT_QUEUE": "urgent"})
+    assert eid == "mailworker.E004" and "'urgent'" in msg and "QUEUES" in hint
+    [(eid, msg, hint)] = errors({**good, "DEFAULT_RELAY": "backup"})
+    assert eid == "mailworker.E005" and "known relays: default" in hint
+    assert [e[0] for e in errors({**good, "RETENTION": "soon"})] == ["mailworker.E006"]
+    assert [e[0] for e in errors(["not", "a", "dict"])] == ["mailworker.E001"]
+    assert [e[0] for e in errors({"DATABASE": "replica", "ENQUEUE_ON_COMMIT": "yes"})] == [
+        "mailworker.E008", "mailworker.E007"]
+    # Defining what the defaults name is fine.
+    assert errors({**good, "QUEUES": {"urgent": {"lifetime": "1h"}}, "DEFAULT_QUEUE": "urgent",
+                   "RELAYS": {"default": "smtp://h:25", "backup": "smtp://h2:25"},
+                   "DEFAULT_RELAY": "backup"}) == []
+    # Registered by the app: `manage.py check` fails on it, naming the id.
+    with override_settings(MAILWORKER={**good, "REDIS_URI": "x"}), \
+            pytest.raises(SystemCheckError, match=r"mailworker\.E002"):
+        call_command("check")
+
+
+def test_signals_connect_in_ready_not_on_import() -> None:
+    """Importing the backend connects nothing; the installed app's ready() does."""
+    code = """if True:
+        import django
+        from django.conf import settings
+        settings.configure(INSTALLED_APPS=THE_APPS,
+                           EMAIL_BACKEND="mailworker.contrib.django.EmailBackend")
+        django.setup()
+        import mailworker.contrib.django.backend
+        from mailworker.hooks import hooks
+        print(sorted(f.__qualname__ for fns in hooks._hooks.values() for f in fns))
+    """
+    out = []
+    for apps in ([], ["mailworker.contrib.django"]):
+        p = subprocess.run([sys.executable, "-c", code.replace("THE_APPS", repr(apps))], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert p.returncode == 0, p.stderr
+        out.append(p.stdout.strip())
+    assert out == ["[]", "['django_signal_dead_lettered', 'django_signal_delivered', "
+                         "'django_signal_failed']"]
 
 
 # --- signals ------------------------------------------------------------------------------------

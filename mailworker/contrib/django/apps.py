@@ -1,8 +1,10 @@
 """The Django app: ``INSTALLED_APPS += ["mailworker.contrib.django"]``.
 
-Installing it is optional for sending (``EMAIL_BACKEND`` alone works) and needed for two
-things: the ``manage.py mailworker`` command, and re-reading ``settings.MAILWORKER`` when
-tests change it with ``override_settings``.
+Installing it is optional for sending (``EMAIL_BACKEND`` alone works) and needed for:
+the ``manage.py mailworker`` command, the system check of ``settings.MAILWORKER``
+(``manage.py check``), re-reading ``settings.MAILWORKER`` when tests change it with
+``override_settings``, and the Django signals of delivery (connected here, in
+``ready()``, never as a side effect of importing the backend).
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ class MailworkerConfig(AppConfig):  # type: ignore[misc]  # Django's classes are
 
     def ready(self) -> None:
         # Imported here, Django's idiom: ready() runs once the app registry is complete.
+        from django.core import checks  # type: ignore[import-untyped]
+
+        from mailworker.contrib.django.checks import check_mailworker_setting
         from mailworker.contrib.django.signals import connect_hooks
 
         connect_hooks()
         watch_settings()
+        checks.register(check_mailworker_setting)
 
 
 def _changed(*, setting: str, **_: Any) -> None:

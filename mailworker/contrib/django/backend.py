@@ -17,6 +17,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import redis
 import structlog
 
 # Django ships no type information (django-stubs is not a dependency): its names are Any.
@@ -28,8 +29,6 @@ from django.db import transaction  # type: ignore[import-untyped]
 from mailworker import api
 from mailworker.config import Settings
 from mailworker.contrib import build_settings, django_style_item, ensure_runtime
-from mailworker.contrib.django.apps import watch_settings
-from mailworker.contrib.django.signals import connect_hooks
 
 __all__ = ["BACKEND_KEYS", "EmailBackend", "backend_options", "configure_runtime", "reset"]
 
@@ -97,11 +96,6 @@ def reset(**_: Any) -> None:
         _Cache.settings, _Cache.built = None, False
 
 
-# Also done by the app's ready(); here too, for projects that only set EMAIL_BACKEND.
-connect_hooks()
-watch_settings()
-
-
 class EmailBackend(BaseEmailBackend):  # type: ignore[misc]  # Django's classes are untyped
     """Queue Django email with mailworker; ``send_messages`` returns how many were accepted.
 
@@ -124,7 +118,12 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]  # Django's classes 
         Without ``fail_silently`` one invalid message raises and none of the batch is
         queued (as :func:`mailworker.send_many`). With it, invalid ones are logged and
         skipped and the rest are queued. Messages with no recipients are skipped, as
-        Django's SMTP backend does. Each accepted message gets ``mailworker_id``.
+        Django's SMTP backend does.
+
+        ``mailworker_id`` is set on each message: the id it is queued under, or ``None``
+        when it was not queued (skipped, rejected, or the queue was unavailable). Inside a
+        transaction it is the id the message will be queued under on commit, so the app
+        can store it in the same transaction; if that rolls back, nothing is queued.
         """
         messages = list(email_messages)
         if not messages:
@@ -132,6 +131,7 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]  # Django's classes 
         configure_runtime()
         accepted: list[tuple[Any, api.Prepared]] = []
         for index, msg in enumerate(messages):
+            msg.mailworker_id = None
             if not msg.recipients():
                 continue
             try:
@@ -144,11 +144,12 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]  # Django's classes 
                 log.warning("django.message_rejected", error=str(exc), index=index,
                             subject=str(getattr(msg, "subject", ""))[:200])
                 continue
-            msg.mailworker_id = prepared[0].id
             accepted.append((msg, prepared))
         if not accepted:
             return 0
         if self.enqueue_on_commit and transaction.get_connection(self.using).in_atomic_block:
+            for msg, prepared in accepted:
+                msg.mailworker_id = prepared[0].id
             transaction.on_commit(functools.partial(self._enqueue, accepted), using=self.using)
             return len(accepted)
         # Outside an atomic block on_commit would run at once anyway; calling directly
@@ -158,7 +159,11 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]  # Django's classes 
     def _enqueue(self, accepted: list[tuple[Any, api.Prepared]]) -> bool:
         try:
             ids = api.enqueue_prepared([prepared for _, prepared in accepted])
-        except Exception as exc:
+        except (OSError, redis.RedisError) as exc:
+            # mailworker.QueueUnavailable is an OSError, as smtplib's errors are: the same
+            # except clause (and fail_silently) covers both backends. Nothing was queued.
+            for msg, _ in accepted:
+                msg.mailworker_id = None
             if not self.fail_silently:
                 raise
             log.error("django.enqueue_failed", error=f"{type(exc).__name__}: {exc}",

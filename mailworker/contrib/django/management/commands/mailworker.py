@@ -19,7 +19,6 @@ from django.db import close_old_connections  # type: ignore[import-untyped]
 
 from mailworker.cli.main import main
 from mailworker.contrib.django.backend import configure_runtime
-from mailworker.contrib.django.signals import connect_hooks
 
 __all__ = ["Command"]
 
@@ -32,8 +31,7 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django's classes are untype
                             help="mailworker arguments, e.g. worker -Q transactional")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        configure_runtime()
-        connect_hooks()
+        configure_runtime()  # signals are connected by the app's ready(), already run
         _close_db_connections_around_tasks()
         code = main(options["argv"] or ["--help"])
         if code:
