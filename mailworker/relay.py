@@ -6,14 +6,15 @@ A relay DSN is one of::
     smtp+starttls://[user[:password]@]host[:port][?options]   STARTTLS required (port 587)
     smtps://[user[:password]@]host[:port][?options]           implicit TLS (port 465)
 
-Options (query string; all optional):
+Options (query string; all optional; numbers must lie in the range shown):
 
 =====================  ========  ===================================================
 option                 default   meaning
 =====================  ========  ===================================================
-timeout                30        socket timeout for each read/write, seconds
+timeout                30        wall-clock limit for each reply and each write, seconds
 deadline               120       wall-clock limit for one whole transaction, seconds
-connect_timeout        10        TCP connect + greeting, seconds
+connect_timeout        10        TCP connect, seconds
+setup_timeout          60        greeting, EHLO, STARTTLS and handshake, AUTH: all of it
 verify                 true      verify the server certificate (false only for labs)
 ca_file                          extra CA bundle (PEM) to trust, e.g. a private CA
 allow_plain_auth       false     allow AUTH over an unencrypted channel
@@ -31,17 +32,27 @@ password_env                     read the password from this environment variabl
 password_file                    read the password from this file (trailing newline stripped)
 =====================  ========  ===================================================
 
+Everything is checked here, at load, so a bad relay stops the process with a message
+naming the relay and the option rather than failing every message at send time:
+numbers finite and in range, port 1-65535, ``local_hostname`` a valid EHLO name,
+``ca_file`` a readable PEM bundle, secrets present, no option given twice.
+
 Credentials can stay out of the URL (``password_env`` / ``password_file``), and the
 password is never part of ``repr()`` or of the pool key's ``repr()``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
+import math
 import os
 import re
+import ssl
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = ["InvalidRelayError", "Relay", "RelayKey", "Security", "parse_relay"]
@@ -57,19 +68,31 @@ _SCHEMES: dict[str, tuple[Security, int]] = {
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _HOST_RE = re.compile(r"^[A-Za-z0-9._:\-\[\]]+$")
+_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_SECRET_KEY = os.urandom(16)  # per process: pool keys compare credentials, never store them
 
 
 class InvalidRelayError(ValueError):
     """A relay DSN or option is malformed; the message names the bad part and the fix."""
 
 
-class RelayKey(NamedTuple):
-    """What makes two relays share connections. Never holds the password."""
+@dataclass(frozen=True)
+class RelayKey:
+    """Everything that makes two relays' connections different; relays with equal keys
+    share a pool. Holds a keyed hash of the credentials, never the password, and even
+    that hash stays out of ``repr()``."""
 
+    name: str
     host: str
     port: int
     security: Security
+    verify: bool
+    ca_file: str | None
     username: str | None
+    local_hostname: str | None
+    allow_plain_auth: bool
+    pipelining: bool
+    credentials: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -85,6 +108,7 @@ class Relay:
     timeout: float = 30.0
     deadline: float = 120.0
     connect_timeout: float = 10.0
+    setup_timeout: float = 60.0
     verify: bool = True
     ca_file: str | None = None
     allow_plain_auth: bool = False
@@ -100,7 +124,11 @@ class Relay:
 
     @property
     def key(self) -> RelayKey:
-        return RelayKey(self.host.lower(), self.port, self.security, self.username)
+        secret = f"{self.username or ''}\0{self.password or ''}".encode()
+        return RelayKey(self.name, self.host.lower(), self.port, self.security, self.verify,
+                        self.ca_file, self.username, self.local_hostname,
+                        self.allow_plain_auth, self.pipelining,
+                        hmac.new(_SECRET_KEY, secret, hashlib.sha256).hexdigest())
 
     @property
     def address(self) -> str:
@@ -109,7 +137,8 @@ class Relay:
 
     def with_options(self, **options: Any) -> Relay:
         """A copy with some options changed (validated like DSN options)."""
-        return replace(self, **_coerce_options(self.name, {k: str(v) for k, v in options.items()}))
+        return replace(self, **_coerce_options(
+            self.name, {k: "" if v is None else str(v) for k, v in options.items()}))
 
     @property
     def dsn(self) -> str:
@@ -126,6 +155,16 @@ _OPTION_TYPES: dict[str, type] = {
     for f in fields(Relay)
     if f.name not in {"name", "host", "port", "security", "username", "password"}
 }
+_HOUR, _DAY = 3600.0, 86400.0
+# (lowest, highest): seconds for floats, counts for ints. Above zero throughout; the upper
+# bounds only catch typos (a timeout in milliseconds) and values that overflow timers.
+_RANGES: dict[str, tuple[float, float]] = {
+    "timeout": (0.001, _HOUR), "deadline": (0.001, _DAY), "connect_timeout": (0.001, _HOUR),
+    "setup_timeout": (0.001, _HOUR), "max_age": (0.001, 7 * _DAY),
+    "idle_timeout": (0.001, _DAY), "noop_after": (0.001, _DAY), "fleet_rate": (0.001, 1e6),
+    "max_connections": (1, 1000), "max_messages": (1, 1_000_000),
+    "fleet_max_connections": (1, 100_000),
+}
 
 
 def _coerce_options(name: str, raw: dict[str, str]) -> dict[str, Any]:
@@ -138,24 +177,64 @@ def _coerce_options(name: str, raw: dict[str, str]) -> dict[str, Any]:
                 f"relay {name!r}: unknown option {key!r}; known options: {known}")
         try:
             if kind is bool:
-                low = value.lower()
-                if low not in _TRUE | _FALSE:
+                word = value.lower()
+                if word not in _TRUE | _FALSE:
                     raise ValueError
-                out[key] = low in _TRUE
+                out[key] = word in _TRUE
             elif kind is str:
                 out[key] = value or None
             else:
                 number = kind(value)
-                if number <= 0:
+                low, high = _RANGES[key]
+                if not (math.isfinite(number) and low <= number <= high):
                     raise ValueError
                 out[key] = number
         except ValueError:
-            want = {bool: "true or false", int: "a positive whole number",
-                    float: "a positive number of seconds"}.get(kind, "text")
+            low, high = _RANGES.get(key, (0, 0))
+            want = {bool: "true or false",
+                    int: f"a whole number from {low:g} to {high:g}",
+                    float: f"a number of seconds above 0 and at most {high:g}"}.get(kind, "text")
+            if key == "fleet_rate":
+                want = f"a number of messages per second above 0 and at most {high:g}"
             raise InvalidRelayError(
                 f"relay {name!r}: option {key}={value!r} is not {want}"
             ) from None
+    if out.get("local_hostname"):
+        _check_ehlo_name(name, out["local_hostname"])
+    if out.get("ca_file"):
+        _check_ca_file(name, out["ca_file"])
     return out
+
+
+def _check_ehlo_name(name: str, host: str) -> None:
+    """EHLO takes a domain (letters, digits, hyphens) or an address literal ``[...]``."""
+    if host.startswith("[") and host.endswith("]"):
+        literal = host[1:-1]
+        v6 = literal[:5].lower() == "ipv6:"
+        try:
+            ok = ipaddress.ip_address(literal[5:] if v6 else literal).version == (6 if v6 else 4)
+        except ValueError:
+            ok = False
+    else:
+        labels = host.removesuffix(".").split(".")
+        ok = len(host) <= 253 and all(_LABEL_RE.match(label) for label in labels)
+    if not ok:
+        raise InvalidRelayError(
+            f"relay {name!r}: option local_hostname={host!r} is not a valid EHLO name; use a "
+            "domain (letters, digits, hyphens, dots) or an address literal like [192.0.2.1]")
+
+
+def _check_ca_file(name: str, path: str) -> None:
+    """The CA bundle must load now: a typo found at the first send pauses all mail."""
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        why = f"not a PEM certificate bundle ({exc.reason or exc})"
+    except OSError as exc:  # missing, unreadable, a directory
+        why = exc.strerror or str(exc)
+    else:
+        return
+    raise InvalidRelayError(f"relay {name!r}: option ca_file={path!r}: {why}")
 
 
 def parse_relay(name: str, dsn: str, environ: dict[str, str] | None = None) -> Relay:
@@ -183,34 +262,47 @@ def parse_relay(name: str, dsn: str, environ: dict[str, str] | None = None) -> R
     if not host or not _HOST_RE.match(host):
         raise InvalidRelayError(f"relay {name!r}: missing or invalid host in {_redact_dsn(dsn)!r}")
     try:
-        port = parts.port or default_port
+        port = parts.port
+        if port == 0:
+            raise ValueError
     except ValueError:
         raise InvalidRelayError(
             f"relay {name!r}: port in {_redact_dsn(dsn)!r} is not a number from 1 to 65535"
         ) from None
-    if parts.path not in ("", "/"):
+    if parts.path not in ("", "/") or parts.fragment:
+        shown = "" if "@" in parts.path or parts.fragment else f" {parts.path!r}"
         raise InvalidRelayError(
-            f"relay {name!r}: unexpected path {parts.path!r}; options go after '?'")
-    raw = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False))
+            f"relay {name!r}: unexpected path or '#'{shown} in the DSN; options go after "
+            "'?', and a '/', '@', ':' or '#' in the password must be percent-encoded "
+            "(%2F, %40, %3A, %23)")
+    pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False)
+    raw = dict(pairs)
+    if len(raw) != len(pairs):
+        twice = sorted({k for k, _ in pairs if [p[0] for p in pairs].count(k) > 1})
+        raise InvalidRelayError(f"relay {name!r}: option(s) given twice: {', '.join(twice)}")
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
 
+    for secret in ("username_env", "password_env", "password_file"):
+        if secret in raw and not raw[secret]:
+            raise InvalidRelayError(f"relay {name!r}: option {secret} is empty")
     if var := raw.pop("username_env", None):
         username = _from_env(name, env, var)
     if var := raw.pop("password_env", None):
         password = _from_env(name, env, var)
     if path := raw.pop("password_file", None):
         try:
-            password = Path(path).read_text().rstrip("\r\n")
-        except OSError as exc:
+            password = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
             raise InvalidRelayError(
-                f"relay {name!r}: cannot read password_file {path!r}: {exc.strerror}"
+                f"relay {name!r}: cannot read password_file {path!r}: {why}"
             ) from None
     if password and not username:
         raise InvalidRelayError(f"relay {name!r}: a password is set but no user name")
 
     options = _coerce_options(name, raw)
-    return Relay(name=name, host=host, port=port, security=security,
+    return Relay(name=name, host=host, port=port or default_port, security=security,
                  username=username, password=password, **options)
 
 
@@ -222,5 +314,13 @@ def _from_env(name: str, env: Any, var: str) -> str:
 
 
 def _redact_dsn(dsn: str) -> str:
-    """The DSN with any password replaced, for error messages."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    """The DSN with any password replaced, for error messages.
+
+    The user info ends at the *last* ``@`` (a password may contain an unencoded ``@``,
+    ``:`` or ``/``), so everything from the first ``:`` after ``//`` to that ``@`` goes.
+    """
+    scheme, sep, rest = dsn.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return dsn
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{hostpart}"

@@ -4,11 +4,20 @@ Nothing here knows about Celery or Redis (see DESIGN.md, "The SMTP layer").
 """
 
 from mailworker.smtp.connection import Connection
-from mailworker.smtp.errors import DeliveryUncertain, NotAttempted, Stage
+from mailworker.smtp.errors import (
+    CleartextAuthRefused,
+    DeliveryUncertain,
+    NotAttempted,
+    ProtocolError,
+    ReplyTimeout,
+    Stage,
+    TLSConfigurationError,
+)
 from mailworker.smtp.pipeline import Envelope, RecipientResult, SendResult
 from mailworker.smtp.pool import Pool, PoolManager, PoolStats, PoolTimeout, pools
 
 __all__ = [
+    "CleartextAuthRefused",
     "Connection",
     "DeliveryUncertain",
     "Envelope",
@@ -17,8 +26,11 @@ __all__ = [
     "PoolManager",
     "PoolStats",
     "PoolTimeout",
+    "ProtocolError",
     "RecipientResult",
+    "ReplyTimeout",
     "SendResult",
     "Stage",
+    "TLSConfigurationError",
     "pools",
 ]

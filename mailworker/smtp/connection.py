@@ -9,6 +9,12 @@ The TCP connect and the TLS handshake are done here rather than in ``smtplib.con
 that a failure is annotated with the right stage (connect vs tls). A TLS failure never
 falls back to clear text; the socket is closed. Before any byte of a message is sent,
 :func:`prepare` checks it against what this server offers (SIZE, SMTPUTF8).
+
+Every wait is bounded by the wall clock (see :mod:`mailworker.smtp.wire`): the TCP
+connect by ``connect_timeout``; greeting, EHLO, STARTTLS with its handshake and AUTH
+together by ``setup_timeout``; each reply also by ``timeout``; a transaction by
+``deadline``; QUIT by a couple of seconds. A relay that stalls or trickles costs a
+thread at most that long.
 """
 
 from __future__ import annotations
@@ -24,19 +30,23 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mailworker.relay import Relay
-from mailworker.smtp.errors import NotAttempted, Stage, annotate
+from mailworker.smtp.errors import (
+    CleartextAuthRefused,
+    NotAttempted,
+    ReplyTimeout,
+    Stage,
+    TLSConfigurationError,
+    annotate,
+)
 from mailworker.smtp.pipeline import Envelope, Gate, Prepared, SendResult, Session
-from mailworker.smtp.replylog import ReplyLog, ReplyWire
+from mailworker.smtp.replylog import ReplyLog
+from mailworker.smtp.wire import ReplyWire
 
 __all__ = ["Connection", "prepare"]
 
 _EOL = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _QUIT_TIMEOUT = 2.0
-_PLAIN_AUTH_REFUSED = (
-    "5.7.0 mailworker refuses to send credentials over an unencrypted connection; "
-    "use smtps:// or smtp+starttls://, or set allow_plain_auth=true"
-)
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,11 +107,7 @@ def prepare(envelope: Envelope, capabilities: dict[str, str]) -> Prepared:
 
 
 class _Client(ReplyWire, smtplib.SMTP):
-    pass
-
-
-class _SSLClient(ReplyWire, smtplib.SMTP_SSL):
-    pass
+    """smtplib's client over our wire; for ``smtps://`` we wrap the socket ourselves."""
 
 
 class Connection:
@@ -113,7 +119,7 @@ class Connection:
         self.conn_id = conn_id or uuid.uuid4().hex[:12]
         self._clock = clock
         self._log = ReplyLog(relay.name, self.conn_id, logger)
-        self._client: _Client | _SSLClient | None = None
+        self._client: _Client | None = None
         self._session: Session | None = None
         self.encrypted = False
         self.opened_at = clock()
@@ -126,11 +132,8 @@ class Connection:
         if not self.is_closed:
             raise RuntimeError(f"{self!r} is already open")
         relay = self.relay
-        tls = relay.security == "tls"
-        ctx = _ssl_context(relay.ca_file, relay.verify)
         name = relay.local_hostname or _fqdn()
-        client: _Client | _SSLClient = (
-            _SSLClient(local_hostname=name, context=ctx) if tls else _Client(local_hostname=name))
+        client = _Client(local_hostname=name)
         client.log, client.clock, client.timeout = self._log, self._clock, relay.timeout
         self._client = client
         stage = Stage.CONNECT
@@ -138,28 +141,27 @@ class Connection:
             self.opened_at = client._sent_at = self._clock()
             sock = socket.create_connection((relay.host, relay.port), relay.connect_timeout)
             client.sock, client._timeout_now = sock, relay.connect_timeout
-            if tls:
+            client.set_deadline(self._clock() + relay.setup_timeout,
+                                f"setup_timeout={relay.setup_timeout:g}s")
+            if relay.security == "tls":
                 stage = Stage.TLS
-                client.sock = ctx.wrap_socket(sock, server_hostname=relay.host)
+                self._wrap(client)
             stage = Stage.GREETING
-            client.deadline = self.opened_at + relay.connect_timeout
             code, msg = client.getreply()
             if code != 220:
                 raise smtplib.SMTPConnectError(code, msg)
-            client.deadline = None
-            client.sock.settimeout(relay.timeout)
-            client._timeout_now = relay.timeout
             stage = Stage.EHLO
             self._ehlo(client, name)
             if relay.security == "starttls" or (
                     relay.security == "starttls-optional" and client.has_extn("starttls")):
                 stage = Stage.TLS
-                self._starttls(client, ctx)
+                self._starttls(client)
                 stage = Stage.EHLO
                 self._ehlo(client, name)
             if relay.username:
                 stage = Stage.AUTH
                 self._login(client)
+            client.end_transaction()  # set-up done: lift its deadline
         except BaseException as exc:
             client.close()
             annotate(exc, stage, relay.name)
@@ -173,6 +175,25 @@ class Connection:
                           pipelining=self.supports_pipelining,
                           latency_ms=round((self.last_used_at - self.opened_at) * 1000, 3))
 
+    def _wrap(self, client: _Client) -> None:
+        """TLS handshake on the connected socket, bounded by what is left of set-up."""
+        relay = self.relay
+        try:
+            ctx = _ssl_context(relay.ca_file, relay.verify)
+        except (OSError, ValueError) as err:  # ca_file gone or broken since load
+            raise TLSConfigurationError(
+                f"relay {relay.name!r}: cannot use ca_file={relay.ca_file!r}: {err}") from err
+        left = (client.deadline or 0.0) - self._clock()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            client.sock.settimeout(left)  # a handshake's timeout bounds all of it
+            client._timeout_now = left
+            client.sock = ctx.wrap_socket(client.sock, server_hostname=relay.host)
+        except TimeoutError as err:
+            raise ReplyTimeout(f"TLS handshake not complete within "
+                               f"setup_timeout={relay.setup_timeout:g}s") from err
+
     def _ehlo(self, client: smtplib.SMTP, name: str) -> None:
         code, msg = client.ehlo(name)
         if 200 <= code < 300:
@@ -183,7 +204,7 @@ class Connection:
                 return
         raise smtplib.SMTPHeloError(code, msg)
 
-    def _starttls(self, client: _Client | _SSLClient, ctx: ssl.SSLContext) -> None:
+    def _starttls(self, client: _Client) -> None:
         if not client.has_extn("starttls"):
             raise smtplib.SMTPNotSupportedError(
                 f"relay {self.relay.name!r} requires STARTTLS (smtp+starttls://) but "
@@ -193,19 +214,28 @@ class Connection:
             raise smtplib.SMTPResponseException(code, msg)
         if client.buffered():  # bytes sent before the handshake must not be trusted
             raise smtplib.SMTPServerDisconnected("server sent data after 220 to STARTTLS")
-        client.sock = ctx.wrap_socket(client.sock, server_hostname=self.relay.host)
+        self._wrap(client)
         client.helo_resp = client.ehlo_resp = None
         client.esmtp_features, client.does_esmtp = {}, False
 
-    def _login(self, client: _Client | _SSLClient) -> None:
+    def _login(self, client: _Client) -> None:
         relay = self.relay
         if not isinstance(client.sock, ssl.SSLSocket) and not relay.allow_plain_auth:
-            raise smtplib.SMTPAuthenticationError(530, _PLAIN_AUTH_REFUSED.encode())
+            raise CleartextAuthRefused(
+                f"mailworker did not send the credentials for relay {relay.name!r}: the "
+                f"connection to {relay.address} is not encrypted. Use smtps:// or "
+                "smtp+starttls://, or set allow_plain_auth=true for a relay on localhost "
+                "or a trusted network")
         client._secret = True
         try:
             client.login(relay.username or "", relay.password or "")
+        except UnicodeError:  # never chained or quoted: the text would show a character
+            raise smtplib.SMTPException(
+                f"relay {relay.name!r}: the user name or password is not valid UTF-8 text"
+            ) from None
         finally:
             client._secret = False
+            client.user = client.password = ""  # smtplib would keep them on the object
 
     # -- sending --------------------------------------------------------------------------
     def send(self, envelope: Envelope) -> SendResult:
@@ -273,8 +303,8 @@ class Connection:
         if client.sock is not None:
             if quit:
                 try:
-                    client.sock.settimeout(min(_QUIT_TIMEOUT, self.relay.timeout))
-                    client._timeout_now = client.timeout = min(_QUIT_TIMEOUT, self.relay.timeout)
+                    limit = min(_QUIT_TIMEOUT, self.relay.timeout)
+                    client.set_deadline(self._clock() + limit, f"the QUIT limit of {limit:g}s")
                     client.quit()
                 except (OSError, smtplib.SMTPException):
                     pass

@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import re
 import smtplib
+import ssl
 from enum import StrEnum
 from typing import TypeVar
 
 __all__ = [
     "BEFORE_MAIL",
+    "CleartextAuthRefused",
     "DeliveryUncertain",
     "NotAttempted",
+    "ProtocolError",
+    "ReplyTimeout",
     "Stage",
+    "TLSConfigurationError",
     "annotate",
     "enhanced_code_of",
     "error_code",
@@ -90,6 +95,34 @@ class NotAttempted(smtplib.SMTPServerDisconnected):
     """
 
     possible_duplicate = False
+
+
+class ReplyTimeout(smtplib.SMTPServerDisconnected, TimeoutError):  # noqa: N818 - like PoolTimeout
+    """No complete reply within its wall-clock bound (``timeout``, ``setup_timeout`` or the
+    transaction ``deadline``); the connection is closed. A server that trickles a reply a
+    byte at a time ends here too, not just a silent one."""
+
+
+class ProtocolError(smtplib.SMTPServerDisconnected):
+    """The server broke the reply syntax or its limits (a malformed line, a line over
+    :data:`~mailworker.smtp.replylog.MAX_LINE` bytes, a reply over
+    :data:`~mailworker.smtp.replylog.MAX_LINES` lines). Replies would be out of step, so
+    the connection is closed and never reused."""
+
+
+class TLSConfigurationError(ssl.SSLError):
+    """The relay's own TLS settings cannot be used (``ca_file`` missing, unreadable or not
+    PEM). Nothing was sent: a configuration problem at stage ``tls`` (the relay is paused
+    and the mail kept), never a delivery that might have happened."""
+
+
+class CleartextAuthRefused(smtplib.SMTPException):
+    """mailworker itself refused to send credentials over an unencrypted connection.
+
+    Not a server reply: nothing was sent. The fix is TLS (``smtps://``,
+    ``smtp+starttls://``) or, knowingly, ``allow_plain_auth=true``. Raised at stage
+    ``auth``, where the retry policy pauses the relay and keeps the mail.
+    """
 
 
 E = TypeVar("E", bound=BaseException)

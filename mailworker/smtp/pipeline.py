@@ -138,12 +138,11 @@ _TERMINATOR = b".\r\n"
 
 
 class Wire(Protocol):
-    """What a session needs from the socket (:class:`mailworker.smtp.replylog.ReplyWire`)."""
+    """What a session needs from the socket (:class:`mailworker.smtp.wire.ReplyWire`)."""
 
-    deadline: float | None
-
+    def set_deadline(self, deadline: float | None, label: str = ...) -> None: ...
     def write(self, data: bytes) -> None: ...
-    def read_reply(self) -> tuple[int, bytes]: ...
+    def read_reply(self, command: str | None = None) -> tuple[int, bytes]: ...
     def peer_spoke(self) -> bool: ...
     def end_transaction(self) -> None: ...
     def close(self) -> None: ...
@@ -213,6 +212,7 @@ class Session:
         self.wire, self.log, self.relay, self.clock = wire, log, relay, clock
         self.deadline, self.pipelining = deadline, pipelining
         self.needs_rset = False
+        self._deadline_label = f"the transaction deadline={deadline:g}s"
         self.dots = 0  # transactions that reached the final dot: counts toward max_messages
         self._cur: _Txn | None = None
         self._outcomes: list[_Outcome] = []
@@ -445,9 +445,9 @@ class Session:
               recipient: str | None = None) -> tuple[int, bytes]:
         wire = self.wire
         if t is not None:
-            wire.deadline = t.deadline
+            wire.set_deadline(t.deadline, self._deadline_label)
         try:
-            code, text = wire.read_reply()
+            code, text = wire.read_reply(command)
         except (OSError, smtplib.SMTPServerDisconnected) as err:
             raise _Abort(err, stage, t) from err
         log = self.log

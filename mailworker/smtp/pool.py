@@ -62,6 +62,7 @@ class PoolStats:
     reused: int
     discarded_stale: int
     closed: int
+    unencrypted: int = 0  # opened in clear on smtp:// because the server offered no STARTTLS
 
 
 class _Stale(Exception):  # noqa: N818 - internal signal for tenacity, never escapes
@@ -88,6 +89,10 @@ def _is_stale(entry: Entry) -> bool:
 
 
 
+# Relays already warned about in this process (cleared in a forked child).
+_PLAIN_WARNED: set[str] = set()
+_PLAIN_LOCK = threading.Lock()
+
 # Built once: tenacity keeps each run's state in thread-local storage, so threads share it.
 _RECONNECT = Retrying(stop=stop_after_attempt(2), wait=wait_none(), reraise=True,
                       retry=retry_if_exception_type(_Stale))
@@ -111,7 +116,7 @@ class Pool:
         self._generation = 0  # close() and fork bump it; older connections are not reused
         self._born: dict[Connection, int] = {}
         self._pid = os.getpid()
-        self._opened = self._reused = self._stale = self._closed = 0
+        self._opened = self._reused = self._stale = self._closed = self._unencrypted = 0
 
     # -- public ---------------------------------------------------------------------------
     def send(self, envelope: Envelope) -> SendResult:
@@ -171,7 +176,7 @@ class Pool:
     def stats(self) -> PoolStats:
         with self._cond:
             return PoolStats(len(self._active), len(self._idle), self._opened, self._reused,
-                             self._stale, self._closed)
+                             self._stale, self._closed, self._unencrypted)
 
     def close(self) -> None:
         """QUIT the idle connections now; active ones are closed when they come back."""
@@ -279,12 +284,28 @@ class Pool:
                 self._cond.notify()
             raise
         conn.in_use = True
+        plain = not conn.encrypted and self.relay.security == "starttls-optional"
         with self._cond:
             self._opening -= 1
             self._opened += 1
+            self._unencrypted += plain
             self._active.add(conn)
             self._born[conn] = self._generation
+        if plain:
+            self._warn_plain()
         return conn
+
+    def _warn_plain(self) -> None:
+        """STARTTLS missing on ``smtp://``: possibly stripped on the path. Once per relay."""
+        name = self.relay.name
+        with _PLAIN_LOCK:
+            if name in _PLAIN_WARNED:
+                return
+            _PLAIN_WARNED.add(name)
+        self._log.warning("smtp.unencrypted", relay=name, address=self.relay.address,
+                          hint="the server did not offer STARTTLS, so mail to this relay goes "
+                               "in clear (or someone on the path removed it); use "
+                               "smtp+starttls:// or smtps:// to require TLS")
 
     # -- bookkeeping under the lock: return what to close, close it outside ------------------
     def _assign(self, now: float, fresh: bool
@@ -355,7 +376,14 @@ def _not_attempted(relay: Relay, cause: BaseException | None) -> NotAttempted:
 
 
 class PoolManager:
-    """One :class:`Pool` per relay key (host, port, security, user), bounded LRU."""
+    """One :class:`Pool` per relay key, bounded LRU.
+
+    The key (:class:`~mailworker.relay.RelayKey`) holds everything that makes a connection
+    different: the relay's name, host, port, TLS, verification, CA, user, a fingerprint of
+    the credentials, EHLO name, ``allow_plain_auth``, pipelining. So a relay that verifies
+    certificates never gets a connection opened for one that does not, and a connection
+    authenticated with one password never carries mail for another.
+    """
 
     def __init__(self, max_pools: int = 32, *, logger: Any = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -365,17 +393,24 @@ class PoolManager:
         self._pools: OrderedDict[RelayKey, Pool] = OrderedDict()
 
     def get(self, relay: Relay) -> Pool:
-        """The pool for *relay*; a changed relay (say, a rotated password) is used for new
-        connections of the same pool."""
+        """The pool for *relay*.
+
+        A relay whose key changed (a rotated password, a new CA) gets a new pool and the
+        old pool of that name is closed. Options outside the key (timeouts, pool sizes)
+        apply to the pool's new connections.
+        """
+        key = relay.key
         evicted: list[Pool] = []
         with self._lock:
-            pool = self._pools.get(relay.key)
+            pool = self._pools.get(key)
             if pool is None:
-                pool = self._pools[relay.key] = Pool(relay, logger=self._logger, clock=self._clock)
+                for old_key in [k for k in self._pools if k.name == relay.name]:
+                    evicted.append(self._pools.pop(old_key))
+                pool = self._pools[key] = Pool(relay, logger=self._logger, clock=self._clock)
                 while len(self._pools) > self.max_pools:
                     evicted.append(self._pools.popitem(last=False)[1])
             else:
-                self._pools.move_to_end(relay.key)
+                self._pools.move_to_end(key)
                 if pool.relay != relay:
                     pool.relay = relay
         for old in evicted:
@@ -401,3 +436,4 @@ class PoolManager:
 pools = PoolManager()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=pools.reset_after_fork)
+    os.register_at_fork(after_in_child=_PLAIN_WARNED.clear)

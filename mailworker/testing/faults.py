@@ -3,17 +3,23 @@
 A :class:`Fault` is an immutable description ("answer RCPT for ``bad@`` with 550, once").
 The server keeps its own count of how often each added fault may still fire, so the same
 ``Fault`` value can be added to several servers, or twice to one, without sharing a budget.
+
+Besides honest failures there are hostile ones, for testing that a client bounds its time
+and memory: :meth:`Fault.hang` (never answer), :meth:`Fault.trickle` (a reply one byte at
+a time, never finished), :meth:`Fault.endless` (a multi-line reply that never ends) and
+:meth:`Fault.overlong` (one huge reply line). Each can act on the greeting or any command.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["COMMANDS", "Fault", "FaultBook", "FaultKind"]
+__all__ = ["COMMANDS", "HOSTILE", "Fault", "FaultBook", "FaultKind", "act_out"]
 
 FaultKind = Literal[
     "reply",
@@ -23,7 +29,13 @@ FaultKind = Literal[
     "drop_after_dot",
     "idle_disconnect",
     "delay",
+    "hang",
+    "trickle",
+    "endless",
 ]
+
+#: Fault kinds that never finish their reply; see :func:`act_out`.
+HOSTILE: tuple[FaultKind, ...] = ("hang", "trickle", "endless")
 
 #: Where a reply, disconnect or delay fault can act: a command verb, or ``"DOT"`` for the
 #: reply after the message content's final dot.
@@ -60,8 +72,8 @@ class Fault:
             raise ValueError(f"code must be an SMTP reply code from 200 to 599, not {self.code}")
         if self.seconds < 0:
             raise ValueError(f"seconds must not be negative, not {self.seconds}")
-        allowed = _DELAYABLE if self.kind == "delay" else COMMANDS
-        if self.kind in ("reply", "disconnect", "delay") and self.on not in allowed:
+        allowed = _DELAYABLE if self.kind in ("delay", *HOSTILE) else COMMANDS
+        if self.kind in ("reply", "disconnect", "delay", *HOSTILE) and self.on not in allowed:
             raise ValueError(f"on must be one of {sorted(allowed)}, not {self.on!r}")
         if self.kind == "reply" and self.on == "DATA" and self.code is not None \
                 and 300 <= self.code < 400:
@@ -129,6 +141,37 @@ class Fault:
     ) -> Fault:
         """Hold back the reply to ``on`` (or the greeting, ``"GREETING"``) by ``seconds``."""
         return cls("delay", on=on.upper(), seconds=seconds, match=match, times=times)
+
+    @classmethod
+    def hang(cls, on: str, times: int | None = None, match: str | None = None) -> Fault:
+        """Never answer ``on`` (or the greeting): the connection stays open and silent."""
+        return cls("hang", on=on.upper(), match=match, times=times)
+
+    @classmethod
+    def trickle(cls, on: str, seconds: float = 0.05, code: int = 250, text: str = "OK",
+                times: int | None = None, match: str | None = None) -> Fault:
+        """Answer ``on`` one byte every ``seconds``, forever: the line never ends.
+
+        Each read the client makes returns a byte, so a per-read socket timeout never
+        fires; only a wall-clock limit on the whole reply stops it.
+        """
+        return cls("trickle", on=on.upper(), code=code, text=text, seconds=seconds,
+                   match=match, times=times)
+
+    @classmethod
+    def endless(cls, on: str, code: int = 250, text: str = "x" * 60,
+                times: int | None = None, match: str | None = None) -> Fault:
+        """Answer ``on`` with ``250-xxx`` continuation lines as fast as the client reads,
+        and never the last line: a client that keeps every line runs out of memory."""
+        return cls("endless", on=on.upper(), code=code, text=text, match=match, times=times)
+
+    @classmethod
+    def overlong(cls, on: str, length: int = 100_000, code: int = 250,
+                 times: int | None = None, match: str | None = None) -> Fault:
+        """Answer ``on`` with one reply line of ``length`` bytes (a complete, valid reply
+        apart from its size)."""
+        return cls("reply", on=on.upper(), code=code, text="x" * length, match=match,
+                   times=times)
 
     @property
     def reply_line(self) -> str:
@@ -229,3 +272,31 @@ class FaultBook:
             armed.remaining -= 1
             if armed.remaining == 0:
                 self._armed.remove(armed)
+
+
+async def act_out(fault: Fault, writer: asyncio.StreamWriter,
+                  closed: Callable[[], bool]) -> None:
+    """Play a :data:`HOSTILE` fault on *writer* until the connection is *closed*.
+
+    Never returns before that: the session that called it answers nothing else.
+    """
+    if fault.kind == "hang":
+        while not closed():
+            await asyncio.sleep(0.05)
+        return
+    if fault.kind == "trickle":
+        head = f"{fault.code} {fault.text}".encode()
+        i = 0
+        while not closed():
+            writer.write(head[i:i + 1] if i < len(head) else b"x")
+            i += 1
+            await asyncio.sleep(fault.seconds)
+        return
+    chunk = f"{fault.code}-{fault.text}\r\n".encode() * 64
+    while not closed():
+        writer.write(chunk)
+        try:
+            await writer.drain()
+        except ConnectionError:
+            return
+        await asyncio.sleep(0)  # drain() need not yield; let the server's other sessions run

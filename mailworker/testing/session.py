@@ -41,7 +41,7 @@ from aiosmtpd.smtp import (
 )
 
 from .content import LINE_TOO_LONG, has_long_line, read_content, unstuff
-from .faults import Fault, FaultBook
+from .faults import HOSTILE, Fault, FaultBook, act_out
 from .records import ReceivedMessage, Recorder, message_id_of
 
 __all__ = ["FaultySMTP", "SessionConfig"]
@@ -195,6 +195,8 @@ class FaultySMTP(SMTP):
         faults, cid = self._cfg.faults, self._conn_id
         if (delay := faults.take("delay", "GREETING", (), cid)) is not None:
             await asyncio.sleep(delay.seconds)
+        if await self._hostile("GREETING", ()):
+            return True
         if (fault := faults.take("greeting", None, (), cid)) is not None:
             await self._hang_up(fault)
             return True
@@ -254,6 +256,8 @@ class FaultySMTP(SMTP):
         if (fault := faults.take("disconnect", verb, subjects, cid)) is not None:
             await self._hang_up(fault)
             return True
+        if await self._hostile(verb, subjects):
+            return True
         if verb in ("MAIL", "RCPT"):
             return False  # their reply faults apply in the hooks, once aiosmtpd parsed them
         if verb == "DATA":
@@ -273,6 +277,21 @@ class FaultySMTP(SMTP):
             await self.push(fault.reply_line)
             return True
         return False
+
+    async def _hostile(self, on: str, subjects: tuple[str, ...]) -> bool:
+        """Play a hang/trickle/endless fault for *on*, if one applies; True if one did.
+
+        Returns only once the client has gone (then nothing else is answered)."""
+        faults = self._cfg.faults
+        for kind in HOSTILE:
+            if (fault := faults.take(kind, on, subjects, self._conn_id)) is not None:
+                await act_out(fault, self._writer, self._client_gone)
+                self.drop()
+                return True
+        return False
+
+    def _client_gone(self) -> bool:
+        return self._hung_up or self.transport is None or self.transport.is_closing()
 
     def _subjects(self, verb: str, arg: str | None) -> tuple[str, ...]:
         """What a fault's ``match`` is tested against for this command."""
@@ -379,6 +398,8 @@ class FaultySMTP(SMTP):
         if (fault := faults.take("disconnect", "DOT", subjects, cid)) is not None:
             await self._hang_up(fault)
             return ""  # push() ignores it: the connection is closed
+        if await self._hostile("DOT", subjects):
+            return ""
         if faults.take("drop_after_dot", None, subjects, cid) is not None:
             self._record(acknowledged=False)
             self.drop()
