@@ -5,6 +5,12 @@ delivers through :class:`mailworker.delivery.Deliverer`. At-least-once settings:
 only, late acks, requeue when a worker process dies, prefetch 1, and a hard time limit
 below both the lease and the broker's visibility timeout, so a message can never be
 redelivered by the broker while its first delivery is still running.
+
+It lives next to whatever Celery app a project has: it never becomes Celery's current or
+default app (so a project's ``@shared_task`` keeps its own broker), its task is not
+shared with other apps, and its worker signal receivers act only for workers that run
+it. To run delivery inside your own Celery app instead, see
+:mod:`mailworker.celery_integration`.
 """
 
 from __future__ import annotations
@@ -15,21 +21,29 @@ import structlog
 from celery import Celery, signals
 from kombu import Queue
 
+from mailworker.celery_integration import (
+    DELIVER_TASK,
+    run_delivery,
+    task_options,
+    time_limit,
+    worker_app_of,
+)
 from mailworker.config import DEFAULT_QUEUES, Settings, load_settings
 
 __all__ = ["DELIVER_TASK", "app", "reconfigure"]
 
-DELIVER_TASK = "mailworker.deliver"
 log = structlog.get_logger("mailworker.worker")
 
-app = Celery("mailworker")
+# Not current, not default: a project's own app must stay the one its @shared_task and
+# `celery.current_app` resolve to (a current app captures them, in every process that
+# imports this module). No fix-ups: Celery's Django fix-up would make this app the
+# default one when it is created first; `manage.py mailworker` sets Django up itself.
+app = Celery("mailworker", set_as_current=False, fixups=[])
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from ours; documented in config/README.md."""
-    # Not bounded by the lease: the heartbeat renews leases while a batch runs, and a
-    # batch starts no transaction once 80% of task_time_limit is spent.
-    time_limit = min(settings.task_time_limit, settings.visibility_timeout * 0.9)
+    limit = time_limit(settings, settings.visibility_timeout)
     queues = list(dict.fromkeys([*DEFAULT_QUEUES, *settings.queues]))
     return {
         "broker_url": settings.broker,
@@ -44,8 +58,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
-        "task_time_limit": int(time_limit),
-        "task_soft_time_limit": max(1, int(time_limit * 0.9)),
+        "task_time_limit": int(limit),
+        "task_soft_time_limit": max(1, int(limit * 0.9)),
         "task_queues": [Queue(q, routing_key=q) for q in queues],
         "task_default_queue": settings.default_queue,
         "worker_hijack_root_logger": False,
@@ -75,22 +89,34 @@ def _settings_at_import() -> Settings:
 reconfigure(_settings_at_import())
 
 
-@app.task(name=DELIVER_TASK, bind=True, acks_late=True, ignore_result=True)
+# shared=False: a shared task is added to every Celery app in the process.
+@app.task(name=DELIVER_TASK, bind=True, shared=False,
+          **{k: v for k, v in task_options(Settings()).items() if "time_limit" not in k})
 def deliver(self: Any, ids: list[str]) -> dict[str, Any]:
     """Deliver the messages *ids* (a batch, usually for one relay)."""
-    from mailworker.delivery import Deliverer
-    from mailworker.hooks import hooks
-    from mailworker.runtime import get_runtime
+    return run_delivery(self.request.id, ids)
 
-    rt = get_runtime()
-    task_id = self.request.id
-    with structlog.contextvars.bound_contextvars(task_id=task_id):
-        report = Deliverer(rt.settings, rt.store, rt.pools, hooks).run(ids, task_id=task_id)
-    return {"claimed": report.claimed, "states": report.states, "skipped": report.skipped}
+
+# Celery's worker signals fire for any app's worker in this process (a project that
+# imports mailworker runs its own workers too): each receiver checks it is ours.
+
+@signals.worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    # `celery -A mailworker.celery_app worker` logs as documented (JSON unless on a
+    # terminal; MAILWORKER_LOG_FORMAT); configured before Celery redirects stdout/stderr.
+    if worker_app_of(sender) is app:
+        from mailworker.logging import configure_logging
+
+        configure_logging()
 
 
 @signals.worker_process_init.connect
 def _after_fork(**_: Any) -> None:
+    # Sent with the host name as sender; Celery has just made the worker's app current.
+    from celery._state import get_current_app
+
+    if get_current_app() is not app:
+        return
     # Sockets inherited from the parent belong to it: drop them without QUIT.
     from mailworker.runtime import get_runtime
 
@@ -100,15 +126,29 @@ def _after_fork(**_: Any) -> None:
 
 
 @signals.worker_process_shutdown.connect
+def _on_process_shutdown(**_: Any) -> None:
+    from celery._state import get_current_app
+
+    if get_current_app() is app:
+        _close_pools()
+
+
 @signals.worker_shutdown.connect
-def _on_shutdown(**_: Any) -> None:
+def _on_shutdown(sender: Any = None, **_: Any) -> None:
+    if worker_app_of(sender) is app:
+        _close_pools()
+
+
+def _close_pools() -> None:
     from mailworker.runtime import get_runtime
 
     get_runtime().pools.close_all()
 
 
 @signals.worker_ready.connect
-def _on_ready(**_: Any) -> None:
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    if worker_app_of(sender) is not app:
+        return
     from mailworker.runtime import get_runtime
 
     warning = get_runtime().store.persistence_warning()

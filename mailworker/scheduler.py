@@ -36,10 +36,11 @@ Publisher = Callable[[Sequence[str], str], None]
 
 
 def publish_ids(ids: Sequence[str], queue: str) -> None:
-    """The default publisher: one ``mailworker.deliver`` task per batch."""
-    from mailworker.celery_app import deliver
+    """The default publisher: one ``mailworker.deliver`` task per batch (on the app
+    :func:`mailworker.celery_integration.install` named, else mailworker's own)."""
+    from mailworker.celery_integration import deliver_task
 
-    deliver.apply_async(args=[list(ids)], queue=queue, routing_key=queue)
+    deliver_task().apply_async(args=[list(ids)], queue=queue, routing_key=queue)
 
 
 class Scheduler:

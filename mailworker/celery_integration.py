@@ -1,0 +1,208 @@
+"""Run mailworker's delivery task inside your own Celery app: :func:`install`.
+
+By default mailworker brings its own Celery app (:mod:`mailworker.celery_app`), which
+never becomes Celery's current or default app, so it cannot capture your project's
+``@shared_task`` calls. Teams that would rather run one worker fleet on one broker call
+``install(app)`` on their app instead, in every process that sends mail or runs workers
+(where the app is defined, e.g. ``proj/celery.py``)::
+
+    from celery import Celery
+    from mailworker.celery_integration import install
+
+    app = Celery("proj")
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    install(app)
+    # Django: install(app, configure=mailworker.contrib.django.configure_runtime)
+
+Then ``celery -A proj worker -Q celery,transactional,bulk`` delivers mail too, and runs
+mailworker's scheduler/sweeper in its main process. What install does and does not do:
+
+* registers ``mailworker.deliver`` on *app* only (not as a shared task), with its own
+  delivery guarantees set per task: JSON, late acks, requeue when a worker process is
+  lost, a hard time limit below the broker's visibility timeout;
+* makes :func:`mailworker.send` and the scheduler publish through *app* (its broker);
+* leaves *app*'s configuration alone, except that it refuses to start a worker whose
+  ``accept_content`` excludes JSON (mailworker's task messages are JSON only). Set
+  ``worker_prefetch_multiplier = 1`` for the mailworker queues' workers (a worker-wide
+  setting, so it is yours to choose); see docs/architecture.md for why.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from celery import Celery, signals
+
+from mailworker.config import ConfigError, Settings
+
+__all__ = ["DELIVER_TASK", "deliver_task", "install", "task_options"]
+
+DELIVER_TASK = "mailworker.deliver"
+log = structlog.get_logger("mailworker.worker")
+
+
+class _Installed:
+    """The task registered by :func:`install`, if any (a holder, so no ``global``)."""
+
+    lock = threading.Lock()
+    task: Any = None
+    configure: Callable[[], object] | None = None
+    configured = False
+
+
+def time_limit(settings: Settings, visibility_timeout: float) -> float:
+    """A task's hard time limit: below the broker's visibility timeout, so the broker can
+    never hand the message to a second worker while the first still sends. Not bounded
+    by the lease: a heartbeat renews leases while a batch runs, and a batch starts no
+    transaction once 80% of ``task_time_limit`` is spent."""
+    return min(settings.task_time_limit, visibility_timeout * 0.9)
+
+
+def task_options(settings: Settings, visibility_timeout: float = 3600.0) -> dict[str, Any]:
+    """Per-task Celery options: the at-least-once guarantees delivery relies on."""
+    limit = time_limit(settings, visibility_timeout)
+    return {
+        "serializer": "json",
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+        "acks_on_failure_or_timeout": True,
+        "ignore_result": True,
+        "time_limit": int(limit),
+        "soft_time_limit": max(1, int(limit * 0.9)),
+    }
+
+
+def run_delivery(task_id: str | None, ids: list[str]) -> dict[str, Any]:
+    """The task body shared by mailworker's own app and installed apps."""
+    from mailworker.delivery import Deliverer
+    from mailworker.hooks import hooks
+    from mailworker.runtime import get_runtime
+
+    _configure_once()
+    rt = get_runtime()
+    with structlog.contextvars.bound_contextvars(task_id=task_id):
+        report = Deliverer(rt.settings, rt.store, rt.pools, hooks).run(ids, task_id=task_id)
+    return {"claimed": report.claimed, "states": report.states, "skipped": report.skipped}
+
+
+def _configure_once() -> None:
+    with _Installed.lock:
+        if _Installed.configure is not None and not _Installed.configured:
+            _Installed.configure()
+            _Installed.configured = True
+
+
+def install(app: Celery, *, configure: Callable[[], object] | None = None,
+            scheduler: bool = True) -> Any:
+    """Register mailworker's delivery task on *app* and publish mail through it.
+
+    *configure*, if given, is called once per process before mailworker first needs its
+    settings in a worker (e.g. ``mailworker.contrib.django.configure_runtime``, which
+    reads ``settings.MAILWORKER``); otherwise the runtime comes from the environment or
+    :func:`mailworker.configure`, as everywhere else. With *scheduler* (the default),
+    every worker of *app* also runs the scheduler/sweeper thread (a Redis lock lets one
+    tick at a time); pass False and run ``mailworker scheduler`` yourself instead.
+    Returns the registered task.
+    """
+    from mailworker.runtime import current
+
+    rt = current()
+    settings = rt.settings if rt is not None else Settings()
+
+    @app.task(name=DELIVER_TASK, bind=True, shared=False, **task_options(settings))
+    def deliver(self: Any, ids: list[str]) -> dict[str, Any]:
+        return run_delivery(self.request.id, ids)
+
+    with _Installed.lock:
+        _Installed.task, _Installed.configure = deliver, configure
+        _Installed.configured = False
+    if app.configured:
+        _check_app(app)
+    else:
+        app.on_after_configure.connect(lambda sender, **_: _check_app(sender), weak=False)
+    _connect_worker_signals(app, scheduler)
+    return deliver
+
+
+def _check_app(app: Celery) -> None:
+    accepted = {str(c).lower() for c in (app.conf.accept_content or ())}
+    if not accepted & {"json", "application/json"}:
+        raise ConfigError(
+            f"Celery app {app.main!r}: accept_content={sorted(accepted)} excludes JSON, and "
+            "mailworker's task messages are JSON only; add 'json' to accept_content")
+
+
+def worker_app_of(sender: Any) -> Any:
+    """The app of a worker signal's sender (a WorkController or a Consumer)."""
+    return getattr(sender, "app", None)
+
+
+def _connect_worker_signals(app: Celery, scheduler: bool) -> None:
+    """Start-up and shutdown work for *app*'s workers; the signals fire for every Celery
+    worker in the process, so each receiver first checks that the worker runs *app*."""
+    state: dict[str, Any] = {}
+
+    def on_init(sender: Any = None, **_: Any) -> None:
+        if worker_app_of(sender) is not app:
+            return
+        _configure_once()
+        # The runtime's settings are known now: fit the time limit to them and the broker.
+        from mailworker.runtime import get_runtime
+
+        vt = float((app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
+        options = task_options(get_runtime().settings, vt)
+        task = app.tasks[DELIVER_TASK]
+        task.time_limit, task.soft_time_limit = options["time_limit"], options["soft_time_limit"]
+
+    def on_ready(sender: Any = None, **_: Any) -> None:
+        if worker_app_of(sender) is not app:
+            return
+        from mailworker.runtime import get_runtime
+
+        rt = get_runtime()
+        warning = rt.store.persistence_warning()
+        if warning:
+            log.warning("redis.not_persistent", message=warning)
+        if scheduler:
+            from mailworker.scheduler import Scheduler
+
+            state["scheduler"] = Scheduler(rt.settings, rt.store)
+            state["scheduler"].start_thread()
+
+    def on_shutdown(sender: Any = None, **_: Any) -> None:
+        if worker_app_of(sender) is not app:
+            return
+        if "scheduler" in state:
+            state.pop("scheduler").stop()
+        from mailworker.runtime import get_runtime
+
+        get_runtime().pools.close_all()
+
+    def on_process_init(**_: Any) -> None:
+        # A prefork child: sent with the host name as sender, once Celery made the
+        # worker's app current here. Sockets inherited from the parent belong to it.
+        from celery._state import get_current_app
+
+        from mailworker.runtime import current
+
+        rt = current()
+        if get_current_app() is app and rt is not None:
+            rt.pools.reset_after_fork()
+            rt.redis.connection_pool.reset()
+
+    signals.worker_init.connect(on_init, weak=False)
+    signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutdown.connect(on_shutdown, weak=False)
+    signals.worker_process_init.connect(on_process_init, weak=False)
+
+
+def deliver_task() -> Any:
+    """The task wake-ups are published with: the installed one, else mailworker's own."""
+    if _Installed.task is not None:
+        return _Installed.task
+    from mailworker.celery_app import deliver
+
+    return deliver
