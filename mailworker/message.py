@@ -175,7 +175,7 @@ def _field_name(name: object) -> str:
 
 def parse_mailbox(value: str, field: str = "address") -> tuple[str, str]:
     """(display name, addr-spec) of ``"a@b"`` or ``"Name <a@b>"``; the address in envelope form."""
-    items = mime.split_addresses(value) if isinstance(value, str) else [value]
+    items = mime.split_addresses(value, strict=True) if isinstance(value, str) else [value]
     if len(items) > 1:
         raise InvalidMessageError(field, f"{value!r} holds {len(items)} addresses; pass one")
     return mime.mailbox_of(items[0] if items else "", field)
@@ -191,7 +191,7 @@ def _mailboxes(value: Addresses | None, field: str) -> list[tuple[str, str]]:
     if value is None:
         return []
     if isinstance(value, str):
-        items = mime.split_addresses(value)
+        items = mime.split_addresses(value, strict=True)
         return [mime.mailbox_of(item, f"{field}[{i}]") for i, item in enumerate(items)]
     if isinstance(value, Mapping | bytes | bytearray) or not isinstance(value, Iterable):
         kind = type(value).__name__

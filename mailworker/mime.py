@@ -179,8 +179,10 @@ def check_address(address: str, field: str) -> str:
         raise _bad(field, address, "it is empty")
     if address.startswith('"'):
         raise _bad(field, address, "quoted local parts are not supported")
-    if any(c.isspace() for c in address):
-        raise _bad(field, address, "it contains a space")
+    space = next((c for c in address if c.isspace()), None)
+    if space is not None:
+        what = "a space" if space == " " else f"the white space or line break U+{ord(space):04X}"
+        raise _bad(field, address, f"it contains {what}")
     if "@" not in address:
         raise _bad(field, address, "missing '@' between the name and the domain")
     local, _, domain = address.rpartition("@")
@@ -205,11 +207,13 @@ def check_address(address: str, field: str) -> str:
     return envelope
 
 
-def split_addresses(value: str, *, groups: bool = False) -> list[str]:
+def split_addresses(value: str, *, groups: bool = False, strict: bool = False) -> list[str]:
     """Split an address list on commas outside quotes, angle brackets and literals.
 
     With ``groups`` (header values), RFC 5322 group syntax ``name: a, b;`` is flattened,
-    so ``undisclosed-recipients:;`` yields nothing. Empty items are dropped.
+    so ``undisclosed-recipients:;`` yields nothing. Empty items are dropped. ``strict``
+    (a caller's argument, not a parsed header) trims only spaces and tabs, so a line
+    break at an item's end is refused by :func:`mailbox_of` instead of silently dropped.
     """
     items: list[str] = []
     start = depth = 0  # depth: inside <...> or [...]
@@ -232,7 +236,8 @@ def split_addresses(value: str, *, groups: bool = False) -> list[str]:
         elif depth == 0 and groups and c == ":":
             start = i + 1  # drop the group's display name
     items.append(value[start:])
-    return [item.strip() for item in items if item.strip()]
+    trimmed = (item.strip(" \t") if strict else item.strip() for item in items)
+    return [item for item in trimmed if item]
 
 
 def _angle(text: str) -> int:
@@ -267,7 +272,7 @@ def mailbox_of(value: object, field: str) -> tuple[str, str]:
         raise InvalidMessageError(field, f"expected an address string, got {type(value).__name__}")
     if BREAKS.search(value):
         raise _bad(field, value, "it contains a line break or NUL (header injection); remove it")
-    text = value.strip()
+    text = value.strip(" \t")  # other white space at the ends is refused, not dropped
     if not text.endswith(">"):
         if "<" in text or ">" in text:
             raise _bad(field, value, "'<' without a closing '>'")

@@ -312,3 +312,16 @@ def test_status_refuses_a_non_string_id(published: list[Any]) -> None:
     with pytest.raises(mailworker.InvalidMessageError):
         mailworker.status(None)  # type: ignore[arg-type]
     assert mailworker.status("0" * 32) is None
+
+
+@pytest.mark.parametrize("to", ["a@example.com\r\n", ["a@example.com\n"],
+                                ["a@example.com\u2028"], "b@example.com, a@example.com\u2029"])
+def test_s2_14_line_breaks_at_the_end_of_an_address_are_refused(published: list[Any],
+                                                                  to: Any) -> None:
+    err = refused("to[0]" if "b@" not in str(to) else "to[1]", to=to)
+    assert "line break" in err.reason
+
+
+def test_s2_15_oversized_text_refused_before_encoding(published: list[Any]) -> None:
+    err = refused("size", text="é" * 2_000_000, html="<p>" + "x" * 1_000_000)
+    assert err.reason.startswith("message is at least 2.9 MB")
