@@ -23,7 +23,9 @@ __all__ = ["add_timestamp", "configure_logging", "get_logger", "redact_command",
 _SECRET_KEYS = re.compile(r"(pass(word)?|secret|token|credential|auth_payload|api_key)", re.I)
 # Bounded quantifiers and a start-of-scheme look-behind keep this linear: a reply text
 # full of word characters before a URL made the unbounded version backtrack quadratically.
-_DSN_PASSWORD = re.compile(r"(?<![\w+.-])([A-Za-z][\w+.-]{0,31}://[^:/@\s]{0,256}:)[^@\s]{0,256}@")
+# The password runs to the *last* "@" before white space: it may itself hold "@", ":" or
+# "/" unencoded, and redacting a little too much is the safe way to be wrong.
+_DSN_PASSWORD = re.compile(r"(?<![\w+.-])([A-Za-z][\w+.-]{0,31}://[^:/@\s]{0,256}:)\S{0,256}@")
 _AUTH_CMD = re.compile(r"^(AUTH\s+\S+)(\s+.*)?$", re.I | re.S)
 REDACTED = "***"
 

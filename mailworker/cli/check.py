@@ -11,7 +11,7 @@ from typing import Any
 
 from mailworker.cli.output import CLIError, say
 from mailworker.relay import InvalidRelayError, Relay, parse_relay
-from mailworker.smtp import Connection
+from mailworker.smtp import CleartextAuthRefused, Connection
 from mailworker.smtp.errors import error_stage, error_text
 
 __all__ = ["run_check"]
@@ -25,6 +25,9 @@ HINTS = {
            "private CA; verify=false only for lab relays; use smtps:// for port 465",
     "auth": "check the user name and password (password_env / password_file), and that the "
             "server offers AUTH on this port",
+    "cleartext-auth": "mailworker will not send the password without encryption: use "
+                      "smtp+starttls:// or smtps:// (TLS), or set allow_plain_auth=true only "
+                      "for a relay on localhost or a trusted network",
 }
 
 
@@ -82,8 +85,9 @@ def run_check(target: str | None) -> int:
     if failure is not None:
         stage = error_stage(failure)
         where = stage.value if stage else "connect"
+        hint = "cleartext-auth" if isinstance(failure, CleartextAuthRefused) else where
         raise CLIError(f"relay {relay.name!r} failed at {where}: {error_text(failure)}",
-                       HINTS.get(where), 1)
+                       HINTS.get(hint), 1)
     caps = facts["caps"]
     say("\ncapabilities: " + (", ".join(f"{k} {v}".strip() for k, v in caps.items()) or "-"))
     say(f"encrypted:    {'yes' if facts['encrypted'] else 'NO'}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,15 +48,17 @@ __all__ = ["Envelope", "Gate", "Prepared", "RecipientResult", "SendResult", "Ses
 Gate = Callable[[int], bool]
 """``gate(i)``: may envelope ``i`` of the batch start now? Asked just before its MAIL FROM."""
 
-_BAD_ADDRESS = re.compile(r"[\r\n\x00<>]")
+_BAD_ASCII = re.compile(r"[\x00-\x20\x7f<>]")
 
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """One message to send: the SMTP envelope and the RFC 5322 bytes.
 
-    Addresses are checked here, when the envelope is made, so a CR or LF can never be
-    smuggled into an SMTP command; enclosing angle brackets are dropped.
+    Addresses are checked here, when the envelope is made, so nothing can be smuggled
+    into an SMTP command: no control character (CR, LF, NUL, ...), no space (which would
+    start an ESMTP parameter), no ``<``/``>``, and outside ASCII no separator or invisible
+    character (U+2028, U+0085, U+200B, U+FEFF, ...). Enclosing angle brackets are dropped.
     """
 
     sender: str
@@ -75,9 +78,16 @@ def _address(addr: str, allow_empty: bool = False) -> str:
     a = addr.strip()
     if a[:1] == "<" and a[-1:] == ">":
         a = a[1:-1]
-    if _BAD_ADDRESS.search(a) or (not a and not allow_empty):
-        raise ValueError(f"invalid envelope address {addr!r}: empty, or has CR, LF, NUL or <>")
+    bad = _BAD_ASCII.search(a) or not (a.isascii() or all(map(_visible, a)))
+    if bad or (not a and not allow_empty):
+        raise ValueError(f"invalid envelope address {addr!r}: empty, or has a space, CR, LF "
+                         "or another control or invisible character, a separator, or <>")
     return a
+
+
+def _visible(ch: str) -> bool:
+    """Not a control, format (zero-width), separator, surrogate or unassigned character."""
+    return ch.isascii() or unicodedata.category(ch)[0] not in "CZ"
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,3 +43,14 @@ def test_timestamp_is_iso_utc_with_microseconds() -> None:
 
     ev = dict(add_timestamp(None, "info", {}))
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", ev["timestamp"])
+
+
+def test_s2_12_dsn_passwords_with_at_colon_or_slash_are_fully_redacted() -> None:
+    """Before: the pattern stopped at the first '@': `redis://:***@ss@h:6379/0`."""
+    for password in ("p@ss", "R3dis@PW@q1", "pa:ss@x", "a/b@c", "a/b:c@d"):
+        for user, host in (("", "127.0.0.1:6391/2"), ("user", "mail.example.com:587")):
+            dsn = f"redis://{user}:{password}@{host}"
+            ev = redact_secrets(None, "info", {"detail": f"cannot connect to {dsn} (refused)"})
+            assert ev["detail"] == f"cannot connect to redis://{user}:***@{host} (refused)"
+    ev = redact_secrets(None, "info", {"text": "no URL here, mail a@b.c"})
+    assert ev["text"] == "no URL here, mail a@b.c"
