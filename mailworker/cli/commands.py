@@ -122,11 +122,6 @@ def _ts(t: float | None) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _attempt_count(rec: Any) -> int:
-    """Delivery attempts made: the history's entries, less operator retries (not attempts)."""
-    return sum(1 for a in rec.history if a.outcome != "operator_retry")
-
-
 def _last_word(r: Any) -> str:
     """A recipient's last reply, or why it waits when no server has answered for it."""
     if r.reply and r.reply.text:
@@ -137,14 +132,16 @@ def _last_word(r: Any) -> str:
 def _print_record(rec: Any, history: bool) -> None:
     say(f"message  {rec.id}")
     say(f"state    {rec.state.value}{'  (possible duplicate)' if rec.possible_duplicate else ''}")
-    say(f"relay    {rec.relay}   queue {rec.queue}   attempts {_attempt_count(rec)}")
+    # attempts_made: what each recipient's attempts also count (record.attempts numbers
+    # only failures, for the backoff, and would say 0 for mail delivered at once).
+    say(f"relay    {rec.relay}   queue {rec.queue}   attempts {rec.attempts_made}")
     say(f"created  {_ts(rec.created_at)}   expires {_ts(rec.expires_at)}   "
         f"next {_ts(rec.next_attempt_at)}")
-    if rec.dead_reason:
-        say(f"reason   {clean(rec.dead_reason, newlines=False)}")
-    elif rec.last_error and not rec.state.final:
-        # Why it waits (relay paused, unknown relay, a 4xx...): the first thing to ask.
-        say(f"waiting  {clean(rec.last_error, newlines=False)}")
+    reason = rec.reason()
+    if reason:
+        # Why it died, or why it waits (relay paused, unknown relay, a 4xx...).
+        label = "reason " if rec.state.final else "waiting"
+        say(f"{label}  {clean(reason, newlines=False)}")
     rows = [(r.address, r.state.value, r.reply.code if r.reply else "",
              r.reply.enhanced_code if r.reply else "", _last_word(r)[:60],
              r.attempts) for r in rec.recipients]
