@@ -161,7 +161,9 @@ def status(args: argparse.Namespace) -> int:
     rec = rt.store.get(args.id)
     if rec is None:
         raise CLIError(f"no message with id {args.id!r}",
-                       "ids are printed by 'mailworker send'; records expire after retention", 1)
+                       "ids come from send() or 'mailworker send'; mail sent inside a "
+                       "database transaction that rolled back was never queued; records "
+                       "expire after retention", 1)
     if args.json:
         print_json(rec.summary())
     else:
