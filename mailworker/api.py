@@ -139,7 +139,16 @@ def _store_call(settings: Settings, doing: str, call: Callable[[], T]) -> T:
             "was changed. Check that Redis is up (MAILWORKER_REDIS_URL)") from exc
 
 
+# The test hook, set only by mailworker.testing's outbox (record_messages(), the
+# mailworker_outbox pytest fixture): while it is set, accepted records are handed to it
+# (delivered in-process, no Redis, no broker) and status() reads them back from it.
+# Always None in production.
+outbox: Any = None
+
+
 def _enqueue(items: list[tuple[Record, bytes]], publish: Publisher | None = None) -> list[str]:
+    if outbox is not None:
+        return list(outbox.accept(items))
     rt = get_runtime()
     s = rt.settings
     now = time.time()
@@ -310,6 +319,8 @@ def status(message_id: str) -> dict[str, Any] | None:
     if not isinstance(message_id, str) or not message_id:
         raise InvalidMessageError("message_id", f"expected the id send() returned, got "
                                   f"{shown(message_id)}")
+    if outbox is not None:
+        return outbox.status(message_id)  # type: ignore[no-any-return]
     rt = get_runtime()
     rec = _store_call(rt.settings, "read the message status", lambda: rt.store.get(message_id))
     return rec.summary() if rec else None
