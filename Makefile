@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench system-deps clean
+.PHONY: demo test lint bench system-deps check-wheel clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
+
+# The wheel as a user gets it: `pip install 'mailworker[demo]' && mailworker demo` in a
+# fresh virtualenv (scripts/check-wheel says what it checks).
+check-wheel: $(STAMP)
+	PYTHON=$(BIN)/python ./scripts/check-wheel
 
 lint: $(STAMP)
 	$(BIN)/ruff check mailworker tests benchmarks
