@@ -349,8 +349,15 @@ def test_flask_mail_message_through_send_without_mail_initialised(mw_env: dict[s
     assert parts[0].get_content() == LOGO_PNG and parts[0]["Content-ID"] == "<logo>"
 
 
+def without_relay_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests need no relay defined outside app.config (a developer's shell may have one)."""
+    for name in [k for k in os.environ if k.startswith("MAILWORKER_RELAY")]:
+        monkeypatch.delenv(name)
+
+
 def test_flask_mail_config_keys_make_the_default_relay(mw_env: dict[str, str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    without_relay_variables(monkeypatch)
     base = {k: v for k, v in app_config(mw_env).items() if k != "MAILWORKER_RELAYS"}
 
     def relays(**mail: Any) -> dict[str, Any]:
@@ -390,7 +397,9 @@ def test_flask_mail_config_keys_make_the_default_relay(mw_env: dict[str, str],
 # --- flask mailworker ----------------------------------------------------------------------
 
 
-def test_flask_cli_command_uses_the_app_config(mw_env: dict[str, str]) -> None:
+def test_flask_cli_command_uses_the_app_config(mw_env: dict[str, str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    without_relay_variables(monkeypatch)
     app = flask.Flask("cli")
     app.config.update({k: v for k, v in app_config(mw_env).items() if k != "MAILWORKER_RELAYS"})
     MailWorker(app)
