@@ -24,7 +24,7 @@ mailworker's scheduler/sweeper in its main process. What install does and does n
 * leaves *app*'s configuration alone, except that it refuses to start a worker whose
   ``accept_content`` excludes JSON (mailworker's task messages are JSON only). Set
   ``worker_prefetch_multiplier = 1`` for the mailworker queues' workers (a worker-wide
-  setting, so it is yours to choose); see docs/architecture.md for why.
+  setting, so it is yours to choose; config/README.md says why).
 """
 
 from __future__ import annotations
