@@ -65,6 +65,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "task_send_sent_event": False,
+        # Remote control (celery inspect/control: shutdown, pool resize, rate limits) is
+        # reachable by anyone who can write to the broker; mailworker needs none of it.
+        "worker_enable_remote_control": False,
     }
 
 
