@@ -279,19 +279,14 @@ class FaultySMTP(SMTP):
         return False
 
     async def _hostile(self, on: str, subjects: tuple[str, ...]) -> bool:
-        """Play a hang/trickle/endless fault for *on*, if one applies; True if one did.
-
-        Returns only once the client has gone (then nothing else is answered)."""
-        faults = self._cfg.faults
+        """Play a hang/trickle/endless fault for *on*, if one applies, until the client goes."""
         for kind in HOSTILE:
-            if (fault := faults.take(kind, on, subjects, self._conn_id)) is not None:
-                await act_out(fault, self._writer, self._client_gone)
+            if (fault := self._cfg.faults.take(kind, on, subjects, self._conn_id)) is not None:
+                await act_out(fault, self._writer, lambda: self._hung_up or self.transport is None
+                              or self.transport.is_closing())
                 self.drop()
                 return True
         return False
-
-    def _client_gone(self) -> bool:
-        return self._hung_up or self.transport is None or self.transport.is_closing()
 
     def _subjects(self, verb: str, arg: str | None) -> tuple[str, ...]:
         """What a fault's ``match`` is tested against for this command."""

@@ -19,8 +19,8 @@ import mailworker
 from mailworker.config import load_settings
 from mailworker.runtime import configure
 from mailworker.store import MessageState
-from mailworker.testing import Fault, SMTPTestServer
-from tests.conftest import WorkerProcess, wait_until
+from mailworker.testing import Fault, SMTPTestServer, wait_until
+from tests.conftest import WorkerProcess
 from tests.integration.conftest import Env
 
 pytestmark = pytest.mark.integration

@@ -811,3 +811,42 @@ def test_latency_proxy_passes_tls_and_closes_both_ways() -> None:
             with pytest.raises(smtplib.SMTPServerDisconnected):
                 client.noop()
         assert server.messages[0].tls is True
+
+
+def _raw_session(server: SMTPTestServer, command: bytes | None) -> socket.socket:
+    """A raw client: read the greeting (unless it is the fault), send *command*."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    if command is not None:
+        assert sock.recv(1024).startswith(b"220")
+        sock.sendall(command)
+    return sock
+
+
+def test_hostile_faults_misbehave_as_described() -> None:
+    with SMTPTestServer() as server:
+        server.add_fault(Fault.trickle("EHLO", seconds=0.01, times=1))
+        with _raw_session(server, b"EHLO me\r\n") as sock:
+            chunks = [sock.recv(1024) for _ in range(8)]
+        assert all(len(c) == 1 for c in chunks) and b"".join(chunks) == b"250 OKxx"
+
+        server.add_fault(Fault.endless("NOOP", times=1))
+        with _raw_session(server, b"NOOP\r\n") as sock:
+            got = b""
+            while len(got) < 100_000:
+                got += sock.recv(65536)
+        lines = got.split(b"\r\n")[:-1]
+        assert len(lines) > 1000 and all(line == b"250-" + b"x" * 60 for line in lines)
+
+        server.add_fault(Fault.hang("GREETING", times=1))
+        with _raw_session(server, None) as sock:
+            sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                sock.recv(1024)
+
+        server.add_fault(Fault.overlong("HELP", length=5000, times=1))
+        with _raw_session(server, b"HELP\r\n") as sock, sock.makefile("rb") as f:
+            assert f.readline() == b"250 " + b"x" * 5000 + b"\r\n"
+        assert [f.kind for _, f in server.faults_triggered] == [
+            "trickle", "endless", "hang", "reply"]
+        with pytest.raises(ValueError, match="on must be one of"):
+            Fault.hang("BOGUS")
