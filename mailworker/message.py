@@ -5,7 +5,8 @@ Everything that can be wrong with a message is found here, at enqueue, and repor
 must never reach the queue, where it would only fail again later. Header injection (CR/LF
 in an address, subject or header) is the case that matters most.
 
-Decisions (the syntax itself lives in :mod:`mailworker.mime`):
+Decisions (the syntax itself lives in :mod:`mailworker.mime` and
+:mod:`mailworker.addresses`; header checks in :mod:`mailworker.headers`):
 
 * An address argument given as a string may hold several comma-separated addresses,
   like a To header; given as a list, it holds one address per item.
@@ -46,13 +47,13 @@ import secrets
 import time
 import unicodedata
 import uuid
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from email.utils import formatdate
 
-from mailworker import mime
+from mailworker import addresses, mime
 from mailworker.errors import shown
+from mailworker.headers import INJECTION, check_head, check_headers, header_lines, utf8
 from mailworker.mime import InvalidMessageError
 
 __all__ = [
@@ -106,79 +107,22 @@ class BuiltMessage:
 AttachmentLike = Attachment | tuple[str, bytes | str] | tuple[str, bytes | str, str | None]
 Addresses = str | Sequence[str]
 
-_HEADER_NAME = re.compile(r"[!-9;-~]+")  # printable ASCII except ':' (RFC 5322 ftext)
-_HEAD_LINE = re.compile(rb"[!-9;-~]+:")  # a serialised field's start
 _MIMETYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
 _MSG_ID = re.compile(r"<?([!-;=?-~]+@[!-;=?-~]+)>?")  # printable ASCII, no '<' or '>'
 _CONTENT_ID = re.compile(r"[!-;=?-~]+")
-_BAD_FOLD = re.compile(r"\n(?![ \t])|\r|\0")  # a line break that is not folding
-_FOLD = re.compile(r"\n[ \t]")
-# C0 controls but TAB, and DEL: invalid in a header (RFC 5322 2.2), and VT, FF, FS, GS,
-# RS are line breaks to str.splitlines(), which the stdlib generator folds with.
-# NEL, LS and PS are line breaks too; they are refused in ready-made messages, whose
-# values are written as given (ours are RFC 2047 encoded).
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_PARSED_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
-_INJECTION = "contains a line break or NUL (header injection); remove it"
 _MAX_MESSAGE_ID = 250
 # Dates RFC 5322 can write (years 1900-9999); formatdate() fails or lies outside them.
 _DATES = (-2208988800.0, 253402300799.0)
-# Parser defects that mean the header block was not read whole: a line that is not a
-# field ends the headers, and it and every line after it become body text.
-_HEAD_DEFECTS = (
-    email.errors.MissingHeaderBodySeparatorDefect,
-    email.errors.FirstHeaderLineIsContinuationDefect,
-    email.errors.MisplacedEnvelopeHeaderDefect,
-)
 # Control, format, unassigned, private-use characters and line/paragraph separators.
 _NOT_IN_FILENAMES = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"})
 _MAX_FILENAME = 255  # what file systems allow; keeps the RFC 2231 form within 998 octets
 _COMPRESSED = {"gzip": "application/gzip", "bzip2": "application/x-bzip2", "xz": "application/x-xz"}
-_RESERVED = {
-    "from": "pass the sender as sender=...",
-    "to": "pass recipients as to=...",
-    "cc": "pass recipients as cc=...",
-    "bcc": "pass recipients as bcc=...",
-    "reply-to": "pass it as reply_to=...",
-    "subject": "pass it as subject=...",
-    "message-id": "pass it as message_id=...",
-    "date": "pass a timestamp as date=...",
-    "mime-version": "mailworker writes it",
-    "sender": "pass the address as sender_header=... (the agent sending for the From author)",
-    "received": "each server on the way adds its own trace field",
-    "return-path": "the receiving server writes it from the envelope sender (sender=)",
-}
-
-
-def _reserved_hint(name: str) -> str | None:
-    """Why a header may not be set through ``headers=``, or None if it may."""
-    lower = name.lower()
-    hint = _RESERVED.get(lower)
-    if hint is None and lower.startswith("content-"):
-        hint = "mailworker writes it from text=, html= and attachments="
-    if hint is None and lower.startswith("resent-"):
-        hint = ("Resent-* fields are added by software that re-sends a message it received; "
-                "for new mail use to=, cc=, bcc= and sender=")
-    return hint
-
-
-def _control_error(field: str, char: str) -> InvalidMessageError:
-    return InvalidMessageError(
-        field, f"the value contains the control character U+{ord(char):04X}; remove it "
-        "(mail software may turn it into a line break, i.e. an injected header)")
-
-
-def _field_name(name: object) -> str:
-    """``headers[Name]`` for an error, with an absurd name cut short."""
-    return f"headers[{name if isinstance(name, str) and len(name) <= 80 else shown(name)}]"
-
-
 def parse_mailbox(value: str, field: str = "address") -> tuple[str, str]:
     """(display name, addr-spec) of ``"a@b"`` or ``"Name <a@b>"``; the address in envelope form."""
-    items = mime.split_addresses(value, strict=True) if isinstance(value, str) else [value]
+    items = addresses.split_addresses(value, strict=True) if isinstance(value, str) else [value]
     if len(items) > 1:
         raise InvalidMessageError(field, f"{value!r} holds {len(items)} addresses; pass one")
-    return mime.mailbox_of(items[0] if items else "", field)
+    return addresses.mailbox_of(items[0] if items else "", field)
 
 
 def validate_address(addr: str, field: str = "address") -> str:
@@ -191,8 +135,8 @@ def _mailboxes(value: Addresses | None, field: str) -> list[tuple[str, str]]:
     if value is None:
         return []
     if isinstance(value, str):
-        items = mime.split_addresses(value, strict=True)
-        return [mime.mailbox_of(item, f"{field}[{i}]") for i, item in enumerate(items)]
+        items = addresses.split_addresses(value, strict=True)
+        return [addresses.mailbox_of(item, f"{field}[{i}]") for i, item in enumerate(items)]
     if isinstance(value, Mapping | bytes | bytearray) or not isinstance(value, Iterable):
         kind = type(value).__name__
         raise InvalidMessageError(field, f"expected a string or a list of strings, got {kind}")
@@ -205,50 +149,6 @@ def _dedupe(addresses: Iterable[str]) -> tuple[str, ...]:
     for address in addresses:
         seen.setdefault(address.lower(), address)
     return tuple(seen.values())
-
-
-def _encode(text: str, field: str) -> bytes:
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidMessageError(field, f"is not valid Unicode ({exc.reason})") from None
-
-
-def _header_lines(headers: Mapping[str, str] | None) -> list[str]:
-    """Validated ``headers=`` as header lines."""
-    if headers is None:
-        return []
-    if not isinstance(headers, Mapping):
-        raise InvalidMessageError("headers", "expected a mapping of name to value, e.g. "
-                                  f"{{'X-Campaign': 'spring'}}, got {type(headers).__name__}")
-    lines = []
-    for name, value in headers.items():
-        field = _field_name(name)
-        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
-            raise InvalidMessageError(
-                field, "a header name is printable ASCII without spaces or ':', e.g. X-Campaign"
-            )
-        hint = _reserved_hint(name)
-        if hint:
-            raise InvalidMessageError(field, f"{name} cannot be set through headers=; {hint}")
-        if not isinstance(value, str):
-            raise InvalidMessageError(field, f"expected a string value, got {type(value).__name__}")
-        if mime.BREAKS.search(value):
-            raise InvalidMessageError(field, f"the value {_INJECTION}")
-        control = _CONTROL.search(value)
-        if control:
-            raise _control_error(field, control[0])
-        _encode(value, field)
-        if not value.isascii():
-            lines.append(mime.unstructured(name, value))
-        elif mime.longest_word(value) > mime.HARD_LIMIT - len(name) - 4:
-            raise InvalidMessageError(
-                field, "the value has too long a run without spaces: header lines are limited "
-                "to 998 octets (RFC 5322 2.1.1) and can only be folded at spaces; shorten it"
-            )
-        else:
-            lines.append(f"{name}: {mime.fold(value, len(name) + 2)}\r\n")
-    return lines
 
 
 def _attachment(item: object, field: str) -> tuple[Attachment, bytes]:
@@ -279,12 +179,12 @@ def _attachment(item: object, field: str) -> tuple[Attachment, bytes]:
         raise InvalidMessageError(f"{field}.filename", "a filename is required, e.g. 'invoice.pdf'")
     if any(unicodedata.category(c) in _NOT_IN_FILENAMES for c in name):
         raise InvalidMessageError(f"{field}.filename", f"{shown(name)} has control characters")
-    if len(_encode(name, f"{field}.filename")) > _MAX_FILENAME:
+    if len(utf8(name, f"{field}.filename")) > _MAX_FILENAME:
         raise InvalidMessageError(f"{field}.filename", f"over {_MAX_FILENAME} octets; shorten it")
     if name != att.filename:
         att = replace(att, filename=name)
     if isinstance(att.content, str):
-        return att, _encode(att.content, f"{field}.content")
+        return att, utf8(att.content, f"{field}.content")
     if isinstance(att.content, bytes | bytearray | memoryview):
         return att, bytes(att.content)
     kind = type(att.content).__name__
@@ -372,12 +272,12 @@ def _body(
         (related if att.inline and html is not None else mixed).append(part)
     body: mime.Part | None = None
     if html is not None:
-        _encode(html, "html")
+        utf8(html, "html")
         body = mime.text_part("html", html)
         if related:
             body = mime.multipart("related", [body, *related])
     if text is not None:
-        _encode(text, "text")
+        utf8(text, "text")
         plain = mime.text_part("plain", text)
         body = mime.multipart("alternative", [plain, body]) if body else plain
     if mixed:
@@ -423,8 +323,8 @@ def build_message(
         raise InvalidMessageError("recipients", "none given; pass an address in to=, cc= or bcc=")
     reply_boxes = _mailboxes(reply_to, "reply_to")
     if not isinstance(subject, str) or mime.BREAKS.search(subject):
-        raise InvalidMessageError("subject", f"must be a string that never {_INJECTION}")
-    _encode(subject, "subject")
+        raise InvalidMessageError("subject", f"must be a string that never {INJECTION}")
+    utf8(subject, "subject")
     if isinstance(attachments, str | bytes | bytearray | Mapping | Attachment) or not isinstance(
             attachments, Iterable):
         raise InvalidMessageError("attachments", "expected a list of Attachment(...) or "
@@ -436,7 +336,7 @@ def build_message(
     for field, value in (("text", text), ("html", html)):
         if value is not None and not isinstance(value, str):
             raise InvalidMessageError(field, f"expected a string, got {type(value).__name__}")
-    domain = mime.id_domain(from_addr)
+    domain = addresses.id_domain(from_addr)
     if message_id is None:
         message_id = f"<{uuid.uuid4().hex}@{domain}>"
     else:
@@ -465,7 +365,7 @@ def build_message(
     lines.append(mime.unstructured("Subject", subject))
     lines.append(f"Date: {formatdate(time.time() if date is None else date, usegmt=True)}\r\n")
     lines.append(f"Message-ID: {message_id}\r\nMIME-Version: 1.0\r\n")
-    lines.extend(_header_lines(headers))
+    lines.extend(header_lines(headers))
     part_headers, chunks = _body(text, html, attachments, domain, max_size)
     lines.append(part_headers + "\r\n")
     head = "".join(lines)
@@ -481,60 +381,13 @@ def build_message(
 # --- ready-made messages -----------------------------------------------------------------
 
 
-def _check_headers(msg: email.message.Message) -> None:
-    """Refuse header names and values that would inject headers when serialised.
-
-    ``compat32`` messages (``email.mime``, Django) store any value; a line break is only
-    allowed as folding, i.e. followed by a space or tab. The stdlib generator refolds a
-    parsed value with ``str.splitlines()``, so VT, FF, FS, GS, RS, NEL, LS and PS would
-    become line breaks on the wire: refused like any other control character.
-    """
-    for part in msg.walk():
-        for defect in part.defects:
-            if isinstance(defect, _HEAD_DEFECTS):
-                raise InvalidMessageError(
-                    "message", f"its header block is malformed ({type(defect).__name__}): a "
-                    "line in it is not a header field (e.g. 'BCC : x', a space before the "
-                    "colon), so that line and every one after it would be sent as body text; "
-                    "fix the source")
-        for name, value in part.raw_items():
-            field = _field_name(name)
-            if not _HEADER_NAME.fullmatch(name):
-                raise InvalidMessageError(field, "a name is printable ASCII without spaces or ':'")
-            text = str(value).replace("\r\n", "\n")
-            if _BAD_FOLD.search(text):
-                raise InvalidMessageError(field, f"the value {_INJECTION}")
-            control = _PARSED_CONTROL.search(_FOLD.sub(" ", text))
-            if control:
-                raise _control_error(field, control[0])
-
-
-def _check_head(head: bytes, msg: email.message.Message) -> None:
-    """The serialised header block holds exactly the message's own fields.
-
-    A second line of defence after :func:`_check_headers`: whatever a policy's folding
-    does to a value, no new field may appear on the wire.
-    """
-    names: list[bytes] = []
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            continue
-        if not _HEAD_LINE.match(line):
-            raise InvalidMessageError("message", "serialising it produced a header line that "
-                                      f"is not a field: {shown(line)}")
-        names.append(line.partition(b":")[0].lower())
-    expected = Counter(name.lower().encode("ascii") for name in msg)
-    if Counter(names) != expected:
-        raise InvalidMessageError("message", "serialising it changed its header fields "
-                                  "(a value holds a line break); fix the source")
-
-
 def _header_mailboxes(msg: email.message.Message, names: Iterable[str]) -> list[str]:
     found = []
     for name in names:
         for value in msg.get_all(name, []):
-            items = mime.split_addresses(str(value), groups=True)
-            found += [mime.mailbox_of(v, f"{name.lower()}[{i}]")[1] for i, v in enumerate(items)]
+            items = addresses.split_addresses(str(value), groups=True)
+            found += [addresses.mailbox_of(v, f"{name.lower()}[{i}]")[1]
+                      for i, v in enumerate(items)]
     return found
 
 
@@ -573,7 +426,7 @@ def from_email_message(
         raise InvalidMessageError(
             "message", f"expected an email.message.EmailMessage, got {type(msg).__name__}; "
             "for raw bytes use email.message_from_bytes(data, policy=email.policy.default)")
-    _check_headers(msg)
+    check_headers(msg)
     if sender is None:
         senders = _header_mailboxes(msg, ["Sender"]) or _header_mailboxes(msg, ["From"])
         if len(senders) != 1:
@@ -592,7 +445,7 @@ def from_email_message(
     smtputf8 = not from_addr.isascii() or not all(a.isascii() for a in rcpts)
 
     head, _, body = _serialise(msg, smtputf8).partition(b"\r\n\r\n")
-    _check_head(head, msg)
+    check_head(head, msg)
     kept: list[bytes] = []
     dropping = False
     for line in head.split(b"\r\n"):
@@ -604,7 +457,7 @@ def from_email_message(
     if existing:
         message_id = " ".join(str(existing).split())
     else:
-        message_id = f"<{uuid.uuid4().hex}@{mime.id_domain(from_addr)}>"
+        message_id = f"<{uuid.uuid4().hex}@{addresses.id_domain(from_addr)}>"
         kept.append(f"Message-ID: {message_id}".encode("ascii"))
     if not msg.get("Date"):
         kept.append(f"Date: {formatdate(usegmt=True)}".encode("ascii"))
