@@ -61,7 +61,7 @@ def _unknown_key(key: object, allowed: Sequence[str]) -> InvalidMessageError:
     if better is None:
         close = difflib.get_close_matches(name, allowed, n=1)
         better = close[0] if close else None
-    hint = f"; did you mean {better}{'' if better.endswith(')') else '='}?" if better else ""
+    hint = f"; did you mean {better}=?" if better else ""
     return InvalidMessageError(
         name, f"not an argument here{hint} (allowed: {', '.join(allowed)})")
 
@@ -252,7 +252,7 @@ def _prepare(item: object, s: Settings, now: float) -> Prepared:
                                    recipients=args.get("recipients"),
                                    max_size=s.max_message_size)
     else:
-        if args.get("sender") is None:
+        if not args.get("sender"):
             args["sender"] = s.default_sender
             if not args["sender"]:
                 raise InvalidMessageError(
