@@ -107,7 +107,8 @@ def deliver(self: Any, ids: list[str]) -> dict[str, Any]:
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     # `celery -A mailworker.celery_app worker` logs as documented (JSON unless on a
     # terminal; MAILWORKER_LOG_FORMAT); configured before Celery redirects stdout/stderr.
-    if worker_app_of(sender) is app:
+    # A process that set structlog up itself (`mailworker worker`, the demo) keeps its own.
+    if worker_app_of(sender) is app and not structlog.is_configured():
         from mailworker.logging import configure_logging
 
         configure_logging()

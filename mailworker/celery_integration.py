@@ -21,10 +21,11 @@ mailworker's scheduler/sweeper in its main process. What install does and does n
   delivery guarantees set per task: JSON, late acks, requeue when a worker process is
   lost, a hard time limit below the broker's visibility timeout;
 * makes :func:`mailworker.send` and the scheduler publish through *app* (its broker);
-* leaves *app*'s configuration alone, except that it refuses to start a worker whose
-  ``accept_content`` excludes JSON (mailworker's task messages are JSON only). Set
-  ``worker_prefetch_multiplier = 1`` for the mailworker queues' workers (a worker-wide
-  setting, so it is yours to choose; config/README.md says why).
+* adds ``"json"`` to *app*'s ``accept_content`` if it was narrowed to exclude it
+  (mailworker's task messages are JSON only), and otherwise leaves its configuration
+  alone. So: if *app* lists ``task_queues``, add mailworker's queues there; and set
+  ``worker_prefetch_multiplier = 1`` for the workers of mailworker's queues (a
+  worker-wide setting, so it is yours to choose; config/README.md says why).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 import structlog
 from celery import Celery, signals
 
-from mailworker.config import ConfigError, Settings
+from mailworker.config import Settings
 
 __all__ = ["DELIVER_TASK", "deliver_task", "install", "task_options"]
 
@@ -120,19 +121,23 @@ def install(app: Celery, *, configure: Callable[[], object] | None = None,
         _Installed.task, _Installed.configure = deliver, configure
         _Installed.configured = False
     if app.configured:
-        _check_app(app)
+        _accept_json(app)
     else:
-        app.on_after_configure.connect(lambda sender, **_: _check_app(sender), weak=False)
+        app.on_after_configure.connect(lambda sender, **_: _accept_json(sender), weak=False)
     _connect_worker_signals(app, scheduler)
     return deliver
 
 
-def _check_app(app: Celery) -> None:
-    accepted = {str(c).lower() for c in (app.conf.accept_content or ())}
-    if not accepted & {"json", "application/json"}:
-        raise ConfigError(
-            f"Celery app {app.main!r}: accept_content={sorted(accepted)} excludes JSON, and "
-            "mailworker's task messages are JSON only; add 'json' to accept_content")
+def _accept_json(app: Celery) -> None:
+    """Let *app*'s workers take JSON, the only format of mailworker's task messages.
+
+    Celery accepts JSON by default; an app that narrowed ``accept_content`` (to pickle,
+    say) gets JSON added rather than workers that silently reject mail wake-ups.
+    """
+    accepted = list(app.conf.accept_content or ())
+    if not {str(c).lower() for c in accepted} & {"json", "application/json"}:
+        app.conf.accept_content = [*accepted, "json"]
+        log.info("celery.accept_json_added", app=app.main, accept_content=[*accepted, "json"])
 
 
 def worker_app_of(sender: Any) -> Any:
@@ -148,6 +153,7 @@ def _connect_worker_signals(app: Celery, scheduler: bool) -> None:
     def on_init(sender: Any = None, **_: Any) -> None:
         if worker_app_of(sender) is not app:
             return
+        _accept_json(app)  # again: the app's config may have changed since install()
         _configure_once()
         # The runtime's settings are known now: fit the time limit to them and the broker.
         from mailworker.runtime import get_runtime
