@@ -435,6 +435,7 @@ class Session:
 
     def _start(self, t: _Txn) -> None:
         t.deadline = self.clock() + self.deadline
+        self.wire.set_deadline(t.deadline, self._deadline_label)  # bounds its writes too
 
     def _write(self, data: bytes, dot: _Txn | None, cur: _Txn | None, *,
                trailing: bool = True, stage: Stage = Stage.MAIL) -> float:
