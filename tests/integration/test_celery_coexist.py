@@ -32,9 +32,9 @@ app = Celery("shop", broker=os.environ["SHOP_BROKER"], include=["shop.tasks"])
 app.conf.update(task_default_queue=os.environ["SHOP_QUEUE"],
                 broker_connection_retry_on_startup=True)
 if os.environ.get("SHOP_INSTALL"):
-    # This project pickles its own tasks (and accepts nothing else): install() must
-    # still get mailworker's JSON wake-ups accepted.
-    app.conf.update(task_serializer="pickle", accept_content=["pickle"])
+    # This project serializes its own tasks as YAML and accepts nothing else: install()
+    # must still get mailworker's JSON wake-ups accepted.
+    app.conf.update(task_serializer="yaml", accept_content=["yaml"])
     from mailworker.celery_integration import install
 
     install(app)
