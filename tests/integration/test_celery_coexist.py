@@ -247,3 +247,26 @@ def test_celery_command_on_mailworker_app_logs_json(
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(20)
+
+
+def test_install_registers_on_that_app_only_with_delivery_guarantees() -> None:
+    from celery import Celery
+
+    from mailworker import celery_integration as ci
+
+    saved = (ci._Installed.task, ci._Installed.configure, ci._Installed.configured)
+    calls: list[int] = []
+    proj = Celery("proj", set_as_current=False, fixups=[])
+    try:
+        task = ci.install(proj, configure=lambda: calls.append(1), scheduler=False)
+        assert proj.tasks[ci.DELIVER_TASK] == task and ci.deliver_task() is task
+        assert (task.serializer, task.acks_late, task.reject_on_worker_lost,
+                task.ignore_result) == ("json", True, True, True)
+        assert 0 < task.soft_time_limit < task.time_limit
+        # Not a shared task: another app in the process does not get it.
+        assert ci.DELIVER_TASK not in Celery("other", set_as_current=False, fixups=[]).tasks
+        ci._configure_once()
+        ci._configure_once()
+        assert calls == [1]  # the app's configure hook runs once per process
+    finally:
+        ci._Installed.task, ci._Installed.configure, ci._Installed.configured = saved
