@@ -122,12 +122,15 @@ class ReplyWire:
         return f"{user} {digest}"
 
     # -- bounded I/O --------------------------------------------------------------------
-    def _limit(self, now: float) -> tuple[float, str]:
-        """When the current wait must end, and the name of the bound, for the error."""
-        limit, label = now + self.timeout, f"timeout={self.timeout:g}s"
-        if self.deadline is not None and self.deadline < limit:
-            limit, label = self.deadline, self.deadline_label
-        return limit, label
+    def _limit(self, now: float) -> float:
+        """When the current wait must end: ``timeout`` from now, or the deadline if sooner."""
+        limit = now + self.timeout
+        deadline = self.deadline
+        return deadline if deadline is not None and deadline < limit else limit
+
+    def _bound(self, limit: float) -> str:
+        """The name of the bound that *limit* came from, for an error message."""
+        return self.deadline_label if limit == self.deadline else f"timeout={self.timeout:g}s"
 
     def _lower_timeout(self, wait: float, force: bool = False) -> None:
         if force or wait < self._timeout_now:
@@ -139,7 +142,7 @@ class ReplyWire:
         if self.sock is None:
             raise smtplib.SMTPServerDisconnected("not connected")
         self._sent_at = now = self.clock()
-        limit, label = self._limit(now)
+        limit = self._limit(now)
         view = memoryview(data)
         try:
             while view:
@@ -151,7 +154,7 @@ class ReplyWire:
                 view = view[sent:]
         except TimeoutError as err:
             self.close()
-            raise ReplyTimeout(f"could not write {self._last_cmd} within {label}; "
+            raise ReplyTimeout(f"could not write {self._last_cmd} within {self._bound(limit)}; "
                                "the server stopped reading") from err
         except OSError as err:
             self.close()
@@ -165,15 +168,16 @@ class ReplyWire:
         """
         if command is not None:
             self._last_cmd = command
-        limit, label = self._limit(self.clock())
+        limit = 0.0  # set at the first wait: a pipelined reply is often already buffered
         buf, pos = self._rbuf, self._rpos
         lines: list[bytes] = []
         while True:
             end = buf.find(b"\n", pos)
             if end < 0:
-                if len(buf) - pos > MAX_LINE:
+                if len(buf) - pos > MAX_LINE + 1:
                     self._protocol_error(f"a reply line longer than {MAX_LINE} bytes")
-                buf, pos = buf[pos:] + self._recv(limit, label), 0
+                limit = limit or self._limit(self.clock())
+                buf, pos = buf[pos:] + self._recv(limit), 0
                 continue
             if end - pos > MAX_LINE + 1:  # +1: the CR
                 self._protocol_error(f"a reply line longer than {MAX_LINE} bytes")
@@ -189,7 +193,7 @@ class ReplyWire:
             if len(lines) >= MAX_LINES:
                 self._protocol_error(f"a reply of more than {MAX_LINES} lines")
 
-    def _recv(self, limit: float, label: str) -> bytes:
+    def _recv(self, limit: float) -> bytes:
         timed_out: TimeoutError | None = None
         while True:
             sock = self.sock
@@ -199,7 +203,8 @@ class ReplyWire:
             if wait <= 0:
                 self.close()
                 raise ReplyTimeout(
-                    f"no complete reply to {self._last_cmd} within {label}") from timed_out
+                    f"no complete reply to {self._last_cmd} within {self._bound(limit)}"
+                ) from timed_out
             self._lower_timeout(wait, force=timed_out is not None)
             try:
                 data: bytes = sock.recv(_RECV)
