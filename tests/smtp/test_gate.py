@@ -107,3 +107,21 @@ def test_gate_refusing_the_first_message_sends_nothing(server: SMTPTestServer) -
     assert pool.stats().discarded_stale == 0 and server.connections_opened == 1
     assert "MAIL" not in [c.split(":")[0] for _, c in server.commands]
     pool.close()
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "sequential"])
+def test_gate_is_asked_once_per_envelope_not_per_452_split(make_server: MakeServer,
+                                                           pipelining: bool) -> None:
+    # max_recipients=1: envelope 0's second recipient goes in a transaction of its own;
+    # that envelope has started, so the gate is not asked again for it.
+    server = make_server(max_recipients=1, pipelining=pipelining)
+    pool = Pool(relay_for(server))
+    gate = Gate(server, stop=1)
+    entries = pool.send_many([envelope(0, ("a@example.test", "b@example.test")), envelope(1)],
+                             gate=gate)
+    assert gate.calls == [0, 1]
+    first = entries[0]
+    assert isinstance(first, SendResult) and len(first.accepted) == 2
+    assert first.transactions == 2
+    assert type(entries[1]) is NotAttempted
+    pool.close()
