@@ -73,7 +73,7 @@ import mailworker
 from mailworker.celery_integration import deliver_task
 
 ids = [mailworker.send(to=to, subject="direct", text="x") for to in sys.argv[2:]]
-add.delay(3, 4, mail_to="from-task@example.com")
+add.delay(3, 4, mail_to=f"from-task-{sys.argv[1]}@example.com")
 seen = {}
 t = threading.Thread(target=lambda: seen.update(thread=celery.current_app.main))
 t.start()
@@ -160,23 +160,25 @@ def delivered_to(server: SMTPTestServer) -> set[str]:
     return {r for m in server.messages for r in m.recipients}
 
 
-@pytest.mark.parametrize("order", ["project-first", "mailworker-first"])
 def test_project_shared_task_keeps_its_broker_next_to_mailworker(
-        order: str, shop: Shop, smtp: SMTPTestServer,
-        start_worker: Callable[..., WorkerProcess]) -> None:
+        shop: Shop, smtp: SMTPTestServer, start_worker: Callable[..., WorkerProcess]) -> None:
     mw_worker = start_worker(env=shop.env)
     shop_log = shop.start_worker(shop.queue)
 
-    out = shop.produce(order, "direct@example.com")
-
-    # Celery's current app (this thread) and default app (other threads) stay the project's.
-    assert (out["current"], out["thread"], out["add_app"]) == ("shop", "shop", "shop")
-    assert out["publisher_app"] == "mailworker"
-    wait_until(lambda: shop.results() == [7], 30, message="the project's task to run")
-    # Mail sent by the producer and by the project's task (in the project's worker) both
+    # A Django project imports its Celery app first; other code may import mailworker's
+    # first. Either way Celery's current app (this thread) and default app (other
+    # threads) stay the project's.
+    for order in ("project-first", "mailworker-first"):
+        out = shop.produce(order, f"direct-{order}@example.com")
+        assert (out["current"], out["thread"], out["add_app"]) == ("shop", "shop", "shop")
+        assert out["publisher_app"] == "mailworker"
+    wait_until(lambda: shop.results() == [7, 7], 30, message="the project's tasks to run")
+    # Mail sent by the producers and by the project's tasks (in the project's worker) all
     # reach mailworker's worker through mailworker's own broker.
-    wait_until(lambda: delivered_to(smtp) == {"direct@example.com", "from-task@example.com"},
-               30, message="both messages delivered")
+    wait_until(lambda: delivered_to(smtp) == {
+        "direct-project-first@example.com", "direct-mailworker-first@example.com",
+        "from-task-project-first@example.com", "from-task-mailworker-first@example.com"},
+        30, message="all four messages delivered")
     mw_text, shop_text = mw_worker.log.read_text(), shop_log.read_text()
     assert "unregistered" not in mw_text and "shop.tasks.add" not in mw_text
     assert "unregistered" not in shop_text
@@ -201,7 +203,7 @@ def test_install_runs_delivery_and_scheduler_in_the_project_worker(
     # The greylisted recipient is retried by the scheduler running inside the project's
     # worker (the policy backs off 1 s in this test's config).
     wait_until(lambda: delivered_to(smtp) == {"ok@example.com", "grey@example.com",
-                                              "from-task@example.com"},
+                                              "from-task-project-first@example.com"},
                30, message="all three delivered by the project's worker")
     text = log.read_text()
     assert "mailworker.deliver" in text and "scheduler.started" in text
