@@ -31,11 +31,11 @@ from mailworker.message import (
     build_message,
     from_email_message,
 )
+from mailworker.record import MessageState, RecipientState, Record
 from mailworker.routing import When, check_metadata, check_name, delay_until, epoch
 from mailworker.routing import idempotency_key as check_key
 from mailworker.runtime import get_runtime
 from mailworker.scheduler import Publisher, publish_ids
-from mailworker.store import MessageState, RecipientState, Record
 
 __all__ = ["enqueue_prepared", "prepare_many", "send", "send_many", "send_message", "status"]
 

@@ -11,9 +11,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mailworker.record import Attempt, MessageState, RcptState, Record
 from mailworker.runtime import get_runtime
 from mailworker.scheduler import Publisher, publish_ids
-from mailworker.store import Attempt, Claim, MessageState, RcptState, Record
+from mailworker.store import Claim
 
 __all__ = ["DeadLetterFilter", "exception_classes", "list_dead", "purge", "retry", "show"]
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 if TYPE_CHECKING:
-    from mailworker.store.record import Record
+    from mailworker.record import Record
 
 __all__ = ["EVENTS", "Hook", "Hooks", "hooks", "on"]
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailworker.policy import Action, Decision, Policy, Scope
+from mailworker.record import Attempt, MessageState, RcptState, Record, Reply
 from mailworker.smtp import SendResult
 from mailworker.smtp.errors import (
     Stage,
@@ -23,7 +24,6 @@ from mailworker.smtp.errors import (
     error_stage,
     error_text,
 )
-from mailworker.store.record import Attempt, MessageState, RcptState, Record, Reply
 
 __all__ = ["Step", "apply_expiry", "apply_relay_hold", "apply_result", "mark_interrupted",
            "requeue"]

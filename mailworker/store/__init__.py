@@ -1,6 +1,9 @@
-"""Durable message records in Redis (DESIGN.md: the store is the truth)."""
+"""Durable message records in Redis (the store is the truth about every message).
 
-from mailworker.store.record import (
+The record model itself is plain data in :mod:`mailworker.record`, re-exported here.
+"""
+
+from mailworker.record import (
     Attempt,
     MessageState,
     RcptState,

@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from mailworker.store.record import MessageState, Record
+from mailworker.record import MessageState, Record
 
 __all__ = ["Claim", "Store", "Unreadable"]
 

@@ -1,0 +1,200 @@
+"""The message record: envelope, per-recipient state and the history of every attempt.
+
+A record is plain data, stored as one JSON document beside the raw MIME bytes. It is the
+truth about a message (docs/architecture.md); a broker message only says "look at id X".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+__all__ = ["Attempt", "MessageState", "RcptState", "RecipientState", "Record", "Reply"]
+
+#: History entries that record an operator's action, not a delivery attempt.
+_NOT_ATTEMPTS = frozenset({"operator_retry"})
+
+
+def _dumps(value: Any) -> str:
+    # orjson (a dependency) is about 4x faster than json on records; output is the same.
+    return orjson.dumps(value).decode()
+
+
+class MessageState(StrEnum):
+    """Where a message is. ``delivered`` and ``dead`` are final."""
+
+    QUEUED = "queued"        # waiting for a worker (a wake-up is, or will be, on the broker)
+    SENDING = "sending"      # a worker holds the lease
+    DEFERRED = "deferred"    # waiting in the deferred set until next_attempt_at
+    DELIVERED = "delivered"  # every recipient delivered
+    DEAD = "dead"            # ended with at least one recipient undelivered: in the dead-letter set
+
+    @property
+    def final(self) -> bool:
+        return self in (MessageState.DELIVERED, MessageState.DEAD)
+
+
+class RcptState(StrEnum):
+    PENDING = "pending"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+    @property
+    def open(self) -> bool:
+        """Still to be sent to: a retry sends only to these."""
+        return self in (RcptState.PENDING, RcptState.DEFERRED)
+
+
+@dataclass
+class Reply:
+    """The last word from a server about one recipient (or the whole message)."""
+
+    code: int | None
+    text: str
+    enhanced_code: str | None = None
+    stage: str | None = None
+
+
+@dataclass
+class RecipientState:
+    address: str
+    state: RcptState = RcptState.PENDING
+    attempts: int = 0
+    reply: Reply | None = None
+    updated_at: float | None = None
+    possible_duplicate: bool = False
+    reason: str | None = None
+
+
+@dataclass
+class Attempt:
+    """One delivery attempt, kept forever with the record (dead letters show it all)."""
+
+    number: int
+    started_at: float
+    finished_at: float
+    outcome: str
+    relay: str
+    task_id: str | None = None
+    worker: str | None = None
+    error: dict[str, Any] | None = None
+    replies: list[dict[str, Any]] = field(default_factory=list)
+    decision: dict[str, Any] | None = None
+
+
+@dataclass
+class Record:
+    id: str
+    queue: str
+    relay: str
+    sender: str
+    recipients: list[RecipientState]
+    created_at: float
+    expires_at: float
+    size: int
+    message_id: str | None = None
+    state: MessageState = MessageState.QUEUED
+    attempts: int = 0
+    next_attempt_at: float | None = None
+    send_at: float | None = None
+    possible_duplicate: bool = False
+    idempotency_key: str | None = None
+    updated_at: float | None = None
+    last_error: str | None = None
+    dead_reason: str | None = None
+    dead_at: float | None = None
+    sending_since: float | None = None
+    history: list[Attempt] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def open_recipients(self) -> list[RecipientState]:
+        return [r for r in self.recipients if r.state.open]
+
+    def recipient(self, address: str) -> RecipientState:
+        for r in self.recipients:
+            if r.address == address:
+                return r
+        raise KeyError(address)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON; hand-written because ``dataclasses.asdict`` deep-copies
+        every field and was the largest cost of saving a record (measured: 62 vs 14 us)."""
+        d = dict(self.__dict__)
+        d["state"] = self.state.value
+        d["recipients"] = [
+            {**r.__dict__, "state": r.state.value,
+             "reply": dict(r.reply.__dict__) if r.reply else None}
+            for r in self.recipients
+        ]
+        d["history"] = [dict(a.__dict__) for a in self.history]
+        return d
+
+    def to_json(self) -> str:
+        return _dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Record:
+        d = json.loads(raw)
+        d["state"] = MessageState(d["state"])
+        d["recipients"] = [
+            RecipientState(
+                **{
+                    **r,
+                    "state": RcptState(r["state"]),
+                    "reply": Reply(**r["reply"]) if r.get("reply") else None,
+                }
+            )
+            for r in d["recipients"]
+        ]
+        d["history"] = [Attempt(**a) for a in d.get("history", [])]
+        return cls(**d)
+
+    @property
+    def attempts_made(self) -> int:
+        """Delivery attempts made: history entries, without operator actions (a DLQ retry).
+
+        ``attempts`` itself counts the *failed* attempts the retry policy numbers its
+        backoff by, so it stays 0 for mail delivered at the first try.
+        """
+        return sum(1 for a in self.history if a.outcome not in _NOT_ATTEMPTS)
+
+    def reason(self) -> str | None:
+        """Why the message is not delivered yet (or is dead), in one line; None if it is
+        delivered or has not been tried."""
+        if self.state is MessageState.DEAD:
+            return self.dead_reason
+        if self.state is MessageState.DELIVERED:
+            return None
+        last = self.history[-1] if self.history else None
+        # A hold without an attempt (relay paused, unknown relay) updates the record after
+        # the last attempt, and only last_error says why.
+        if last is None or (self.updated_at or 0) > last.finished_at:
+            return self.last_error
+        if last.error:
+            return str(last.error.get("text") or self.last_error)
+        waiting = [r for r in self.open_recipients if r.reply]
+        replies = "; ".join(
+            f"{r.address}: " + " ".join(str(x) for x in (r.reply.code, r.reply.text) if x)
+            for r in waiting[:3] if r.reply)
+        more = f" (+{len(waiting) - 3} more)" if len(waiting) > 3 else ""
+        return (replies + more) or self.last_error
+
+    def summary(self) -> dict[str, Any]:
+        """What ``mailworker.status()`` returns: state per recipient, no message body.
+
+        ``attempts`` is the number of delivery attempts made (what a recipient's own
+        ``attempts`` also counts); ``failed_attempts`` the policy's failure count;
+        ``reason`` why the message waits or died.
+        """
+        d = self.to_dict()
+        d.pop("history")
+        d["failed_attempts"] = self.attempts
+        d["attempts"] = self.attempts_made
+        d["reason"] = self.reason()
+        return d
