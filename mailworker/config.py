@@ -85,7 +85,8 @@ class Settings:
     redis_connect_timeout: float = 1.0
     redis_socket_timeout: float = 2.0
     redis_retries: int = 2
-    retention: float = 7 * 86400.0
+    retention: float = 7 * 86400.0       # delivered records
+    dead_retention: float = 30 * 86400.0  # dead letters (their own, longer, retention)
     # Short leases, renewed by the heartbeat every lease/3 while the batch runs: a killed
     # worker's mail moves again within lease + stuck_after (+ a tick), 26 s by default.
     lease_seconds: float = 15.0
@@ -150,11 +151,11 @@ _SCALARS: dict[str, type] = {
     "redis_url": str, "broker_url": str, "key_prefix": str, "default_relay": str,
     "default_queue": str, "default_sender": str, "max_message_size": int,
     "max_recipients": int, "redis_connect_timeout": float, "redis_socket_timeout": float,
-    "redis_retries": int,
-    "retention": float, "lease_seconds": float, "stuck_after": float, "batch_size": int,
+    "redis_retries": int, "retention": float, "dead_retention": float,
+    "lease_seconds": float, "stuck_after": float, "batch_size": int,
     "tick_interval": float, "task_time_limit": float, "visibility_timeout": float,
 }
-_DURATIONS = {"retention", "lease_seconds", "stuck_after", "tick_interval",
+_DURATIONS = {"retention", "dead_retention", "lease_seconds", "stuck_after", "tick_interval",
               "task_time_limit", "visibility_timeout", "redis_connect_timeout",
               "redis_socket_timeout"}
 _OPTIONAL = {"broker_url", "default_sender"}

@@ -45,7 +45,8 @@ def _build(settings: Settings, client: redis.Redis | None = None) -> Runtime:
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), settings.redis_retries,
                     supported_errors=(redis.ConnectionError,)),
     )
-    store = Store(client, prefix=settings.key_prefix, retention=settings.retention)
+    store = Store(client, prefix=settings.key_prefix, retention=settings.retention,
+                  dead_retention=settings.dead_retention)
     return Runtime(settings, client, store, pools)
 
 

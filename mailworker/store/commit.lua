@@ -1,7 +1,9 @@
 -- Save an attempt's outcome and move the record to its next place, if we still hold the lease.
 -- KEYS: 1 record, 2 lease, 3 inflight, 4 deferred, 5 dead, 6 stats hash, 7 sweep counts
--- ARGV: 1 token, 2 id, 3 doc json, 4 state, 5 score, 6 retention seconds (0 = keep),
---       7.. stats field/increment pairs
+-- ARGV: 1 token, 2 id, 3 doc json, 4 state, 5 score (for "dead": the dead-lettered time),
+--       6 retention seconds of a delivered record, 7 retention seconds of a dead letter
+--       (0 = keep), 8.. stats field/increment pairs
+-- A record that is live again (a dead letter retried) loses any expiry it had.
 -- Returns 1 when saved, 0 when another worker has claimed the record since.
 -- The lease may have expired during a long attempt; the outcome still stands if nobody
 -- claimed the record since (the "sending" marker is still ours).
@@ -27,12 +29,17 @@ end
 if state ~= "dead" then
   redis.call("ZREM", KEYS[5], id)
 end
+local dead_ttl = tonumber(ARGV[7])
 if state == "delivered" and tonumber(ARGV[6]) > 0 then
   redis.call("EXPIRE", KEYS[1], ARGV[6])
-elseif state == "dead" then
+elseif state == "dead" and dead_ttl > 0 then
+  redis.call("EXPIRE", KEYS[1], dead_ttl)
+  -- Dead letters whose records have expired leave the set too (bounded like them).
+  redis.call("ZREMRANGEBYSCORE", KEYS[5], "-inf", "(" .. (tonumber(score) - dead_ttl))
+else
   redis.call("PERSIST", KEYS[1])
 end
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   redis.call("HINCRBY", KEYS[6], ARGV[i], ARGV[i + 1])
 end
 redis.call("DEL", KEYS[2])

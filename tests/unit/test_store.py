@@ -38,7 +38,7 @@ def store(request: pytest.FixtureRequest) -> Iterator[Store]:
         client = fakeredis.FakeRedis()
     else:
         client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
-    yield Store(client, prefix=f"u{uuid.uuid4().hex[:6]}", retention=60)
+    yield Store(client, prefix=f"u{uuid.uuid4().hex[:6]}", retention=60, dead_retention=600)
 
 
 def test_enqueue_and_read_back(store: Store) -> None:
@@ -128,7 +128,7 @@ def test_dead_letters_and_purge(store: Store) -> None:
     c.record.state = MessageState.DEAD
     store.commit_many([(c, time.time(), {"dead": 1})])
     assert store.dead_ids() == [rec.id]
-    assert store.redis.ttl(store.key("m", rec.id)) == -1  # dead letters wait for an operator
+    assert 60 < store.redis.ttl(store.key("m", rec.id)) <= 600  # dead_retention, not retention
     assert store.purge([rec.id]) == 1
     assert store.get(rec.id) is None and store.dead_ids() == []
 
@@ -231,6 +231,7 @@ def test_s2_07_unreadable_record_is_quarantined_alone(store: Store) -> None:
     assert store.redis.zscore(store.dead_key, bad.id) is not None
     assert store.redis.zscore(store.inflight_key, bad.id) is None
     assert store.raw(bad.id) == b"raw bytes kept"
+    assert 60 < store.redis.ttl(store.key("m", bad.id)) <= 600  # kept like any dead letter
     shown = store.get(bad.id)
     assert shown is not None and shown.state is MessageState.DEAD
     assert shown.dead_reason == "unreadable record: x"
@@ -256,3 +257,70 @@ def test_routes_without_parsing_records(store: Store) -> None:
     rec = make_record(queue="bulk", relay="ses")
     store.enqueue_many([(rec, b"x")], watchdog=time.time() + 60)
     assert store.routes([rec.id, "missing"]) == [("bulk", "ses"), None]
+
+
+def _dead_letter(store: Store, rec: Record, at: float) -> None:
+    store.enqueue_many([(rec, b"x")], watchdog=at + 60)
+    c = store.claim_many([rec.id], "t", 30, at + 60)[rec.id]
+    assert isinstance(c, Claim)
+    c.record.state = MessageState.DEAD
+    assert store.commit_many([(c, at, {"dead": 1})]) == [True]
+
+
+def test_dead_retention_bounds_dead_letters_and_a_retry_lifts_it(store: Store) -> None:
+    rec = make_record()
+    _dead_letter(store, rec, time.time())
+    key = store.keys.record(rec.id)
+    assert 60 < store.redis.ttl(key) <= 600
+    # An operator's retry (dlq retry commits it queued): live again, with no expiry ...
+    c = store.claim_many([rec.id], "op", 30, time.time() + 60)[rec.id]
+    assert isinstance(c, Claim)
+    c.record.state = MessageState.QUEUED
+    assert store.commit_many([(c, time.time() + 60, {})]) == [True]
+    assert store.redis.ttl(key) == -1 and store.dead_ids() == []
+    # ... and once delivered, it keeps `retention` like any finished record.
+    c = store.claim_many([rec.id], "w", 30, time.time() + 60)[rec.id]
+    assert isinstance(c, Claim)
+    c.record.state = MessageState.DELIVERED
+    assert store.commit_many([(c, time.time(), {})]) == [True]
+    assert 0 < store.redis.ttl(key) <= 60
+
+
+def test_dead_set_forgets_letters_past_dead_retention(store: Store) -> None:
+    old, new = make_record(), make_record()
+    now = time.time()
+    _dead_letter(store, old, now - 601)  # its record has expired by now
+    _dead_letter(store, new, now)
+    assert store.dead_ids() == [new.id]  # the index is bounded like the records
+
+
+def test_dead_retention_zero_keeps_dead_letters(store: Store) -> None:
+    keep = Store(store.redis, prefix=store.prefix, retention=60, dead_retention=0)
+    rec = make_record()
+    _dead_letter(keep, rec, time.time())
+    assert keep.redis.ttl(keep.keys.record(rec.id)) == -1
+
+
+def test_scheduler_lock_is_held_by_one_holder(store: Store) -> None:
+    assert store.hold_scheduler_lock("a", 5)
+    assert store.hold_scheduler_lock("a", 5)  # extended: still ours
+    assert not store.hold_scheduler_lock("b", 5)
+    store.redis.delete(store.keys.scheduler_lock)  # a's lock lapsed
+    assert store.hold_scheduler_lock("b", 5)
+    assert 0 < store.redis.pttl(store.keys.scheduler_lock) <= 5000
+
+
+def test_relay_state_failures_and_fleet_slots(store: Store) -> None:
+    relays = store.relays
+    assert [relays.failed("r"), relays.failed("r")] == [1, 2]
+    assert 0 < store.redis.ttl(store.keys.relay_failures("r")) <= 3600
+    relays.succeeded("r")
+    assert relays.failed("r") == 1
+    granted, _ = relays.acquire("r", "w1", max_connections=1, rate=None, wanted=5,
+                                hold_seconds=30)
+    assert granted == 5
+    assert relays.acquire("r", "w2", max_connections=1, rate=None, wanted=5,
+                          hold_seconds=30)[0] == 0  # the one slot is taken
+    relays.release("r", "w1")
+    assert relays.acquire("r", "w2", max_connections=1, rate=None, wanted=5,
+                          hold_seconds=30)[0] == 5
