@@ -139,6 +139,7 @@ class Deliverer:
         self._effects: list[tuple[str, float, str] | str] = []
         self._claimed_at = 0.0
         self._report = PassReport()
+        self._held = HeldLeases(store, [], settings.lease_seconds, 0.0)
         self._paused_until: tuple[float, str] | None = None
 
     def policy_for(self, queue: str) -> Policy:
@@ -200,8 +201,8 @@ class Deliverer:
 
         self._effects = []
         self._claimed_at = now
-        held = HeldLeases(self.store, [c for g in ready.values() for c in g], s.lease_seconds,
-                          leased_at)
+        held = self._held = HeldLeases(self.store, [c for g in ready.values() for c in g],
+                                       s.lease_seconds, leased_at)
         heartbeat.register(held)
         try:
             for relay_name, group in ready.items():
@@ -224,6 +225,8 @@ class Deliverer:
         if not saves:
             return
         report = self._report
+        # Decided: the heartbeat stops renewing them (the commit ends their leases).
+        self._held.release([c.record.id for c, _ in saves])
         ok = self.store.commit_many((c, st.score, st.counters) for c, st in saves)
         self._apply_relay_effects()
         for (claim, step), saved in zip(saves, ok, strict=True):
