@@ -302,6 +302,10 @@ class Store:
         """Count a host-level failure; returns consecutive failures (resets after 1 h quiet)."""
         return self.relays.failed(relay)
 
+    def relay_failures(self, relay: str) -> int:
+        """The relay's consecutive failures so far, for the retry policy's relay pause."""
+        return self.relays.failures(relay)
+
     def relay_succeeded(self, relay: str) -> None:
         self.relays.succeeded(relay)
 

@@ -60,6 +60,10 @@ class RelayState:
         pipe.expire(key, RELAY_FAILURES_QUIET)
         return int(pipe.execute()[0])
 
+    def failures(self, relay: str) -> int:
+        """The consecutive host-level failures counted so far (0: none lately)."""
+        return int(self.redis.get(self.keys.relay_failures(relay)) or 0)
+
     def succeeded(self, relay: str) -> None:
         self.redis.delete(self.keys.relay_failures(relay))
 
