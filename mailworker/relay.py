@@ -6,6 +6,24 @@ A relay DSN is one of::
     smtp+starttls://[user[:password]@]host[:port][?options]   STARTTLS required (port 587)
     smtps://[user[:password]@]host[:port][?options]           implicit TLS (port 465)
 
+TLS levels (``tls=``; the names and meanings of Postfix's ``smtp_tls_security_level``):
+
+=========  ==============================================================  ===============
+level      meaning                                                         default for
+=========  ==============================================================  ===============
+none       never STARTTLS (``smtp://`` only)
+may        STARTTLS when offered, certificate not checked; a failed        ``smtp://``
+           handshake falls back to clear text on a new connection
+           (opportunistic TLS, RFC 7435; ``smtp://`` only)
+encrypt    TLS required, certificate not checked
+verify     TLS required, certificate and host name verified                ``smtp+starttls://``,
+                                                                           ``smtps://``
+=========  ==============================================================  ===============
+
+``verify=false`` is the older spelling: ``tls=encrypt`` on ``smtp+starttls://`` and
+``smtps://``, ``tls=may`` on ``smtp://``, both with ``allow_unverified_auth=true`` (it
+always sent credentials over unverified TLS and still does).
+
 Options (query string; all optional; numbers must lie in the range shown):
 
 =====================  ========  ===================================================
@@ -15,9 +33,11 @@ timeout                30        wall-clock limit for each reply and each write,
 deadline               120       wall-clock limit for one whole transaction, seconds
 connect_timeout        10        TCP connect, seconds
 setup_timeout          60        greeting, EHLO, STARTTLS and handshake, AUTH: all of it
-verify                 true      verify the server certificate (false only for labs)
+tls                    (scheme)  none, may, encrypt or verify: see above
+verify                           false: the older spelling of an unverified level (above)
 ca_file                          extra CA bundle (PEM) to trust, e.g. a private CA
-allow_plain_auth       false     allow AUTH over an unencrypted channel
+allow_plain_auth       false     allow AUTH over an unencrypted channel (implies the next)
+allow_unverified_auth  false     allow AUTH over TLS whose certificate was not verified
 local_hostname                   name sent in EHLO (default: the machine's FQDN)
 pipelining             true      use RFC 2920 PIPELINING when the server offers it
 max_connections        10        per worker process
@@ -55,9 +75,12 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-__all__ = ["InvalidRelayError", "Relay", "RelayKey", "Security", "parse_relay"]
+__all__ = ["TLS_LEVELS", "InvalidRelayError", "Relay", "RelayKey", "Security", "TLSLevel",
+           "parse_relay"]
 
 Security = Literal["starttls-optional", "starttls", "tls"]
+TLSLevel = Literal["none", "may", "encrypt", "verify"]
+TLS_LEVELS: tuple[TLSLevel, ...] = ("none", "may", "encrypt", "verify")
 
 _SCHEMES: dict[str, tuple[Security, int]] = {
     "smtp": ("starttls-optional", 25),
@@ -86,18 +109,24 @@ class RelayKey:
     host: str
     port: int
     security: Security
-    verify: bool
+    tls: TLSLevel
     ca_file: str | None
     username: str | None
     local_hostname: str | None
     allow_plain_auth: bool
+    allow_unverified_auth: bool
     pipelining: bool
     credentials: str = field(repr=False)
 
 
 @dataclass(frozen=True)
 class Relay:
-    """One SMTP destination with its connection and pool options."""
+    """One SMTP destination with its connection and pool options.
+
+    ``tls`` and ``verify`` may be left unset (None) when the relay is made: the scheme
+    and ``verify`` decide the level (see the module docstring), and afterwards ``tls``
+    is always a level and ``verify`` says whether that level verifies the certificate.
+    """
 
     name: str
     host: str
@@ -109,9 +138,11 @@ class Relay:
     deadline: float = 120.0
     connect_timeout: float = 10.0
     setup_timeout: float = 60.0
-    verify: bool = True
+    tls: TLSLevel | None = None
+    verify: bool | None = None
     ca_file: str | None = None
     allow_plain_auth: bool = False
+    allow_unverified_auth: bool = False
     local_hostname: str | None = None
     pipelining: bool = True
     max_connections: int = 10
@@ -122,12 +153,24 @@ class Relay:
     fleet_max_connections: int | None = None
     fleet_rate: float | None = None
 
+    def __post_init__(self) -> None:
+        level, unverified_auth = _tls_level(self.name, self.security, self.tls, self.verify)
+        object.__setattr__(self, "tls", level)
+        object.__setattr__(self, "verify", level == "verify")
+        if unverified_auth:
+            object.__setattr__(self, "allow_unverified_auth", True)
+
+    @property
+    def level(self) -> TLSLevel:
+        """The TLS level (``tls``), typed as always set."""
+        return self.tls or "verify"  # never None after __post_init__
+
     @property
     def key(self) -> RelayKey:
         secret = f"{self.username or ''}\0{self.password or ''}".encode()
-        return RelayKey(self.name, self.host.lower(), self.port, self.security, self.verify,
+        return RelayKey(self.name, self.host.lower(), self.port, self.security, self.level,
                         self.ca_file, self.username, self.local_hostname,
-                        self.allow_plain_auth, self.pipelining,
+                        self.allow_plain_auth, self.allow_unverified_auth, self.pipelining,
                         hmac.new(_SECRET_KEY, secret, hashlib.sha256).hexdigest())
 
     @property
@@ -136,20 +179,63 @@ class Relay:
         return f"{self.host}:{self.port}"
 
     def with_options(self, **options: Any) -> Relay:
-        """A copy with some options changed (validated like DSN options)."""
-        return replace(self, **_coerce_options(
-            self.name, {k: "" if v is None else str(v) for k, v in options.items()}))
+        """A copy with some options changed (validated like DSN options).
+
+        Changing one of ``tls`` and ``verify`` decides the level afresh from it (the
+        other is forgotten), as if the DSN had said only that one."""
+        changed = _coerce_options(
+            self.name, {k: "" if v is None else _text(v) for k, v in options.items()})
+        if "verify" in changed and "tls" not in changed:
+            changed["tls"] = None
+        elif "tls" in changed and "verify" not in changed:
+            changed["verify"] = None
+        return replace(self, **changed)
 
     @property
     def dsn(self) -> str:
-        """The DSN without the password, safe to print."""
+        """The DSN without the password, safe to print; ``?tls=`` when not the scheme's."""
         scheme = {v[0]: k for k, v in _SCHEMES.items()}[self.security]
         user = f"{self.username}@" if self.username else ""
-        return f"{scheme}://{user}{self.host}:{self.port}"
+        level = "" if self.level == _DEFAULT_LEVEL[self.security] else f"?tls={self.level}"
+        return f"{scheme}://{user}{self.host}:{self.port}{level}"
+
+
+_DEFAULT_LEVEL: dict[Security, TLSLevel] = {
+    "starttls-optional": "may", "starttls": "verify", "tls": "verify"}
+
+
+def _tls_level(name: str, security: Security, tls: str | None, verify: bool | None
+               ) -> tuple[TLSLevel, bool]:
+    """The TLS level from the scheme, ``tls`` and the older ``verify``; and whether
+    ``verify=false`` (which always allowed AUTH over unverified TLS) was the source."""
+    scheme = {v[0]: k for k, v in _SCHEMES.items()}[security]
+    if tls is None:
+        if verify is None:
+            return _DEFAULT_LEVEL[security], False
+        if verify:
+            if security == "starttls-optional":
+                raise InvalidRelayError(
+                    f"relay {name!r}: verify=true does not apply to smtp://, which encrypts "
+                    "when it can without checking the certificate (tls=may); to require a "
+                    "verified certificate use smtp+starttls:// (or tls=verify)")
+            return "verify", False
+        return ("may" if security == "starttls-optional" else "encrypt"), True
+    if tls not in TLS_LEVELS:
+        raise InvalidRelayError(
+            f"relay {name!r}: option tls={tls!r} is not one of none, may, encrypt, verify")
+    if security != "starttls-optional" and tls in ("none", "may"):
+        raise InvalidRelayError(
+            f"relay {name!r}: tls={tls} does not fit {scheme}://, which always encrypts; "
+            f"use smtp://...?tls={tls}, or tls=encrypt / tls=verify on {scheme}://")
+    if verify is not None and verify != (tls == "verify"):
+        raise InvalidRelayError(
+            f"relay {name!r}: verify={'true' if verify else 'false'} contradicts tls={tls}; "
+            "give only tls= (verify= is its older spelling)")
+    return tls, False  # checked against TLS_LEVELS above (mypy narrows it)
 
 
 _TYPE_NAMES: dict[str, type] = {"float": float, "int": int, "bool": bool,
-                                 "int | None": int, "float | None": float}
+                                 "bool | None": bool, "int | None": int, "float | None": float}
 _OPTION_TYPES: dict[str, type] = {
     f.name: _TYPE_NAMES.get(str(f.type), str)
     for f in fields(Relay)
@@ -167,6 +253,12 @@ _RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def _coerce_options(name: str, raw: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
@@ -182,7 +274,7 @@ def _coerce_options(name: str, raw: dict[str, str]) -> dict[str, Any]:
                     raise ValueError
                 out[key] = word in _TRUE
             elif kind is str:
-                out[key] = value or None
+                out[key] = (value.lower() if key == "tls" else value) or None
             else:
                 number = kind(value)
                 low, high = _RANGES[key]

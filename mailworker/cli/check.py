@@ -1,8 +1,9 @@
 """``mailworker check RELAY``: debug a relay in ten seconds.
 
-Connects exactly as a worker would (same TLS policy, same AUTH rules), prints every reply
-of the session, the server's capabilities and what was negotiated, then QUITs. Nothing is
-sent. On failure it says at which stage and what usually fixes it.
+Connects exactly as a worker would (same TLS level, same AUTH rules), prints every reply
+of the session, the server's capabilities and what was negotiated (TLS level, encrypted
+or not, certificate verified or not), then QUITs. Nothing is sent. On failure it says at
+which stage and what usually fixes it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from mailworker.cli.output import CLIError, say
 from mailworker.relay import InvalidRelayError, Relay, parse_relay
 from mailworker.smtp import CleartextAuthRefused, Connection
 from mailworker.smtp.errors import error_stage, error_text
+from mailworker.smtp.tls import UnverifiedAuthRefused
 
 __all__ = ["run_check"]
 
@@ -22,9 +24,14 @@ HINTS = {
     "greeting": "the server refused the session; it may be overloaded or rate-limiting you",
     "ehlo": "the server rejected our EHLO name; set local_hostname=... on the relay",
     "tls": "certificate not trusted or STARTTLS missing: add ca_file=/path/ca.pem for a "
-           "private CA; verify=false only for lab relays; use smtps:// for port 465",
+           "private CA; tls=encrypt (encrypted, certificate not checked) only for lab "
+           "relays; use smtps:// for port 465",
     "auth": "check the user name and password (password_env / password_file), and that the "
             "server offers AUTH on this port",
+    "unverified-auth": "mailworker will not send the password to a server whose certificate "
+                       "it could not verify: add ca_file=/path/ca.pem for a private CA, or "
+                       "set allow_unverified_auth=true knowing an active attacker could "
+                       "take it",
     "cleartext-auth": "mailworker will not send the password without encryption: use "
                       "smtp+starttls:// or smtps:// (TLS), or set allow_plain_auth=true only "
                       "for a relay on localhost or a trusted network",
@@ -49,6 +56,33 @@ class _Transcript:
     info = debug = warning = error = _add
 
 
+LEVELS = {
+    "none": "never STARTTLS",
+    "may": "STARTTLS when offered, certificate not checked, clear text if it fails",
+    "encrypt": "TLS required, certificate not checked",
+    "verify": "TLS required, certificate verified",
+}
+
+
+def _encrypted(conn: Connection) -> str:
+    if conn.encrypted:
+        return "yes (implicit TLS)" if conn.relay.security == "tls" else "yes (STARTTLS)"
+    if conn.tls_fallback:
+        return "NO (STARTTLS failed; fell back to clear text, as tls=may does)"
+    if conn.relay.level == "none":
+        return "NO (tls=none)"
+    return "NO (the server does not offer STARTTLS)"
+
+
+def _verified(conn: Connection) -> str:
+    if conn.verified:
+        return "yes (certificate and host name)"
+    if not conn.encrypted:
+        return "no (not encrypted)"
+    return (f"no: not checked (tls={conn.relay.level} does not check certificates; "
+            "tls=verify or smtp+starttls:// does)")
+
+
 def _resolve(target: str | None) -> Relay:
     if target and "://" in target:
         try:
@@ -62,8 +96,8 @@ def _resolve(target: str | None) -> Relay:
 
 def run_check(target: str | None) -> int:
     relay = _resolve(target)
-    say(f"checking relay {relay.name!r}: {relay.dsn} (security: {relay.security}, "
-        f"verify: {relay.verify})")
+    say(f"checking relay {relay.name!r}: {relay.dsn} (tls={relay.level}: "
+        f"{LEVELS[relay.level]})")
     log = _Transcript()
     conn = Connection(relay, logger=log)
     failure: BaseException | None = None
@@ -71,7 +105,8 @@ def run_check(target: str | None) -> int:
     try:
         conn.open()
         conn.noop()
-        facts = {"caps": dict(conn.capabilities), "encrypted": conn.encrypted,
+        facts = {"caps": dict(conn.capabilities), "encrypted": _encrypted(conn),
+                 "verified": _verified(conn),
                  "pipelining": conn.supports_pipelining, "max_size": conn.max_size}
     except Exception as exc:
         failure = exc
@@ -85,12 +120,15 @@ def run_check(target: str | None) -> int:
     if failure is not None:
         stage = error_stage(failure)
         where = stage.value if stage else "connect"
-        hint = "cleartext-auth" if isinstance(failure, CleartextAuthRefused) else where
+        hint = ("unverified-auth" if isinstance(failure, UnverifiedAuthRefused)
+                else "cleartext-auth" if isinstance(failure, CleartextAuthRefused) else where)
         raise CLIError(f"relay {relay.name!r} failed at {where}: {error_text(failure)}",
                        HINTS.get(hint), 1)
     caps = facts["caps"]
     say("\ncapabilities: " + (", ".join(f"{k} {v}".strip() for k, v in caps.items()) or "-"))
-    say(f"encrypted:    {'yes' if facts['encrypted'] else 'NO'}")
+    say(f"tls level:    {relay.level}")
+    say(f"encrypted:    {facts['encrypted']}")
+    say(f"verified:     {facts['verified']}")
     say(f"pipelining:   {'yes' if facts['pipelining'] else 'no'}")
     say(f"max size:     {facts['max_size'] or 'not declared'}")
     say(f"auth:         {'logged in as ' + relay.username if relay.username else 'not used'}")

@@ -6,15 +6,18 @@ it (:class:`~mailworker.smtp.replylog.ReplyWire`); the mail transactions themsel
 :mod:`mailworker.smtp.pipeline`'s.
 
 The TCP connect and the TLS handshake are done here rather than in ``smtplib.connect`` so
-that a failure is annotated with the right stage (connect vs tls). A TLS failure never
-falls back to clear text; the socket is closed. Before any byte of a message is sent,
+that a failure is annotated with the right stage (connect vs tls). TLS follows the
+relay's level (:mod:`mailworker.smtp.tls`): only under ``tls=may`` (opportunistic, the
+default of ``smtp://``) does a failed STARTTLS fall back to clear text, and then on a
+new connection that never sends STARTTLS, with a warning; at every other level a TLS
+failure closes the socket and nothing is sent. Before any byte of a message is sent,
 :func:`prepare` checks it against what this server offers (SIZE, SMTPUTF8).
 
 Every wait is bounded by the wall clock (see :mod:`mailworker.smtp.wire`): the TCP
 connect by ``connect_timeout``; greeting, EHLO, STARTTLS with its handshake and AUTH
-together by ``setup_timeout``; each reply also by ``timeout``; a transaction by
-``deadline``; QUIT by a couple of seconds. A relay that stalls or trickles costs a
-thread at most that long.
+together by ``setup_timeout`` (twice over when ``tls=may`` falls back); each reply
+also by ``timeout``; a transaction by ``deadline``; QUIT by a couple of seconds. A
+relay that stalls or trickles costs a thread at most that long.
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ from mailworker.smtp.errors import (
     NotAttempted,
     ReplyTimeout,
     Stage,
-    TLSConfigurationError,
     annotate,
 )
 from mailworker.smtp.pipeline import Envelope, Gate, Prepared, SendResult, Session
 from mailworker.smtp.replylog import ReplyLog
+from mailworker.smtp.tls import context_for, falls_back, unverified_auth, verifies
 from mailworker.smtp.wire import ReplyWire
 
 __all__ = ["Connection", "prepare"]
@@ -53,18 +56,6 @@ _QUIT_TIMEOUT = 2.0
 def _fqdn() -> str:
     """smtplib would call ``socket.getfqdn()`` (a DNS lookup) for every connection."""
     return socket.getfqdn()
-
-
-@functools.lru_cache(maxsize=32)
-def _ssl_context(ca_file: str | None, verify: bool) -> ssl.SSLContext:
-    """Contexts are cached: loading the CA store costs milliseconds per connection."""
-    ctx = ssl.create_default_context(cafile=ca_file)
-    if ca_file:
-        ctx.load_default_certs()  # ca_file is an *extra* CA, not the only one
-    if not verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def prepare(envelope: Envelope, capabilities: dict[str, str]) -> Prepared:
@@ -122,15 +113,33 @@ class Connection:
         self._client: _Client | None = None
         self._session: Session | None = None
         self.encrypted = False
+        #: The certificate was verified in the handshake (see :func:`~.tls.verifies`).
+        self.verified = False
+        #: STARTTLS failed under ``tls=may`` and this session is the clear-text retry.
+        self.tls_fallback = False
         self.opened_at = clock()
         self.last_used_at = self.opened_at
         self.in_use = False  # set by the pool while checked out
 
     # -- session set-up -------------------------------------------------------------------
     def open(self) -> None:
-        """Connect, read the greeting, EHLO, TLS per ``relay.security``, then AUTH."""
+        """Connect, read the greeting, EHLO, TLS per the relay's level, then AUTH.
+
+        Under ``tls=may`` a failed STARTTLS is logged (warning ``smtp.tls_fallback``) and
+        the session is opened again in clear text on a new connection."""
         if not self.is_closed:
             raise RuntimeError(f"{self!r} is already open")
+        self.tls_fallback = False
+        failed = self._open(starttls=self.relay.level != "none")
+        if failed is not None:
+            self._log.failure("smtp.tls_fallback", failed, address=self.relay.address,
+                              hint="STARTTLS failed, so this connection sends in clear text "
+                                   "(tls=may); tls=encrypt or tls=verify would refuse")
+            self.tls_fallback = True
+            self._open(starttls=False)
+
+    def _open(self, *, starttls: bool) -> BaseException | None:
+        """One session set-up; raises, or returns the STARTTLS failure to fall back from."""
         relay = self.relay
         name = relay.local_hostname or _fqdn()
         client = _Client(local_hostname=name)
@@ -152,8 +161,8 @@ class Connection:
                 raise smtplib.SMTPConnectError(code, msg)
             stage = Stage.EHLO
             self._ehlo(client, name)
-            if relay.security == "starttls" or (
-                    relay.security == "starttls-optional" and client.has_extn("starttls")):
+            if starttls and relay.security != "tls" and (
+                    relay.level != "may" or client.has_extn("starttls")):
                 stage = Stage.TLS
                 self._starttls(client)
                 stage = Stage.EHLO
@@ -165,24 +174,25 @@ class Connection:
         except BaseException as exc:
             client.close()
             annotate(exc, stage, relay.name)
+            if falls_back(relay, exc, stage):
+                return exc
             self._log.failure("smtp.connect_failed", exc, address=relay.address)
             raise
         self.encrypted = isinstance(client.sock, ssl.SSLSocket)
+        self.verified = self.encrypted and verifies(relay)
         self.last_used_at = self._clock()
         self._session = Session(client, self._log, relay=relay.name, deadline=relay.deadline,
                                 pipelining=self.supports_pipelining, clock=self._clock)
         self._log.connect(address=relay.address, security=relay.security, tls=self.encrypted,
+                          tls_level=relay.level, verified=self.verified,
                           pipelining=self.supports_pipelining,
                           latency_ms=round((self.last_used_at - self.opened_at) * 1000, 3))
+        return None
 
     def _wrap(self, client: _Client) -> None:
         """TLS handshake on the connected socket, bounded by what is left of set-up."""
         relay = self.relay
-        try:
-            ctx = _ssl_context(relay.ca_file, relay.verify)
-        except (OSError, ValueError) as err:  # ca_file gone or broken since load
-            raise TLSConfigurationError(
-                f"relay {relay.name!r}: cannot use ca_file={relay.ca_file!r}: {err}") from err
+        ctx = context_for(relay)
         left = (client.deadline or 0.0) - self._clock()
         try:
             if left <= 0:
@@ -193,6 +203,11 @@ class Connection:
         except TimeoutError as err:
             raise ReplyTimeout(f"TLS handshake not complete within "
                                f"setup_timeout={relay.setup_timeout:g}s") from err
+        except ssl.SSLCertVerificationError as err:
+            if relay.level == "verify":
+                raise
+            # Checked only because AUTH follows: refuse AUTH, do not fall back.
+            raise annotate(unverified_auth(relay, err), Stage.AUTH, relay.name) from err
 
     def _ehlo(self, client: smtplib.SMTP, name: str) -> None:
         code, msg = client.ehlo(name)
@@ -207,7 +222,7 @@ class Connection:
     def _starttls(self, client: _Client) -> None:
         if not client.has_extn("starttls"):
             raise smtplib.SMTPNotSupportedError(
-                f"relay {self.relay.name!r} requires STARTTLS (smtp+starttls://) but "
+                f"relay {self.relay.name!r} requires STARTTLS (tls={self.relay.level}) but "
                 f"{self.relay.address} does not offer it")
         code, msg = client.docmd("STARTTLS")
         if code != 220:

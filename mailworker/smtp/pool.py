@@ -62,7 +62,8 @@ class PoolStats:
     reused: int
     discarded_stale: int
     closed: int
-    unencrypted: int = 0  # opened in clear on smtp:// because the server offered no STARTTLS
+    unencrypted: int = 0  # opened in clear under tls=may (no STARTTLS, or it failed)
+    tls_fallbacks: int = 0  # tls=may: STARTTLS failed, so the connection was reopened in clear
 
 
 class _Stale(Exception):  # noqa: N818 - internal signal for tenacity, never escapes
@@ -117,6 +118,7 @@ class Pool:
         self._born: dict[Connection, int] = {}
         self._pid = os.getpid()
         self._opened = self._reused = self._stale = self._closed = self._unencrypted = 0
+        self._tls_fallbacks = 0
 
     # -- public ---------------------------------------------------------------------------
     def send(self, envelope: Envelope) -> SendResult:
@@ -176,7 +178,7 @@ class Pool:
     def stats(self) -> PoolStats:
         with self._cond:
             return PoolStats(len(self._active), len(self._idle), self._opened, self._reused,
-                             self._stale, self._closed, self._unencrypted)
+                             self._stale, self._closed, self._unencrypted, self._tls_fallbacks)
 
     def close(self) -> None:
         """QUIT the idle connections now; active ones are closed when they come back."""
@@ -284,11 +286,12 @@ class Pool:
                 self._cond.notify()
             raise
         conn.in_use = True
-        plain = not conn.encrypted and self.relay.security == "starttls-optional"
+        plain = not conn.encrypted and self.relay.tls == "may"
         with self._cond:
             self._opening -= 1
             self._opened += 1
             self._unencrypted += plain
+            self._tls_fallbacks += conn.tls_fallback
             self._active.add(conn)
             self._born[conn] = self._generation
         if plain:

@@ -56,7 +56,7 @@ def test_plaintext_after_starttls_reply_is_refused(scripted: list[ScriptedServer
     peer = ScriptedServer({"EHLO": b"250-scripted\r\n250 STARTTLS\r\n",
                            "STARTTLS": b"220 go ahead\r\n250 injected\r\n"})
     scripted.append(peer)
-    conn = Connection(peer.relay())
+    conn = Connection(peer.relay(tls="encrypt"))  # tls=may would retry in clear text
     with pytest.raises(smtplib.SMTPServerDisconnected, match="STARTTLS") as info:
         conn.open()
     assert info.value.stage is Stage.TLS  # type: ignore[attr-defined]

@@ -1,4 +1,6 @@
-"""TLS and AUTH: verification on by default, no clear-text fallback, no clear-text secrets."""
+"""TLS and AUTH: verification on by default (``smtp+starttls://``, ``smtps://``), no
+clear-text fallback there, no clear-text secrets. The levels of ``tls=`` (and ``smtp://``'s
+opportunistic default) are in test_tls_levels.py."""
 
 from __future__ import annotations
 
@@ -35,11 +37,12 @@ def test_starttls_with_a_trusted_ca(make_server: MakeServer) -> None:
     conn.close()
 
 
-@pytest.mark.parametrize("scheme", ["smtp+starttls", "smtp"])
+@pytest.mark.parametrize("options", [{"scheme": "smtp+starttls"},
+                                     {"scheme": "smtp", "tls": "verify"}])
 def test_untrusted_certificate_fails_and_never_falls_back(make_server: MakeServer,
-                                                          scheme: str) -> None:
+                                                          options: dict[str, str]) -> None:
     server = make_server(tls="starttls")
-    conn = Connection(relay_for(server, scheme=scheme, ca_file=""))
+    conn = Connection(relay_for(server, ca_file="", **options))
     with pytest.raises(ssl.SSLCertVerificationError) as info:
         conn.open()
     assert info.value.stage is Stage.TLS  # type: ignore[attr-defined]
