@@ -6,13 +6,16 @@ access goes through one lock, and a condition wakes :meth:`Recorder.wait_for_mes
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 
-__all__ = ["ReceivedMessage", "Recorder", "message_id_of"]
+__all__ = ["ReceivedMessage", "Recorder", "address_in", "command_line", "message_id_of"]
+
+_ANGLE_ADDRESS = re.compile(r"<([^>]*)>")
 
 
 @dataclass(frozen=True)
@@ -126,3 +129,23 @@ class Recorder:
             self._commands.clear()
             self.connections_opened = 0
             self.max_concurrent_connections = self.active_connections
+
+
+def address_in(arg: str | None) -> str:
+    """The address in a MAIL/RCPT argument such as ``FROM:<a@b> SIZE=10``."""
+    if not arg:
+        return ""
+    if found := _ANGLE_ADDRESS.search(arg):
+        return found.group(1)
+    rest = arg.partition(":")[2].strip()
+    return rest.split(" ", 1)[0] if rest else ""
+
+
+def command_line(verb: str, arg: str | None) -> str:
+    """The command as recorded in ``server.commands``, with AUTH credentials redacted."""
+    if arg is None:
+        return verb
+    if verb == "AUTH":
+        mechanism, _, secret = arg.partition(" ")
+        return f"AUTH {mechanism} ********" if secret else f"AUTH {mechanism}"
+    return f"{verb} {arg}"

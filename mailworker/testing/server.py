@@ -9,7 +9,10 @@ Celery workers under test) can talk to it with any SMTP client::
         assert server.wait_for_messages(1)[0].recipients == ("good@example.test",)
 
 ``latency`` puts a :class:`~mailworker.testing.latency.LatencyProxy` in front of the
-server to model a network round trip (see that module for the model).
+server to model a network round trip (see that module for the model). ``persona`` gives
+it a provider's standing limits (a connection cap, a rate cap, dropping after the dot),
+and :meth:`SMTPTestServer.down` / :meth:`~SMTPTestServer.up` an outage; see
+:mod:`mailworker.testing.personas`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,6 +40,7 @@ from aiosmtpd.smtp import TLSSetupException
 
 from .faults import Fault, FaultBook
 from .latency import LatencyProxy
+from .personas import DownMode, Persona, Provider
 from .records import ReceivedMessage, Recorder
 from .session import FaultySMTP, SessionConfig
 
@@ -75,6 +79,7 @@ class SMTPTestServer:
         smtputf8: bool = True,
         pipelining: bool = True,
         hostname: str = "mx.test",
+        persona: Persona | None = None,
     ) -> None:
         if tls not in (None, "starttls", "implicit"):
             raise ValueError(f"tls must be None, 'starttls' or 'implicit', not {tls!r}")
@@ -110,6 +115,7 @@ class SMTPTestServer:
             pipelining=pipelining,
             starttls_context=context if tls == "starttls" else None,
             implicit_tls=tls == "implicit",
+            provider=Provider(persona),
         )
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -240,9 +246,74 @@ class SMTPTestServer:
         return self._faults.triggered
 
     def reset(self) -> None:
-        """Forget messages, commands, counts and faults (between tests sharing a server)."""
+        """Forget messages, commands, counts and faults (between tests sharing a server).
+        The persona and an outage stay; their refusal counts are forgotten."""
         self._faults.reset()
         self._recorder.reset()
+        self._config.provider.reset()
+
+    # -- provider personas -------------------------------------------------------------
+
+    @property
+    def persona(self) -> Persona:
+        return self._config.provider.persona
+
+    def set_persona(self, persona: Persona) -> None:
+        """Change the standing limits; connections already open keep their place under a
+        connection cap, and the rate's bucket starts full."""
+        self._config.provider.persona = persona
+
+    def down(self, mode: DownMode = "421") -> None:
+        """Go down until :meth:`up`; connections open now are closed at once.
+
+        ``"421"``: new connections are greeted ``421 4.3.2`` and closed (and open ones get
+        that 421 as they are closed); ``"close"``: closed without a byte; ``"refuse"``:
+        the listener is closed, so connecting is refused (then nothing can be counted).
+        """
+        if mode not in ("421", "close", "refuse"):
+            raise ValueError(f"mode must be '421', 'close' or 'refuse', not {mode!r}")
+        self._config.provider.set_down(mode)
+        if mode == "refuse":
+            self.stop()
+        else:
+            self._on_loop(lambda: _hang_up_all(self._config.sessions, mode == "421"))
+
+    def up(self) -> None:
+        """Come back from :meth:`down`, on the same port."""
+        was = self._config.provider.down_mode
+        self._config.provider.set_down(None)
+        if was == "refuse" and self._thread is None:
+            self.start()
+
+    @property
+    def is_down(self) -> bool:
+        return self._config.provider.down_mode is not None
+
+    @property
+    def refusals(self) -> Counter[str]:
+        """Refusals by the persona and outages, by kind: ``connection_cap``, ``rate_cap``,
+        ``down``, ``drop_after_dot``."""
+        return self._config.provider.refusals
+
+    @property
+    def refusal_events(self) -> list[tuple[float, str]]:
+        """(``time.monotonic()``, kind) of every refusal counted in :attr:`refusals`."""
+        return self._config.provider.refusal_events
+
+    def _on_loop(self, action: Callable[[], None]) -> None:
+        """Run *action* on the server's loop and wait for it (a no-op when stopped)."""
+        loop = self._loop
+        if loop is None:
+            return
+
+        async def run() -> None:
+            action()
+
+        try:
+            done = asyncio.run_coroutine_threadsafe(run(), loop)
+        except RuntimeError:  # the loop already ended
+            return
+        done.result(timeout=_STOP_TIMEOUT)
 
     # -- what the server saw -----------------------------------------------------------
 
@@ -336,6 +407,14 @@ async def _close_sessions(sessions: set[FaultySMTP]) -> None:
     for session in list(sessions):
         if isinstance(session.transport, asyncio.Transport):
             session.transport.abort()
+
+
+def _hang_up_all(sessions: set[FaultySMTP], with_421: bool) -> None:
+    """Close every live connection now, as a server going down does (on its loop)."""
+    for session in list(sessions):
+        if with_421 and session.transport is not None and not session.transport.is_closing():
+            session.transport.write(b"421 4.3.2 Service shutting down\r\n")  # type: ignore[attr-defined]
+        session.drop()
 
 
 def _quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

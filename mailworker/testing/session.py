@@ -6,12 +6,14 @@ aiosmtpd parses and validates the protocol; this subclass adds four things:
   delay, disconnect and reply faults before aiosmtpd sees it (one interception point
   instead of overriding each ``smtp_*`` method);
 * handler hooks (:class:`_Hooks`) decide MAIL, RCPT and the reply after the dot, where the
-  parsed address is known: faults with ``match``, ``max_recipients``, ``size_limit``,
-  ``require_auth``, and recording the message *before* the reply goes out, so a client
-  that has seen 250 always finds its message in ``server.messages``;
+  parsed address is known: faults with ``match``, the persona's rate cap and drop after
+  the dot, ``max_recipients``, ``size_limit``, ``require_auth``, and recording the
+  message *before* the reply goes out, so a client that has seen 250 always finds its
+  message in ``server.messages``;
 * :meth:`FaultySMTP.smtp_DATA` reads the content in bulk (:mod:`.content`) instead of
   aiosmtpd's line at a time, with the same replies, limits and hook call;
-* :meth:`FaultySMTP.push` is the single exit: it applies greeting faults and swallows
+* :meth:`FaultySMTP.push` is the single exit: it applies greeting faults (and the
+  persona's connection cap and outages, :mod:`.personas`) and swallows
   writes to a connection the fault code (or the client) already closed, so client
   disconnects never surface as tracebacks.
 """
@@ -22,7 +24,6 @@ import asyncio
 import functools
 import hmac
 import logging
-import re
 import ssl
 import time
 import warnings
@@ -42,13 +43,13 @@ from aiosmtpd.smtp import (
 
 from .content import LINE_TOO_LONG, has_long_line, read_content, unstuff
 from .faults import HOSTILE, Fault, FaultBook, act_out
-from .records import ReceivedMessage, Recorder, message_id_of
+from .personas import Provider
+from .records import ReceivedMessage, Recorder, address_in, command_line, message_id_of
 
 __all__ = ["FaultySMTP", "SessionConfig"]
 
 log = logging.getLogger("mailworker.testing")
 
-_ANGLE_ADDRESS = re.compile(r"<([^>]*)>")
 _Command = Callable[[str | None], Awaitable[None]]
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
@@ -70,6 +71,8 @@ class SessionConfig:
     pipelining: bool
     starttls_context: ssl.SSLContext | None
     implicit_tls: bool
+    #: The persona (connection and rate caps) and the outage switch.
+    provider: Provider = field(default_factory=Provider)
     #: Live connections, touched only on the server's loop (idle re-arming, stop()).
     sessions: set[FaultySMTP] = field(default_factory=set)
 
@@ -156,6 +159,7 @@ class FaultySMTP(SMTP):
             self._gone = True
             self._cancel_idle()
             self._cfg.sessions.discard(self)
+            self._cfg.provider.release(self._conn_id)
             self._cfg.recorder.connection_closed()
         super().connection_lost(error)
 
@@ -193,6 +197,11 @@ class FaultySMTP(SMTP):
 
     async def _greeting_fault(self) -> bool:
         faults, cid = self._cfg.faults, self._conn_id
+        if (refusal := self._cfg.provider.greet(cid)) is not None:  # down, or over the cap
+            if refusal:
+                await self.push(refusal)
+            self.drop()
+            return True
         if (delay := faults.take("delay", "GREETING", (), cid)) is not None:
             await asyncio.sleep(delay.seconds)
         if await self._hostile("GREETING", ()):
@@ -237,7 +246,7 @@ class FaultySMTP(SMTP):
     def _guard(self, verb: str, method: _Command) -> _Command:
         @functools.wraps(method)  # keeps aiosmtpd's HELP syntax attributes
         async def guarded(arg: str | None) -> None:
-            self._cfg.recorder.command(self._conn_id, _command_line(verb, arg))
+            self._cfg.recorder.command(self._conn_id, command_line(verb, arg))
             if self._cfg.faults.active and await self._inject(verb, arg):
                 return
             if verb == "AUTH" and not self._cfg.auth:
@@ -291,7 +300,7 @@ class FaultySMTP(SMTP):
     def _subjects(self, verb: str, arg: str | None) -> tuple[str, ...]:
         """What a fault's ``match`` is tested against for this command."""
         if verb in ("MAIL", "RCPT"):
-            return (_address_in(arg),)
+            return (address_in(arg),)
         if verb in ("DATA", "DOT"):
             envelope = self.envelope
             if envelope is None:
@@ -354,6 +363,8 @@ class FaultySMTP(SMTP):
         assert self.session is not None and self.envelope is not None
         cfg = self._cfg
         status = "250 2.1.0 OK"
+        if (throttled := cfg.provider.throttle("MAIL")) is not None:
+            return throttled
         if (fault := cfg.faults.take("reply", "MAIL", (address,), self._conn_id)) is not None:
             if not _positive(fault):
                 return fault.reply_line
@@ -395,10 +406,13 @@ class FaultySMTP(SMTP):
             return ""  # push() ignores it: the connection is closed
         if await self._hostile("DOT", subjects):
             return ""
-        if faults.take("drop_after_dot", None, subjects, cid) is not None:
+        if faults.take("drop_after_dot", None, subjects, cid) is not None \
+                or self._cfg.provider.drops():
             self._record(acknowledged=False)
             self.drop()
             return ""
+        if (throttled := self._cfg.provider.throttle("DOT")) is not None:
+            return throttled
         if (fault := faults.take("reply", "DOT", subjects, cid)) is not None:
             if _positive(fault):
                 self._record(acknowledged=True)
@@ -478,23 +492,3 @@ def _authenticate(
 
 def _positive(fault: Fault) -> bool:
     return fault.code is not None and 200 <= fault.code < 300
-
-
-def _address_in(arg: str | None) -> str:
-    """The address in a MAIL/RCPT argument such as ``FROM:<a@b> SIZE=10``."""
-    if not arg:
-        return ""
-    if found := _ANGLE_ADDRESS.search(arg):
-        return found.group(1)
-    rest = arg.partition(":")[2].strip()
-    return rest.split(" ", 1)[0] if rest else ""
-
-
-def _command_line(verb: str, arg: str | None) -> str:
-    """The command as recorded in ``server.commands``, with AUTH credentials redacted."""
-    if arg is None:
-        return verb
-    if verb == "AUTH":
-        mechanism, _, secret = arg.partition(" ")
-        return f"AUTH {mechanism} ********" if secret else f"AUTH {mechanism}"
-    return f"{verb} {arg}"
