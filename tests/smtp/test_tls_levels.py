@@ -238,3 +238,16 @@ def test_check_shows_the_level_and_the_outcome(make_server: MakeServer,
     assert run_check(server.dsn()) == 0  # smtp+starttls:// with the server's CA
     out = capsys.readouterr().out
     assert "tls level:    verify" in out and "verified:     yes" in out
+
+
+def test_a_starttls_that_hangs_under_may_times_out_then_falls_back(
+        make_server: MakeServer) -> None:
+    server = make_server(tls="starttls")
+    server.add_fault(Fault.hang("STARTTLS", times=1))
+    conn = Connection(relay_for(server, scheme="smtp", setup_timeout=0.5))
+    with capture_logs() as events:
+        conn.open()  # bounded by setup_timeout, then a clear-text session
+    assert conn.tls_fallback and not conn.encrypted and conn.send(envelope(7)).accepted
+    [fallback] = [e for e in events if e["event"] == "smtp.tls_fallback"]
+    assert fallback["error"] == "ReplyTimeout" and "setup_timeout=0.5s" in fallback["detail"]
+    conn.close()
