@@ -2,7 +2,8 @@
 
 ``send()`` returns once the record is in Redis and a wake-up is on the broker. If the
 publish fails after the record is written, the mail is not lost: the record sits in the
-in-flight set and the sweeper wakes it (DESIGN.md principle 1). If Redis fails, nothing
+in-flight set and the sweeper wakes it (:mod:`mailworker.publish`); send() logs it and
+returns the id. If Redis fails, nothing
 is written (a batch is one atomic script) and the caller gets
 :class:`~mailworker.errors.QueueUnavailable` (an ``OSError``), or
 :class:`~mailworker.errors.QueueFull` when Redis is out of memory.
@@ -31,11 +32,11 @@ from mailworker.message import (
     build_message,
     from_email_message,
 )
+from mailworker.publish import Publisher, wake
 from mailworker.record import MessageState, RecipientState, Record
 from mailworker.routing import When, check_metadata, check_name, delay_until, epoch
 from mailworker.routing import idempotency_key as check_key
 from mailworker.runtime import get_runtime
-from mailworker.scheduler import Publisher, publish_ids
 
 __all__ = ["enqueue_prepared", "prepare_many", "send", "send_many", "send_message", "status"]
 
@@ -154,19 +155,12 @@ def _enqueue(items: list[tuple[Record, bytes]], publish: Publisher | None = None
     now = time.time()
     ids = _store_call(s, "queue the mail",
                       lambda: rt.store.enqueue_many(items, watchdog=now + s.stuck_after))
-    publish = publish or publish_ids
-    by_queue: dict[str, list[str]] = {}
-    for (rec, _raw), mid in zip(items, ids, strict=True):
-        if mid == rec.id and rec.state is MessageState.QUEUED:  # new, and due now
-            by_queue.setdefault(rec.queue, []).append(mid)
-    for queue, qids in by_queue.items():
-        for i in range(0, len(qids), s.batch_size):
-            try:
-                publish(qids[i:i + s.batch_size], queue)
-            except Exception as exc:
-                # Accepted is accepted: the record is durable and the sweeper will wake it.
-                log.warning("enqueue.publish_failed", error=f"{type(exc).__name__}: {exc}",
-                            count=len(qids[i:i + s.batch_size]))
+    # Accepted is accepted: the records are durable and in the in-flight set, so a wake-up
+    # that fails to publish is logged and the sweeper wakes them (mailworker.publish).
+    wake(publish or rt.publisher,
+         [(mid, rec.queue, rec.relay) for (rec, _raw), mid in zip(items, ids, strict=True)
+          if mid == rec.id and rec.state is MessageState.QUEUED],  # new, and due now
+         s.batch_size)
     return ids
 
 

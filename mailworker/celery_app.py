@@ -1,6 +1,6 @@
 """The Celery app: ``celery -A mailworker.celery_app worker -Q transactional,bulk``.
 
-Thin glue (DESIGN.md): a task carries message ids, never bodies; it loads, leases and
+Thin glue (docs/architecture.md): a task carries message ids, never bodies; it loads, leases and
 delivers through :class:`mailworker.delivery.Deliverer`. At-least-once settings: JSON
 only, late acks, requeue when a worker process dies, prefetch 1, and a hard time limit
 below both the lease and the broker's visibility timeout, so a message can never be
@@ -18,78 +18,28 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from celery import Celery, signals
-from kombu import Queue
+from celery import signals
 
-from mailworker.celery_integration import (
-    DELIVER_TASK,
-    run_delivery,
-    task_options,
-    time_limit,
-    worker_app_of,
-)
-from mailworker.config import DEFAULT_QUEUES, Settings, load_settings
+from mailworker import broker
+from mailworker.broker import DELIVER_TASK, celery_config
+from mailworker.celery_integration import run_delivery, task_options, worker_app_of
+from mailworker.config import Settings
 
-__all__ = ["DELIVER_TASK", "app", "reconfigure"]
+__all__ = ["DELIVER_TASK", "app", "celery_config", "reconfigure"]
 
 log = structlog.get_logger("mailworker.worker")
 
-# Not current, not default: a project's own app must stay the one its @shared_task and
-# `celery.current_app` resolve to (a current app captures them, in every process that
-# imports this module). No fix-ups: Celery's Django fix-up would make this app the
-# default one when it is created first; `manage.py mailworker` sets Django up itself.
-app = Celery("mailworker", set_as_current=False, fixups=[])
-
-
-def celery_config(settings: Settings) -> dict[str, Any]:
-    """Celery settings derived from ours; documented in config/README.md."""
-    limit = time_limit(settings, settings.visibility_timeout)
-    queues = list(dict.fromkeys([*DEFAULT_QUEUES, *settings.queues]))
-    return {
-        "broker_url": settings.broker,
-        "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": int(settings.visibility_timeout)},
-        "task_serializer": "json",
-        "accept_content": ["json"],
-        "result_serializer": "json",
-        "result_backend": None,
-        "task_ignore_result": True,
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "task_acks_on_failure_or_timeout": True,
-        "worker_prefetch_multiplier": 1,
-        "task_time_limit": int(limit),
-        "task_soft_time_limit": max(1, int(limit * 0.9)),
-        "task_queues": [Queue(q, routing_key=q) for q in queues],
-        "task_default_queue": settings.default_queue,
-        "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
-        "task_send_sent_event": False,
-        # Remote control (celery inspect/control: shutdown, pool resize, rate limits) is
-        # reachable by anyone who can write to the broker; mailworker needs none of it.
-        "worker_enable_remote_control": False,
-    }
+# Not current, not default (see mailworker.broker.own_app): a project's own app must stay
+# the one its @shared_task and `celery.current_app` resolve to. `celery -A
+# mailworker.celery_app worker` needs the broker at import: the app is configured from
+# the runtime's settings if the app configured one, else from the environment.
+app = broker.own_app()
 
 
 def reconfigure(settings: Settings) -> None:
-    """Point the app at (new) settings; called by :func:`mailworker.runtime.configure`."""
-    app.conf.update(celery_config(settings))
-    # Forget the cached pools (as Celery does after fork) so the next publish looks up the
-    # pool for the new broker URL. Not closed: kombu shares them process-wide by URL.
-    app._pool = None
-    app.amqp._producer_pool = None
-
-
-def _settings_at_import() -> Settings:
-    from mailworker import runtime
-
-    current = runtime.current()
-    return current.settings if current is not None else load_settings()
-
-
-# `celery -A mailworker.celery_app worker` needs the broker at import; the settings come
-# from the runtime if the app configured one, else from the environment.
-reconfigure(_settings_at_import())
+    """Point the app at (new) settings; :func:`mailworker.runtime.configure` does this
+    itself (through :func:`mailworker.broker.follow`)."""
+    broker.follow(settings)
 
 
 # shared=False: a shared task is added to every Celery app in the process.
@@ -99,6 +49,8 @@ def deliver(self: Any, ids: list[str]) -> dict[str, Any]:
     """Deliver the messages *ids* (a batch, usually for one relay)."""
     return run_delivery(self.request.id, ids)
 
+
+broker.use_task(deliver, own=True)
 
 # Celery's worker signals fire for any app's worker in this process (a project that
 # imports mailworker runs its own workers too): each receiver checks it is ours.

@@ -37,43 +37,21 @@ from typing import Any
 import structlog
 from celery import Celery, signals
 
+from mailworker import broker
+from mailworker.broker import DELIVER_TASK, deliver_task, task_options, time_limit
 from mailworker.config import Settings
 
-__all__ = ["DELIVER_TASK", "deliver_task", "install", "task_options"]
+__all__ = ["DELIVER_TASK", "deliver_task", "install", "task_options", "time_limit"]
 
-DELIVER_TASK = "mailworker.deliver"
 log = structlog.get_logger("mailworker.worker")
 
 
 class _Installed:
-    """The task registered by :func:`install`, if any (a holder, so no ``global``)."""
+    """The configure hook given to :func:`install`, if any (a holder, so no ``global``)."""
 
     lock = threading.Lock()
-    task: Any = None
     configure: Callable[[], object] | None = None
     configured = False
-
-
-def time_limit(settings: Settings, visibility_timeout: float) -> float:
-    """A task's hard time limit: below the broker's visibility timeout, so the broker can
-    never hand the message to a second worker while the first still sends. Not bounded
-    by the lease: a heartbeat renews leases while a batch runs, and a batch starts no
-    transaction once 80% of ``task_time_limit`` is spent."""
-    return min(settings.task_time_limit, visibility_timeout * 0.9)
-
-
-def task_options(settings: Settings, visibility_timeout: float = 3600.0) -> dict[str, Any]:
-    """Per-task Celery options: the at-least-once guarantees delivery relies on."""
-    limit = time_limit(settings, visibility_timeout)
-    return {
-        "serializer": "json",
-        "acks_late": True,
-        "reject_on_worker_lost": True,
-        "acks_on_failure_or_timeout": True,
-        "ignore_result": True,
-        "time_limit": int(limit),
-        "soft_time_limit": max(1, int(limit * 0.9)),
-    }
 
 
 def run_delivery(task_id: str | None, ids: list[str]) -> dict[str, Any]:
@@ -118,8 +96,9 @@ def install(app: Celery, *, configure: Callable[[], object] | None = None,
         return run_delivery(self.request.id, ids)
 
     with _Installed.lock:
-        _Installed.task, _Installed.configure = deliver, configure
+        _Installed.configure = configure
         _Installed.configured = False
+    broker.use_task(deliver)
     if app.configured:
         _accept_json(app)
     else:
@@ -175,7 +154,7 @@ def _connect_worker_signals(app: Celery, scheduler: bool) -> None:
         if scheduler:
             from mailworker.scheduler import Scheduler
 
-            state["scheduler"] = Scheduler(rt.settings, rt.store)
+            state["scheduler"] = Scheduler(rt.settings, rt.store, publish=rt.publisher)
             state["scheduler"].start_thread()
 
     def on_shutdown(sender: Any = None, **_: Any) -> None:
@@ -204,11 +183,3 @@ def _connect_worker_signals(app: Celery, scheduler: bool) -> None:
     signals.worker_shutdown.connect(on_shutdown, weak=False)
     signals.worker_process_init.connect(on_process_init, weak=False)
 
-
-def deliver_task() -> Any:
-    """The task wake-ups are published with: the installed one, else mailworker's own."""
-    if _Installed.task is not None:
-        return _Installed.task
-    from mailworker.celery_app import deliver
-
-    return deliver

@@ -143,7 +143,7 @@ def run_demo(messages: int = 200, out: Any = None, timeout: float = 60.0) -> int
         rt.pools.close_all()
         server.stop()
         if real_redis:  # leave the user's Redis as we found it
-            for key in rt.redis.scan_iter(match=f"{prefix}:*", count=1000):
+            for key in rt.redis.scan_iter(match=rt.store.keys.everything(), count=1000):
                 rt.redis.delete(key)
     return rc
 

@@ -11,9 +11,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mailworker.publish import Publisher, wake
 from mailworker.record import Attempt, MessageState, RcptState, Record
 from mailworker.runtime import get_runtime
-from mailworker.scheduler import Publisher, publish_ids
 from mailworker.store import Claim
 
 __all__ = ["DeadLetterFilter", "exception_classes", "list_dead", "purge", "retry", "show"]
@@ -104,6 +104,10 @@ def retry(ids: Sequence[str] | None = None, flt: DeadLetterFilter | None = None,
           dry_run: bool = False, publish: Publisher | None = None) -> list[str]:
     """Queue dead letters again for their undelivered recipients; return the ids retried.
 
+    Wake-ups go through *publish* (default: the runtime's publisher); one that cannot be
+    published is logged, never raised: the records are requeued, and the sweeper wakes
+    them.
+
     The message gets a fresh lifetime from its queue and a fresh attempt budget; its
     history is kept, with an entry saying an operator retried it.
     """
@@ -134,13 +138,10 @@ def retry(ids: Sequence[str] | None = None, flt: DeadLetterFilter | None = None,
         saves.append((claim, now + rt.settings.stuck_after, {"dlq_retried": 1}))
     ok = rt.store.commit_many(saves)
     done = [c.record for (c, _, _), saved in zip(saves, ok, strict=True) if saved]
-    publish = publish or publish_ids
-    by_queue: dict[str, list[str]] = {}
-    for rec in done:
-        by_queue.setdefault(rec.queue, []).append(rec.id)
-    for queue, qids in by_queue.items():
-        for i in range(0, len(qids), rt.settings.batch_size):
-            publish(qids[i:i + rt.settings.batch_size], queue)
+    # Requeued is requeued: a wake-up that fails to publish is logged, and the sweeper
+    # wakes those records (they are in the in-flight set).
+    wake(publish or rt.publisher, [(r.id, r.queue, r.relay) for r in done],
+         rt.settings.batch_size)
     return [r.id for r in done]
 
 

@@ -1,22 +1,28 @@
-"""The process-wide runtime: settings, the Redis client, the store and the SMTP pools.
+"""The process-wide runtime: settings, the Redis client, the store, the SMTP pools and the
+wake-up publisher.
 
 Built lazily on first use from :func:`mailworker.config.load_settings`, so importing
 mailworker costs nothing and an app configures it with :func:`configure` (the Django
 and Flask integrations call it from their settings) before the first ``send()``.
+
+This is the composition root below the Celery glue: it imports the store, the SMTP layer
+and :mod:`mailworker.broker` (whose own Celery app it keeps pointed at the current
+settings), never :mod:`mailworker.celery_app`, which imports it.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from mailworker import broker
 from mailworker.config import Settings, load_settings
+from mailworker.publish import Publisher
 from mailworker.smtp import PoolManager, pools
 from mailworker.store import Store
 
@@ -29,13 +35,17 @@ class Runtime:
     redis: redis.Redis
     store: Store
     pools: PoolManager
+    #: Sends one wake-up (a batch of ids, a queue): Celery's by default; tests and
+    #: :class:`mailworker.testing.LocalDelivery` swap in their own (``configure(publisher=)``).
+    publisher: Publisher = field(default=broker.publish)
 
 
 _lock = threading.Lock()
 _runtime: Runtime | None = None
 
 
-def _build(settings: Settings, client: redis.Redis | None = None) -> Runtime:
+def _build(settings: Settings, client: redis.Redis | None = None,
+           publisher: Publisher | None = None) -> Runtime:
     # Bounded waits (a web request must not hang on a Redis that accepts and never
     # answers); a refused or reset connection (a restart, a failover) is retried with
     # backoff, a timeout is not: retrying it would double the wait.
@@ -47,7 +57,11 @@ def _build(settings: Settings, client: redis.Redis | None = None) -> Runtime:
     )
     store = Store(client, prefix=settings.key_prefix, retention=settings.retention,
                   dead_retention=settings.dead_retention)
-    return Runtime(settings, client, store, pools)
+    # mailworker's own Celery app, if created, follows the new broker; if not, it reads
+    # these settings when first used (an app that installed delivery into its own Celery
+    # app never creates it).
+    broker.follow(settings)
+    return Runtime(settings, client, store, pools, publisher or broker.publish)
 
 
 def get_runtime() -> Runtime:
@@ -61,25 +75,20 @@ def get_runtime() -> Runtime:
 
 
 def configure(
-    settings: Settings | None = None, *, redis_client: Any = None, **overrides: Any
+    settings: Settings | None = None, *, redis_client: redis.Redis | None = None,
+    publisher: Publisher | None = None, **overrides: Any
 ) -> Runtime:
     """Replace the runtime (tests, the demo, framework integrations).
 
     *overrides* are :class:`Settings` fields applied on top of *settings* (or of the
-    settings loaded from the environment).
+    settings loaded from the environment). *publisher* replaces Celery's for wake-ups.
     """
     global _runtime
     base = settings or load_settings()
     if overrides:
         base = base.with_(**overrides)
     with _lock:
-        _runtime = _build(base, redis_client)
-        # mailworker's own Celery app, if already created, follows the new broker; if
-        # not, it reads this runtime when first imported (an app that installed
-        # delivery into its own Celery app never creates it).
-        celery_app = sys.modules.get("mailworker.celery_app")
-        if celery_app is not None:
-            celery_app.reconfigure(_runtime.settings)
+        _runtime = _build(base, redis_client, publisher)
     return _runtime
 
 

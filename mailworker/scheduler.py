@@ -1,12 +1,12 @@
 """The scheduler tick: promote due deferred mail, wake stuck mail, publish wake-ups.
 
-Long waits live in Redis (DESIGN.md principle 4), so something must look at the clock:
+Long waits live in Redis (docs/architecture.md), so something must look at the clock:
 each tick moves due records from the deferred set to the in-flight set and publishes a
 ``deliver`` task per batch. The same tick sweeps: a record in flight past its watchdog
 with no lease (its broker message was lost, or its worker died) is woken again. Leases
 make a duplicate wake-up harmless, so the sweeper can err on the side of waking.
 
-Any number of schedulers may run; a Redis lock lets one tick at a time.
+Any number of schedulers may run; a Redis lock (the store's) lets one tick at a time.
 """
 
 from __future__ import annotations
@@ -14,53 +14,39 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import structlog
 
+from mailworker.broker import publish as publish_ids
 from mailworker.config import Settings
+from mailworker.publish import Publisher, wake
 from mailworker.store import Store
 
+# Publisher and publish_ids stay importable from here (their old home).
 __all__ = ["Publisher", "Scheduler", "publish_ids"]
 
 log = structlog.get_logger("mailworker.scheduler")
-_LOCK = """
-local v = redis.call("GET", KEYS[1])
-if v == ARGV[1] then return redis.call("PEXPIRE", KEYS[1], ARGV[2]) end
-if v then return 0 end
-return redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2]) and 1 or 0
-"""
-Publisher = Callable[[Sequence[str], str], None]
-"""Publishes one wake-up for a batch of ids on a queue."""
-
-
-def publish_ids(ids: Sequence[str], queue: str) -> None:
-    """The default publisher: one ``mailworker.deliver`` task per batch (on the app
-    :func:`mailworker.celery_integration.install` named, else mailworker's own)."""
-    from mailworker.celery_integration import deliver_task
-
-    deliver_task().apply_async(args=[list(ids)], queue=queue, routing_key=queue)
 
 
 class Scheduler:
-    """Runs :meth:`tick` every ``settings.tick_interval`` seconds while it holds the lock."""
+    """Runs :meth:`tick` every ``settings.tick_interval`` seconds while it holds the lock.
 
-    def __init__(self, settings: Settings, store: Store, publish: Publisher = publish_ids,
+    *publish* sends the wake-ups (Celery's unless given: pass the runtime's publisher).
+    """
+
+    def __init__(self, settings: Settings, store: Store, publish: Publisher | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
-        self.publish = publish
+        self.publish = publish or publish_ids
         self.clock = clock
         self.identity = uuid.uuid4().hex
         self._stop = threading.Event()
-        self.lock_key = store.key("scheduler", "lock")
-        self._lock_script = store.redis.register_script(_LOCK)
 
     def _hold_lock(self) -> bool:
-        """Take or extend the scheduler lock (atomically: compare, then extend)."""
-        ttl = max(1000, int(self.settings.tick_interval * 5000))
-        return bool(self._lock_script(keys=[self.lock_key], args=[self.identity, ttl]))
+        """Take or extend the scheduler lock (the store's lock script: compare, then extend)."""
+        return self.store.hold_scheduler_lock(self.identity, self.settings.tick_interval * 5)
 
     def tick(self, limit: int = 5000) -> int:
         """One pass; returns how many ids were woken."""
@@ -74,17 +60,15 @@ class Scheduler:
         ids = list(dict.fromkeys([*due, *stuck]))
         if not ids:
             return 0
-        groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+        routed: list[tuple[str, str, str]] = []
         gone: list[str] = []
         for mid, route in zip(ids, self.store.routes(ids), strict=True):
             if route is None:
                 gone.append(mid)
             else:
-                groups[route].append(mid)
+                routed.append((mid, *route))
         self.store.forget_inflight(gone)
-        for (queue, _relay), group in groups.items():
-            for i in range(0, len(group), s.batch_size):
-                self.publish(group[i:i + s.batch_size], queue)
+        wake(self.publish, routed, s.batch_size)  # a failure is logged, left to the sweeper
         log.debug("scheduler.tick", promoted=len(due), swept=len(stuck))
         return len(ids)
 

@@ -254,9 +254,10 @@ def test_celery_command_on_mailworker_app_logs_json(
 def test_install_registers_on_that_app_only_with_delivery_guarantees() -> None:
     from celery import Celery
 
+    from mailworker import broker
     from mailworker import celery_integration as ci
 
-    saved = (ci._Installed.task, ci._Installed.configure, ci._Installed.configured)
+    saved = (broker._State.installed, ci._Installed.configure, ci._Installed.configured)
     calls: list[int] = []
     proj = Celery("proj", set_as_current=False, fixups=[])
     try:
@@ -271,4 +272,4 @@ def test_install_registers_on_that_app_only_with_delivery_guarantees() -> None:
         ci._configure_once()
         assert calls == [1]  # the app's configure hook runs once per process
     finally:
-        ci._Installed.task, ci._Installed.configure, ci._Installed.configured = saved
+        broker._State.installed, ci._Installed.configure, ci._Installed.configured = saved

@@ -13,7 +13,7 @@ import fakeredis
 import pytest
 
 import mailworker
-from mailworker import api, runtime
+from mailworker import runtime
 from mailworker.config import Settings
 from mailworker.message import (
     InvalidMessageError,
@@ -30,10 +30,10 @@ CONTROLS = [chr(c) for c in (*range(0x20), 0x7F) if c != 0x09]
 
 
 @pytest.fixture
-def queued(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(api, "publish_ids", lambda ids, queue: None)
+def queued() -> Iterator[None]:
     settings = Settings(relays={"default": parse_relay("default", "smtp://127.0.0.1:2525")})
-    runtime.configure(settings, redis_client=fakeredis.FakeRedis())
+    runtime.configure(settings, redis_client=fakeredis.FakeRedis(),
+                      publisher=lambda ids, queue: None)
     yield
     runtime.reset_runtime()
 

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 import mailworker
-from mailworker import api, runtime
+from mailworker import runtime
 from mailworker.config import Settings
 from mailworker.relay import parse_relay
 from mailworker.testing.polling import free_port, wait_until
@@ -30,15 +30,14 @@ GOOD: dict[str, Any] = {"to": "a@example.com", "subject": "s", "text": "t"}
 
 
 @pytest.fixture(autouse=True)
-def no_broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(api, "publish_ids", lambda ids, queue: None)
+def no_broker() -> Iterator[None]:
     yield
     runtime.reset_runtime()
 
 
 def use(url: str, **kw: Any) -> None:
     runtime.configure(Settings(redis_url=url, relays=RELAYS, default_sender="app@example.com",
-                               **kw))
+                               **kw), publisher=lambda ids, queue: None)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import fakeredis
 import pytest
 
 import mailworker
-from mailworker import api, runtime
+from mailworker import runtime
 from mailworker.config import Settings
 from mailworker.message import Attachment
 from mailworker.outcome import apply_relay_hold, apply_result
@@ -32,14 +32,14 @@ GOOD: dict[str, Any] = {"to": "a@example.com", "subject": "s", "text": "t"}
 
 
 @pytest.fixture
-def published(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[list[str], str]]]:
+def published() -> Iterator[list[tuple[list[str], str]]]:
     """A runtime on fakeredis with one relay and a default sender; wake-ups are listed."""
     sent: list[tuple[list[str], str]] = []
-    monkeypatch.setattr(api, "publish_ids", lambda ids, queue: sent.append((list(ids), queue)))
     settings = Settings(relays={"default": parse_relay("default", "smtp://127.0.0.1:2525")},
                         default_sender="app@example.com", max_message_size=100_000,
                         max_recipients=50)
-    runtime.configure(settings, redis_client=fakeredis.FakeRedis())
+    runtime.configure(settings, redis_client=fakeredis.FakeRedis(),
+                      publisher=lambda ids, queue: sent.append((list(ids), queue)))
     yield sent
     runtime.reset_runtime()
 
