@@ -251,3 +251,15 @@ def test_a_starttls_that_hangs_under_may_times_out_then_falls_back(
     [fallback] = [e for e in events if e["event"] == "smtp.tls_fallback"]
     assert fallback["error"] == "ReplyTimeout" and "setup_timeout=0.5s" in fallback["detail"]
     conn.close()
+
+
+def test_check_names_the_unverified_auth_refusal(make_server: MakeServer) -> None:
+    from mailworker.cli.check import run_check
+    from mailworker.cli.output import CLIError
+
+    server = make_server(tls="starttls", auth={"alice": PASSWORD})
+    with pytest.raises(CLIError) as info:
+        run_check(server.dsn(scheme="smtp", ca_file="", user="alice", password=PASSWORD))
+    assert "failed at auth" in str(info.value) and "UnverifiedAuthRefused" in str(info.value)
+    assert info.value.hint is not None and "allow_unverified_auth=true" in info.value.hint
+    assert PASSWORD not in str(info.value) and "AUTH" not in verbs(server)
