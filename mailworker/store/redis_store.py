@@ -256,6 +256,12 @@ class Store:
             return None
         return v if isinstance(v, bytes) else str(v).encode()
 
+    def record_ids(self) -> list[str]:
+        """Every record's id, by SCAN (for tests and tools, not the delivery path)."""
+        head = self.keys.head("m")
+        return sorted(_str(k)[len(head):] for k in
+                      self.redis.scan_iter(match=self.keys.scan_pattern("m"), count=1000))
+
     def dead_ids(self, page: int = 5000) -> list[str]:
         """Every dead-letter id, oldest first (read in pages)."""
         out: list[str] = []

@@ -253,6 +253,14 @@ def test_s2_08_enqueue_batch_is_one_script_call(store: Store) -> None:
     assert store.get(dup.id) is None
 
 
+def test_record_ids_lists_every_record_of_this_prefix_only(store: Store) -> None:
+    recs = [make_record() for _ in range(3)]
+    store.enqueue_many([(r, b"x") for r in recs], watchdog=time.time() + 60)
+    other = Store(store.redis, prefix=store.prefix + "x")
+    other.enqueue_many([(make_record(), b"y")], watchdog=time.time() + 60)
+    assert store.record_ids() == sorted(r.id for r in recs)
+
+
 def test_routes_without_parsing_records(store: Store) -> None:
     rec = make_record(queue="bulk", relay="ses")
     store.enqueue_many([(rec, b"x")], watchdog=time.time() + 60)
