@@ -332,3 +332,17 @@ def test_relay_state_failures_and_fleet_slots(store: Store) -> None:
     relays.release("r", "w1")
     assert relays.acquire("r", "w2", max_connections=1, rate=None, wanted=5,
                           hold_seconds=30)[0] == 5
+
+
+def test_dead_retention_setting_reaches_the_store() -> None:
+    from mailworker import runtime
+    from mailworker.config import load_settings
+
+    settings = load_settings(environ={"MAILWORKER_DEAD_RETENTION": "45d"})
+    assert settings.dead_retention == 45 * 86400 and settings.retention == 7 * 86400
+    try:
+        rt = runtime.configure(settings, redis_client=fakeredis.FakeRedis())
+        assert (rt.store.dead_retention, rt.store.retention) == (45 * 86400, 7 * 86400)
+    finally:
+        runtime.reset_runtime()
+    assert load_settings(environ={}).dead_retention == 30 * 86400
