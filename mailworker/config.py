@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from mailworker.backoff import parse_duration
 from mailworker.errors import MailworkerError, shown
-from mailworker.policy import Policy, parse_duration
 from mailworker.relay import InvalidRelayError, Relay, parse_relay
 
 __all__ = ["MAX_DURATION", "ConfigError", "QueueSettings", "Settings", "check_settings",
@@ -29,6 +29,8 @@ _SECRET_OPTIONS = {"username_env", "password_env", "password_file"}
 #: Longest duration any setting accepts (ten years): longer is a typo (milliseconds
 #: for seconds), and times past it overflow dates in ``status`` and Redis expiries.
 MAX_DURATION = 10 * 365 * 86400.0
+#: A message's lifetime when neither its queue nor ``[retry] lifetime`` sets one.
+DEFAULT_LIFETIME = 86400.0
 
 
 class ConfigError(MailworkerError, ValueError):
@@ -60,7 +62,7 @@ class QueueSettings:
     """Per-queue delivery limits; a message may shorten its own lifetime."""
 
     name: str
-    lifetime: float | None = None      # None: the [retry] policy's lifetime (default 24 h)
+    lifetime: float | None = None      # None: the [retry] table's lifetime (default 24 h)
     max_attempts: int | None = None    # None: the [retry] policy's max_attempts (default 20)
 
 
@@ -95,7 +97,9 @@ class Settings:
     tick_interval: float = 1.0
     task_time_limit: float = 600.0
     visibility_timeout: float = 3600.0
-    policy: Policy = field(default_factory=Policy)
+    # The [retry] table as written. Read into the retry policy a layer up, by
+    # mailworker.policy_config.policy_of(settings), so that config imports no policy.
+    retry: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Settings built in code (configure(**overrides), frameworks) get the same range
@@ -141,7 +145,12 @@ class Settings:
     def lifetime(self, queue: str | None = None) -> float:
         """How long a message on *queue* may keep trying: the queue's, else the policy's."""
         q = self.queues.get(queue or self.default_queue)
-        return q.lifetime if q is not None and q.lifetime is not None else self.policy.lifetime
+        if q is not None and q.lifetime is not None:
+            return q.lifetime
+        try:
+            return parse_duration(self.retry.get("lifetime", DEFAULT_LIFETIME))
+        except ValueError as exc:
+            raise ConfigError(f"config file: [retry]: retry.lifetime: {exc}") from None
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -253,10 +262,10 @@ def load_settings(
         queues[name] = queue_from_spec(name, spec, where="config file: ")
     values["queues"] = queues
 
-    try:
-        values["policy"] = Policy.from_config(top.get("retry") or {})
-    except ValueError as exc:
-        raise ConfigError(f"config file: [retry]: {exc}") from None
+    retry = top.get("retry") or {}
+    if not isinstance(retry, Mapping):
+        raise ConfigError("config file: [retry] must be a table; see config/README.md")
+    values["retry"] = retry
 
     return check_settings(Settings(**values))
 
@@ -303,13 +312,9 @@ def check_settings(settings: Settings) -> Settings:
     """Checks across settings, for every way of building them (file, env, frameworks)."""
     if settings.default_queue not in settings.queues:
         settings.queue()  # raises with the list of known queues
-    policy = settings.policy
-    for where, seconds in (("[retry] lifetime", policy.lifetime),
-                           ("[retry] backoff.maximum", policy.backoff.maximum),
-                           ("[retry] relay_backoff.maximum", policy.relay_backoff.maximum),
-                           *((f"[queues.{q.name}] lifetime", q.lifetime)
-                             for q in settings.queues.values() if q.lifetime is not None)):
-        # The policy checks finiteness; a lifetime of 1e300 s would still overflow dates.
+    # The [retry] table is checked where it is read (mailworker.policy_config).
+    for where, seconds in ((f"[queues.{q.name}] lifetime", q.lifetime)
+                           for q in settings.queues.values() if q.lifetime is not None):
         if not (math.isfinite(seconds) and 0 < seconds <= MAX_DURATION):
             raise ConfigError(f"{where}={shown(seconds)} is not a duration above zero and at "
                               "most 10 years")

@@ -25,12 +25,16 @@ from mailworker.leases import HeldLeases, heartbeat
 from mailworker.outcome import (
     Step,
     apply_expiry,
-    apply_relay_hold,
+    apply_hold,
     apply_result,
+    defer_behind,
+    hold_until,
     mark_interrupted,
+    pause_until,
     requeue,
 )
-from mailworker.policy import Action, Policy
+from mailworker.policy import Action, Decision, Policy
+from mailworker.policy_config import policy_of
 from mailworker.relay import Relay
 from mailworker.smtp import (
     Connection,
@@ -41,7 +45,7 @@ from mailworker.smtp import (
     PoolTimeout,
     SendResult,
 )
-from mailworker.smtp.errors import BEFORE_MAIL, Stage, annotate, error_stage
+from mailworker.smtp.errors import BEFORE_MAIL, Stage, annotate, failure_of
 from mailworker.store import Claim, MessageState, Record, Store, Unreadable
 
 __all__ = ["Deliverer", "PassReport", "invalid_reason"]
@@ -61,11 +65,6 @@ CHUNK = 16
 # starts. A worker killed mid-batch flags as possible duplicates only the messages of the
 # window it was in (at most this many), for one Redis round trip per window.
 MARK_WINDOW = 8
-
-# How long a relay is paused for a configuration problem (bad credentials, bad certificate)
-# before workers try it again. Mail stays queued meanwhile; an operator can resume sooner.
-CONFIG_PAUSE_SECONDS = 300.0
-
 
 @dataclass
 class PassReport:
@@ -107,13 +106,20 @@ def _batch_failure(exc: Exception, relay: str) -> BaseException:
     """
     if isinstance(exc, PoolTimeout):  # this process is busy, not the relay: no relay pause
         return NotAttempted(f"no free connection in this worker's pool: {exc}")
-    stage = error_stage(exc)
-    if stage is not None and stage in BEFORE_MAIL:
+    if failure_of(exc).stage in BEFORE_MAIL:
         return exc
     return annotate(DeliveryUncertain(f"batch interrupted: {type(exc).__name__}: {exc}"),
                     Stage.AFTER_DOT, relay)
 
 
+
+
+@dataclass(frozen=True)
+class _RelayEffect:
+    """What a chunk did to its relay: paused it (the policy's decision), or succeeded."""
+
+    relay: str
+    pause: Decision | None
 
 
 class Deliverer:
@@ -127,8 +133,12 @@ class Deliverer:
         hooks: Hooks | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        policy: Policy | None = None,
     ) -> None:
+        """*policy* defaults to the one of ``settings.retry`` (see
+        :func:`mailworker.policy_config.policy_of`)."""
         self.settings = settings
+        self.policy = policy if policy is not None else policy_of(settings)
         self.store = store
         self.pools = pools
         self.hooks = hooks or Hooks()
@@ -136,7 +146,7 @@ class Deliverer:
         self.rng = rng
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._policies: dict[str, Policy] = {}
-        self._effects: list[tuple[str, float, str] | str] = []
+        self._effects: list[_RelayEffect] = []
         self._claimed_at = 0.0
         self._report = PassReport()
         self._held = HeldLeases(store, [], settings.lease_seconds, 0.0)
@@ -145,7 +155,7 @@ class Deliverer:
     def policy_for(self, queue: str) -> Policy:
         if queue not in self._policies:
             q = self.settings.queues.get(queue)
-            base = self.settings.policy
+            base = self.policy
             self._policies[queue] = (
                 base.with_limits(max_attempts=q.max_attempts, lifetime=q.lifetime) if q else base
             )
@@ -259,13 +269,13 @@ class Deliverer:
         except ConfigError as exc:
             # The relay vanished from config after the message was queued: hold the mail
             # (an operator fixes config) rather than fail it.
-            return [(c, apply_relay_hold(c.record, now, now + CONFIG_PAUSE_SECONDS, str(exc)))
-                    for c in group]
+            hold = self.policy.unknown_relay(str(exc))
+            return [(c, apply_hold(c.record, now, hold)) for c in group]
         paused = self.store.relay_pause(relay_name)
         if paused:
             reason, left = paused
-            return [(c, apply_relay_hold(c.record, now, now + left, f"relay paused: {reason}"))
-                    for c in group]
+            hold = self.policy.hold(f"relay paused: {reason}", left)
+            return [(c, apply_hold(c.record, now, hold)) for c in group]
         if relay.fleet_max_connections or relay.fleet_rate:
             return self._deliver_limited(relay, group, task_id, held)
         return self._send_and_decide(relay, group, task_id, self.pools.get(relay).send_many,
@@ -286,16 +296,12 @@ class Deliverer:
         granted, wait = self.store.fleet_acquire(
             relay.name, token, max_connections=relay.fleet_max_connections,
             rate=relay.fleet_rate, wanted=len(group), hold_seconds=self.settings.lease_seconds)
-        jitter = (self.rng or random).uniform(0, 0.25)
         if granted == 0:
-            return [(c, apply_relay_hold(c.record, now, now + wait + jitter,
-                                         "waiting for the relay's fleet-wide limit"))
-                    for c in group]
+            hold = self.policy.fleet_hold(wait=wait, rng=self.rng)
+            return [(c, apply_hold(c.record, now, hold)) for c in group]
         rest = group[granted:]
-        later = now + (len(rest) / relay.fleet_rate if relay.fleet_rate else 0.5) + jitter
-        held_back = [(c, apply_relay_hold(c.record, now, later,
-                                          "waiting for the relay's fleet-wide limit"))
-                     for c in rest]
+        hold = self.policy.fleet_hold(behind=len(rest), rate=relay.fleet_rate, rng=self.rng)
+        held_back = [(c, apply_hold(c.record, now, hold)) for c in rest]
         if not relay.fleet_max_connections:
             return held_back + self._send_and_decide(relay, group[:granted], task_id,
                                                      self.pools.get(relay).send_many, held)
@@ -361,7 +367,7 @@ class Deliverer:
                 if paused is not None:  # host-level trouble: the rest waits with the relay
                     until, reason = paused
                     now = self.clock()
-                    self._save([(c, apply_relay_hold(c.record, now, until, reason))
+                    self._save([(c, hold_until(c.record, now, until, reason))
                                 for c in group[i + CHUNK:]])
                     break
         return []
@@ -372,8 +378,9 @@ class Deliverer:
         """Fold one chunk's results into its records; note relay-level effects."""
         finished = self.clock()
         out: list[tuple[Claim, Step]] = []
-        pause: tuple[float, str] | None = None
+        pause: Decision | None = None
         self._paused_until = None
+        failures = self._relay_failures(relay_name, results)
         for claim, result in zip(group, results, strict=True):
             if isinstance(result, NotAttempted):
                 # Behind a message that broke the connection; nothing of it was sent.
@@ -381,35 +388,35 @@ class Deliverer:
                 continue
             step = apply_result(
                 claim.record, result, policy=self.policy_for(claim.record.queue),
-                now=finished, started_at=started, relay=relay_name, task_id=task_id,
-                worker=self.worker, interrupted=claim.interrupted_at is not None, rng=self.rng,
+                now=finished, started_at=started, relay=relay_name, relay_failures=failures,
+                task_id=task_id, worker=self.worker,
+                interrupted=claim.interrupted_at is not None, rng=self.rng,
             )
             d = step.relay_decision
-            if d is not None:
-                seconds = CONFIG_PAUSE_SECONDS if d.action is Action.PAUSE_RELAY else d.delay
-                if pause is None or seconds > pause[0]:
-                    pause = (seconds, d.reason)
+            if d is not None and (pause is None or d.relay_pause > pause.relay_pause):
+                pause = d
             out.append((claim, step))
         if pause is not None:
-            seconds, reason = pause
-            if seconds != CONFIG_PAUSE_SECONDS:
-                # Host-level trouble backs off per relay, growing with consecutive failures,
-                # instead of burning every queued message's attempts.
-                try:
-                    failures = self.store.relay_failed(relay_name)
-                except Exception:
-                    failures = 1
-                seconds = self.settings.policy.relay_backoff.delay(failures, self.rng)
-            self._effects.append((relay_name, seconds, reason))
-            self._paused_until = (finished + seconds, f"relay paused: {reason}")
-            for claim, step in out:
-                if step.state is MessageState.DEFERRED and claim.record.next_attempt_at:
-                    due = max(claim.record.next_attempt_at, finished + seconds)
-                    if due <= claim.record.expires_at:
-                        claim.record.next_attempt_at = step.score = due
+            # Host-level trouble: the relay waits as the policy said, and so does the rest
+            # of this relay's mail, instead of burning every queued message's attempts.
+            self._effects.append(_RelayEffect(relay_name, pause))
+            until = pause_until(finished, pause)
+            self._paused_until = (until, f"relay paused: {pause.reason}")
+            out = [(claim, defer_behind(claim.record, step, until)) for claim, step in out]
         elif any(isinstance(r, SendResult) for r in results):
-            self._effects.append(relay_name)
+            self._effects.append(_RelayEffect(relay_name, None))
         return out
+
+    def _relay_failures(self, relay_name: str,
+                        results: Sequence[SendResult | BaseException]) -> int:
+        """The relay's consecutive failures, counting this chunk's should it have failed at
+        host level (read only when a result is a failure: the happy path pays nothing)."""
+        if all(isinstance(r, SendResult | NotAttempted) for r in results):
+            return 1
+        try:
+            return int(self.store.relay_failures(relay_name)) + 1
+        except Exception:  # best effort: the shortest relay backoff is a safe guess
+            return 1
 
     def _budget_spent(self) -> bool:
         # The threads pool enforces no task time limit, so a batch keeps its own: no new
@@ -441,13 +448,16 @@ class Deliverer:
         """Relay pauses and failure counters, after the outcomes are safely saved."""
         for effect in self._effects:
             try:
-                if isinstance(effect, str):
-                    self.store.relay_succeeded(effect)
-                else:
-                    relay_name, seconds, reason = effect
-                    self.store.pause_relay(relay_name, seconds, reason)
-                    log.error("relay.paused", relay=relay_name, seconds=round(seconds, 1),
-                              reason=reason)
+                decision = effect.pause
+                if decision is None:
+                    self.store.relay_succeeded(effect.relay)
+                    continue
+                if decision.action is not Action.PAUSE_RELAY:  # host trouble, not config
+                    self.store.relay_failed(effect.relay)
+                self.store.pause_relay(effect.relay, decision.relay_pause, decision.reason)
+                log.error("relay.paused", relay=effect.relay,
+                          seconds=round(decision.relay_pause, 1), reason=decision.reason,
+                          rule=decision.rule)
             except Exception as exc:  # best effort: the outcomes are already saved
                 log.warning("relay.bookkeeping_failed", error=f"{type(exc).__name__}: {exc}")
         self._effects = []

@@ -74,7 +74,6 @@ def run_demo(messages: int = 200, out: Any = None, timeout: float = 60.0) -> int
     from mailworker.celery_app import app
     from mailworker.cli.output import CLIError
     from mailworker.config import Settings
-    from mailworker.policy import Backoff, Policy
     from mailworker.runtime import configure
     from mailworker.scheduler import Scheduler
     from mailworker.testing import Fault, SMTPTestServer
@@ -109,7 +108,7 @@ def run_demo(messages: int = 200, out: Any = None, timeout: float = 60.0) -> int
         default_sender="demo@example.com",
         tick_interval=0.2,
         stuck_after=10.0,
-        policy=Policy(backoff=Backoff(initial=1.0, factor=1.0, maximum=1.0, jitter=0.0)),
+        retry={"backoff": {"initial": "1s", "factor": 1, "maximum": "1s", "jitter": 0}},
     )
     rt = configure(settings, redis_client=None if real_redis else _embedded_redis())
     if not real_redis:

@@ -13,20 +13,17 @@ import smtplib
 from dataclasses import dataclass
 from typing import Any
 
-from mailworker.policy import Action, Decision, Policy, Scope
+from mailworker.policy import Action, AttemptState, Decision, Policy, Scope
 from mailworker.record import Attempt, MessageState, RcptState, Record, Reply
 from mailworker.smtp import SendResult
-from mailworker.smtp.errors import (
-    Stage,
-    enhanced_code_of,
-    error_code,
-    error_enhanced_code,
-    error_stage,
-    error_text,
-)
+from mailworker.smtp.errors import Failure, Stage, failure_of
 
-__all__ = ["Step", "apply_expiry", "apply_relay_hold", "apply_result", "mark_interrupted",
-           "requeue"]
+__all__ = ["Step", "apply_expiry", "apply_hold", "apply_result", "defer_behind", "hold_until",
+           "mark_interrupted", "pause_until", "requeue", "uncertain_spent"]
+
+#: History entries that record an operator's action; the uncertain budget starts again
+#: after one (an operator who retries a "may have been delivered" letter means it).
+_OPERATOR = frozenset({"operator_retry"})
 
 
 @dataclass
@@ -39,33 +36,37 @@ class Step:
     relay_decision: Decision | None = None  # set when the relay itself must back off / pause
 
 
-def _reply_dict(rcpt: str | None, code: int | None, text: str, enhanced: str | None,
-                stage: str | None) -> dict[str, Any]:
-    return {"recipient": rcpt, "code": code, "enhanced_code": enhanced, "text": text,
-            "stage": stage}
+def uncertain_spent(record: Record) -> int:
+    """Uncertain attempts (lost replies after the dot, interrupted sends) since the last
+    operator retry, as recorded in each attempt's decision."""
+    spent = 0
+    for attempt in reversed(record.history):
+        if attempt.outcome in _OPERATOR:
+            break
+        if attempt.decision:
+            spent += int(attempt.decision.get("uncertain_spent", 0) or 0)
+    return spent
 
 
 class _Attempt:
     """The bookkeeping of one attempt while its result is folded into the record."""
 
-    def __init__(self, record: Record, policy: Policy, now: float,
+    def __init__(self, record: Record, policy: Policy, now: float, state: AttemptState,
                  rng: random.Random | None) -> None:
-        self.record, self.policy, self.now, self.rng = record, policy, now, rng
-        self.age = now - record.created_at
-        self.lifetime = record.expires_at - record.created_at
-        self.number = record.attempts + 1
+        self.record, self.policy, self.now, self.state, self.rng = record, policy, now, state, rng
         self.counters: dict[str, int] = {}
         self.replies: list[dict[str, Any]] = []
-        self.delays: list[float] = []
-        self.retry_now: list[str] = []
+        self.decisions: list[Decision] = []
         self.relay_decision: Decision | None = None
         self.counted = False
+        self.retry_now = False
         # Per-recipient lookups by address: linear in recipients per attempt, not quadratic.
         self.by_address = {r.address: r for r in record.recipients}
 
-    def decide(self, **kw: Any) -> Decision:
-        return self.policy.decide(attempt=self.number, age=self.age, lifetime=self.lifetime,
-                                  rng=self.rng, **kw)
+    def decide(self, failure: Failure) -> Decision:
+        d = self.policy.decide(failure, self.state, self.rng)
+        self.decisions.append(d)
+        return d
 
     def count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
@@ -73,8 +74,8 @@ class _Attempt:
     def settle(self, address: str, code: int | None, text: str, enhanced: str | None,
                stage: Stage | None, decision: Decision | None) -> None:
         """One recipient's outcome: delivered (*decision* None) or the policy's decision."""
-        self.replies.append(_reply_dict(address, code, text, enhanced,
-                                        stage.value if stage else None))
+        self.replies.append({"recipient": address, "code": code, "enhanced_code": enhanced,
+                             "text": text, "stage": stage.value if stage else None})
         rs = self.by_address[address]
         rs.reply = Reply(code, text, enhanced, stage.value if stage else None)
         rs.updated_at = self.now
@@ -83,7 +84,9 @@ class _Attempt:
             rs.attempts += 1
             self.count("delivered")
             return
-        if decision.scope is Scope.RELAY:
+        if decision.scope is Scope.RELAY and (
+                self.relay_decision is None
+                or decision.relay_pause > self.relay_decision.relay_pause):
             self.relay_decision = decision
         if decision.counts_as_attempt:
             rs.attempts += 1
@@ -96,14 +99,14 @@ class _Attempt:
             self.count("failed")
         elif decision.action is Action.RETRY_NOW:
             rs.state = RcptState.PENDING
-            self.retry_now.append(address)
+            self.retry_now = True
         else:
             rs.state = RcptState.DEFERRED
-            self.delays.append(decision.delay)
 
     def settle_result(self, result: SendResult, only: set[str] | None = None) -> bool:
         """Per-recipient outcomes of a transaction; True when anyone was refused."""
         refused = False
+        relay = self.record.relay
         for rr in result.recipients:
             if only is not None and rr.recipient not in only:
                 continue
@@ -111,9 +114,25 @@ class _Attempt:
                 self.settle(rr.recipient, rr.code, rr.text, rr.enhanced_code, rr.stage, None)
             elif only is None:
                 refused = True
-                d = self.decide(code=rr.code, enhanced_code=rr.enhanced_code, stage=rr.stage)
+                d = self.decide(Failure.reply(rr.code, rr.text, rr.stage, relay,
+                                              rr.enhanced_code))
                 self.settle(rr.recipient, rr.code, rr.text, rr.enhanced_code, rr.stage, d)
         return refused
+
+    def next_decision(self) -> Decision | None:
+        """The decision that sets when the message goes next: the earliest of those that
+        defer someone, else the first (a failure); None when all were delivered."""
+        deferring = [d for d in self.decisions if d.action in _DEFERS]
+        if deferring:
+            return min(deferring, key=lambda d: d.delay)
+        return self.decisions[0] if self.decisions else None
+
+
+_DEFERS = (Action.RETRY, Action.PAUSE_RELAY)
+
+
+def _delivered_in(result: SendResult | None) -> int:
+    return len(result.accepted) if result is not None else 0
 
 
 def apply_result(
@@ -124,6 +143,7 @@ def apply_result(
     now: float,
     started_at: float,
     relay: str,
+    relay_failures: int = 1,
     task_id: str | None = None,
     worker: str | None = None,
     interrupted: bool = False,
@@ -131,12 +151,22 @@ def apply_result(
 ) -> Step:
     """Fold *result* into *record* and decide its next state.
 
-    *interrupted*: an earlier holder died while sending this record, so whatever it
-    sent is unknown; every open recipient is flagged as a possible duplicate.
+    *relay_failures* is the relay's consecutive failures counting this attempt's, should it
+    fail at host level (the policy grows the relay's pause with it). *interrupted*: an
+    earlier holder died while sending this record, so whatever it sent is unknown; every
+    open recipient is flagged as a possible duplicate, and the interruption spends the
+    uncertain budget like a lost reply.
     """
     if interrupted:
         mark_interrupted(record)
-    att = _Attempt(record, policy, now, rng)
+    failure = None if isinstance(result, SendResult) else failure_of(result)
+    partial = result if isinstance(result, SendResult) else failure.partial if failure else None
+    uncertain = uncertain_spent(record) + int(interrupted)
+    state = AttemptState(
+        attempt=record.attempts + 1, uncertain=uncertain, relay_failures=max(1, relay_failures),
+        age=now - record.created_at, lifetime=record.expires_at - record.created_at,
+        delivered=_delivered_in(partial))
+    att = _Attempt(record, policy, now, state, rng)
     open_addrs = {r.address for r in record.open_recipients}
     error_info: dict[str, Any] | None = None
     outcome = "delivered"
@@ -144,49 +174,47 @@ def apply_result(
         if att.settle_result(result):
             outcome = "partial"
     else:
+        assert failure is not None
         # An earlier transaction of a 452 split may have been accepted before the failure:
         # those recipients are delivered, and the failure applies to the others only.
-        partial = getattr(result, "result", None)
-        if isinstance(partial, SendResult):
-            att.settle_result(partial, only=open_addrs)
+        if failure.partial is not None:
+            att.settle_result(failure.partial, only=open_addrs)
             open_addrs = {r.address for r in record.open_recipients}
         if isinstance(result, smtplib.SMTPRecipientsRefused) and result.recipients:
             outcome = "refused"
             for addr, (code, msg) in result.recipients.items():
-                if addr not in open_addrs:
-                    continue
-                text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
-                enh = enhanced_code_of(text)
-                d = att.decide(code=code, enhanced_code=enh, stage=Stage.RCPT)
-                att.settle(addr, code, text, enh, Stage.RCPT, d)
+                if addr in open_addrs:
+                    refusal = Failure.reply(code, msg, Stage.RCPT, relay)
+                    att.settle(addr, refusal.code, refusal.text, refusal.enhanced_code,
+                               Stage.RCPT, att.decide(refusal))
         else:
-            d = att.decide(error=result)
-            ecode, enh, stage = error_code(result), error_enhanced_code(result), error_stage(result)
-            text = error_text(result)
-            error_info = {"class": type(result).__name__, "code": ecode, "enhanced_code": enh,
-                          "stage": stage.value if stage else None, "text": text}
-            record.last_error = text
+            d = att.decide(failure)
+            error_info = failure.as_dict()
+            record.last_error = failure.summary
             outcome = d.action.value
             for addr in [r.address for r in record.recipients if r.address in open_addrs]:
-                att.settle(addr, ecode, text, enh, stage, d)
+                att.settle(addr, failure.code, failure.text, failure.enhanced_code,
+                           failure.stage, d)
 
-    if att.retry_now and not att.counters.get("delivered"):
-        # "Too many recipients" on a transaction that took nobody: retrying at once would
-        # loop, so it backs off and counts like any temporary failure.
-        for addr in att.retry_now:
-            rs = att.by_address[addr]
-            rs.state, rs.attempts = RcptState.DEFERRED, rs.attempts + 1
-        att.counted, att.retry_now = True, []
-        att.delays.append(policy.backoff.delay(att.number, rng))
     if att.counted:
-        record.attempts = att.number
+        record.attempts = state.attempt
+    decision = att.next_decision()
+    if record.open_recipients and not att.retry_now and (
+            decision is None or decision.action not in _DEFERS):
+        # Open recipients no reply decided (defensive: the SMTP layer answers for every
+        # recipient); the policy says when they go again.
+        decision = policy.unsettled(state, rng)
+    spent = int(interrupted) + int(any(d.uncertain for d in att.decisions))
     record.history.append(Attempt(
         number=len(record.history) + 1, started_at=started_at, finished_at=now,
         outcome=outcome, relay=relay, task_id=task_id, worker=worker, error=error_info,
         replies=att.replies,
+        decision=None if decision is None and not spent else {
+            **(decision.as_dict() if decision else {}), "uncertain_spent": spent},
     ))
     att.counters["attempts"] = 1
-    step = _next_state(record, now, att.delays, bool(att.retry_now), att.counters)
+    delay = decision.delay if decision is not None and decision.action in _DEFERS else None
+    step = _next_state(record, now, delay, att.retry_now, att.counters)
     step.relay_decision = att.relay_decision
     return step
 
@@ -197,7 +225,7 @@ def mark_interrupted(record: Record) -> None:
         r.possible_duplicate = True
 
 
-def _next_state(record: Record, now: float, delays: list[float], retry_now: bool,
+def _next_state(record: Record, now: float, delay: float | None, retry_now: bool,
                 counters: dict[str, int]) -> Step:
     record.updated_at = now
     record.sending_since = None
@@ -224,7 +252,8 @@ def _next_state(record: Record, now: float, delays: list[float], retry_now: bool
         record.state = MessageState.QUEUED
         record.next_attempt_at = now
         return Step(MessageState.QUEUED, now, counters)
-    due = now + (min(delays) if delays else 60.0)
+    assert delay is not None, "open recipients need a deferring decision"
+    due = now + delay
     if due > record.expires_at:
         return apply_expiry(record, now, counters)
     record.state = MessageState.DEFERRED
@@ -243,7 +272,7 @@ def apply_expiry(record: Record, now: float, counters: dict[str, int] | None = N
         r.reason = "lifetime exceeded" + (f" (last reply: {r.reply.text})" if r.reply else "")
         r.updated_at = now
         counters["failed"] = counters.get("failed", 0) + 1
-    return _next_state(record, now, [], False, counters)
+    return _next_state(record, now, None, False, counters)
 
 
 def requeue(record: Record, now: float) -> Step:
@@ -255,8 +284,15 @@ def requeue(record: Record, now: float) -> Step:
     return Step(MessageState.QUEUED, now, {})
 
 
-def apply_relay_hold(record: Record, now: float, until: float, reason: str) -> Step:
-    """The relay is paused: move the record to *until* without an attempt."""
+def apply_hold(record: Record, now: float, decision: Decision) -> Step:
+    """Hold the record for ``decision.delay`` without an attempt (relay paused, unknown
+    relay, fleet limit)."""
+    return hold_until(record, now, now + decision.delay, decision.reason)
+
+
+def hold_until(record: Record, now: float, until: float, reason: str) -> Step:
+    """Move the record to *until* without an attempt (behind a relay pause); past its
+    lifetime it is dead-lettered now instead."""
     if until > record.expires_at:
         record.last_error = reason
         return apply_expiry(record, now)
@@ -266,3 +302,18 @@ def apply_relay_hold(record: Record, now: float, until: float, reason: str) -> S
     record.updated_at = now
     record.sending_since = None
     return Step(MessageState.DEFERRED, until, {})
+
+
+def pause_until(now: float, decision: Decision) -> float:
+    """When a relay paused by *decision* at *now* may be tried again."""
+    return now + decision.relay_pause
+
+
+def defer_behind(record: Record, step: Step, until: float) -> Step:
+    """A deferred record of a chunk whose relay was paused waits for the pause to end
+    (unless that is past its lifetime: then it keeps its own due time)."""
+    if step.state is MessageState.DEFERRED and record.next_attempt_at is not None:
+        due = max(record.next_attempt_at, until)
+        if due <= record.expires_at:
+            record.next_attempt_at = step.score = due
+    return step

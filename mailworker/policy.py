@@ -1,23 +1,33 @@
-"""The retry policy: what to do about one SMTP failure, as a pure function over a rule table.
+"""The retry policy: every delivery decision, as a pure function over a rule table.
 
-A failure is described by smtplib's exception class, the reply code, the RFC 3463 enhanced
-code and the session :class:`~mailworker.smtp.errors.Stage`; the first :class:`Rule` that
-matches picks the :class:`Action` and :class:`Scope`. Then attempts and lifetime are
-checked. No I/O, no clock, no global randomness when an ``rng`` is given.
+``Policy.decide(failure, state)`` takes one :class:`~mailworker.smtp.errors.Failure`
+(smtplib's exception class, the reply code, the RFC 3463 enhanced code, the session
+:class:`~mailworker.smtp.errors.Stage`) and the :class:`AttemptState` of the message and
+its relay (attempts, uncertain attempts, the relay's consecutive failures, age, lifetime).
+The first :class:`Rule` that matches picks the :class:`Action` and :class:`Scope`; then the
+policy computes the delay and checks the budgets. The :class:`Decision` says everything the
+delivery code applies: retry (whom, when), retry now (a 452 split), fail, dead-letter,
+pause the relay (how long, why), hold without spending an attempt. Delivery and outcome
+code never compute a delay (DESIGN.md principle 6). No I/O, no clock, no global
+randomness when an ``rng`` is given.
 
 Decisions worth knowing (see DESIGN.md, "Retry policy"):
 
 * ``smtplib.SMTPException`` subclasses ``OSError``, so "an ``OSError``" would also match
   every SMTP reply error. Network failures are therefore matched with
   :class:`TransportError`, which excludes smtplib's own exceptions except disconnects.
-* Relay-level problems (scope ``RELAY``, ``PAUSE_RELAY``) do not use up a message's attempts,
-  so their delay grows with ``relay_failures`` (the relay's consecutive failures) on a
-  shorter host backoff (30 s doubling to 10 min): hosts often recover within minutes and a
-  circuit breaker, not the delay, keeps a dead host from being hammered.
+* Relay-level problems (scope ``RELAY``) do not use up a message's attempts: the relay is
+  paused, for ``relay_backoff`` grown with ``relay_failures`` (the relay's consecutive
+  failures; 30 s doubling to 10 min), or for ``config_pause`` (5 min) when an operator
+  must fix something (``PAUSE_RELAY``: credentials, certificates).
 * 452 / 552 at RCPT split the transaction only when they mean "too many recipients"
   (enhanced X.5.3, or no enhanced code: RFC 5321 4.5.3.1.10). With any other enhanced code
-  (452 4.2.2 over quota) they are ordinary deferrals or refusals; an immediate,
-  uncounted retry there would loop.
+  (452 4.2.2 over quota) they are ordinary deferrals or refusals. A split of a
+  transaction that took nobody would loop, so it backs off and counts instead.
+* Uncertain attempts (no reply after the final dot, an interrupted send) may have
+  delivered: they spend a budget of their own, ``max_uncertain`` (default 1 retry), then
+  the message is dead-lettered as "may have been delivered", rather than sent up to
+  ``max_attempts`` times.
 * Lifetime is checked for every non-final action: a retry that would land after the
   message's lifetime dead-letters now rather than wait for nothing.
 """
@@ -29,26 +39,19 @@ import re
 import smtplib
 import socket
 import ssl
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import cache
 from typing import Any
 
 from mailworker.backoff import Backoff, parse_duration
-from mailworker.smtp.errors import (
-    BEFORE_MAIL,
-    DeliveryUncertain,
-    Stage,
-    enhanced_code_of,
-    error_code,
-    error_enhanced_code,
-    error_stage,
-)
+from mailworker.config import DEFAULT_LIFETIME
+from mailworker.smtp.errors import BEFORE_MAIL, DeliveryUncertain, Failure, Stage
 
 __all__ = [
-    "DEFAULT_RULES", "Action", "Backoff", "Decision", "Policy", "Rule", "Scope",
-    "TransportError", "parse_duration",
+    "DEFAULT_RULES", "Action", "AttemptState", "Backoff", "Decision", "Policy", "Rule",
+    "RuleTable", "Scope", "TransportError", "parse_duration",
 ]
 
 
@@ -59,6 +62,11 @@ class Action(StrEnum):
     RETRY_NOW = "retry_now"
     FAIL = "fail"
     PAUSE_RELAY = "pause_relay"
+    HOLD = "hold"  # not a rule's action: wait without an attempt (relay paused, fleet limit)
+
+
+#: Actions a rule (and so the ``[retry]`` config) may pick.
+RULE_ACTIONS = (Action.RETRY, Action.RETRY_NOW, Action.FAIL, Action.PAUSE_RELAY)
 
 
 class Scope(StrEnum):
@@ -87,12 +95,39 @@ class TransportError(Exception, metaclass=_TransportMeta):
 
 
 @dataclass(frozen=True)
-class Decision:
-    """What to do about one failure.
+class AttemptState:
+    """What the policy knows besides the failure: the message's and the relay's state.
 
-    ``delay`` is seconds until the next attempt (0 for FAIL and RETRY_NOW); ``rule`` names
-    the matching row for logs; ``counts_as_attempt`` is False when the failure was not the
-    message's (relay-level, 452 split), so it must not use up the message's attempts.
+    ``attempt`` is the message's failed attempt being decided (1-based, ``record.attempts
+    + 1``); ``uncertain`` the uncertain attempts it already spent (lost replies after the
+    dot, interrupted sends, including an interruption just found); ``relay_failures`` the
+    relay's consecutive host-level failures counting this one; ``age`` the message's
+    seconds since enqueue; ``lifetime`` its own lifetime (None: the policy's);
+    ``delivered`` the recipients accepted in this attempt (a 452 split with none would
+    loop).
+    """
+
+    attempt: int = 1
+    uncertain: int = 0
+    relay_failures: int = 1
+    age: float = 0.0
+    lifetime: float | None = None
+    delivered: int = 0
+
+    def __post_init__(self) -> None:
+        if self.attempt < 1 or self.relay_failures < 1 or self.uncertain < 0:
+            raise ValueError("attempt and relay_failures are 1-based; uncertain is >= 0")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do about one failure (or one hold), applied as it is by the delivery code.
+
+    ``delay`` is seconds until the affected recipients are tried again (0 for FAIL and
+    RETRY_NOW); ``relay_pause`` seconds the whole relay is paused (0: not paused);
+    ``counts_as_attempt`` is False when the failure was not the message's (relay-level, a
+    452 split, a hold); ``uncertain`` marks an attempt that spent the duplicate budget;
+    ``rule`` names the matching row for logs.
     """
 
     action: Action
@@ -102,6 +137,26 @@ class Decision:
     possible_duplicate: bool = False
     counts_as_attempt: bool = True
     rule: str = ""
+    uncertain: bool = False
+    relay_pause: float = 0.0
+
+    @property
+    def dead_letter(self) -> bool:
+        """The whole message ends here (its open recipients fail)."""
+        return self.action is Action.FAIL and self.scope is not Scope.RECIPIENT
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record's form (``Attempt.decision``): plain JSON values."""
+        return {"action": self.action.value, "scope": self.scope.value,
+                "delay": round(self.delay, 3), "reason": self.reason, "rule": self.rule,
+                "counts_as_attempt": self.counts_as_attempt,
+                "possible_duplicate": self.possible_duplicate, "uncertain": self.uncertain,
+                "relay_pause": round(self.relay_pause, 3)}
+
+
+MAY_HAVE_BEEN_DELIVERED = "may have been delivered"
+"""The start of the reason of a message dead-lettered when its uncertain budget ran out
+(``mailworker dlq list --reason "may have been delivered"``)."""
 
 
 _CODE_RE = re.compile(r"^[1-5x][0-9x]{2}$")
@@ -158,6 +213,9 @@ class Rule:
             object.__setattr__(self, "stages", frozenset(Stage(s) for s in self.stages))
         relay_ok = (Action.RETRY, Action.PAUSE_RELAY) if self.scope is Scope.RELAY else (
             Action.RETRY, Action.RETRY_NOW, Action.FAIL)
+        if self.action not in RULE_ACTIONS:
+            raise ValueError(f"rule {self.name!r}: action {self.action} is not a rule's action; "
+                             "use one of: " + ", ".join(RULE_ACTIONS))
         if self.action not in relay_ok:
             raise ValueError(
                 f"rule {self.name!r}: action {self.action} with scope {self.scope} is not "
@@ -170,13 +228,13 @@ class Rule:
         return self.scope is not Scope.RELAY and self.action not in (
             Action.RETRY_NOW, Action.PAUSE_RELAY)
 
-    def matches(self, error: BaseException | None, code: int | None,
-                enhanced: str | None, stage: Stage | None) -> bool:
+    def matches(self, failure: Failure) -> bool:
         """True when every condition set on this rule holds for the failure."""
-        return ((self.exception is None or isinstance(error, self.exception))
+        code = failure.code
+        return ((self.exception is None or issubclass(failure.kind, self.exception))
                 and _fits("codes", self.codes, None if code is None else str(code))
-                and _fits("enhanced", self.enhanced, enhanced)
-                and (self.stages is None or stage in self.stages))
+                and _fits("enhanced", self.enhanced, failure.enhanced_code)
+                and (self.stages is None or failure.stage in self.stages))
 
 
 def _fits(kind: str, pattern: str | None, value: str | None) -> bool:
@@ -248,92 +306,105 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 )
 _FALLBACK = DEFAULT_RULES[-1]
 
-# Where smtplib raises each class, for exceptions nobody annotated with a stage.
-# SMTPDataError may also come after the dot; the default rows treat both alike.
-_IMPLIED_STAGE: tuple[tuple[type[BaseException], Stage], ...] = (
-    (DeliveryUncertain, Stage.AFTER_DOT), (smtplib.SMTPConnectError, Stage.GREETING),
-    (smtplib.SMTPHeloError, Stage.EHLO), (smtplib.SMTPAuthenticationError, Stage.AUTH),
-    (smtplib.SMTPSenderRefused, Stage.MAIL), (smtplib.SMTPRecipientsRefused, Stage.RCPT),
-    (smtplib.SMTPDataError, Stage.DATA),
-)
-
-
-def _facts(error: BaseException) -> tuple[int | None, str | None, Stage | None]:
-    code, enhanced, stage = error_code(error), error_enhanced_code(error), error_stage(error)
-    if enhanced is None and isinstance(error, smtplib.SMTPRecipientsRefused) and error.recipients:
-        found = {enhanced_code_of(text) for _, text in error.recipients.values()}
-        enhanced = found.pop() if len(found) == 1 else None
-    if stage is None:
-        stage = next((s for cls, s in _IMPLIED_STAGE if isinstance(error, cls)), None)
-    return code, enhanced, stage
-
 
 @dataclass(frozen=True)
 class Policy:
-    """The rule table plus the limits that turn endless retrying into a dead letter."""
+    """The rule table plus the limits that turn endless retrying into a dead letter.
+
+    Built from the ``[retry]`` config table by :func:`mailworker.policy_config.policy_of`.
+    """
 
     rules: Sequence[Rule] = DEFAULT_RULES
     backoff: Backoff = field(default_factory=Backoff)
     max_attempts: int = 20
-    lifetime: float = 86400.0
+    lifetime: float = DEFAULT_LIFETIME
     relay_backoff: Backoff = field(default_factory=lambda: Backoff(initial=30.0, maximum=600.0))
+    max_uncertain: int = 1
+    config_pause: float = 300.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or (
-                self.max_attempts < 1):
-            raise ValueError(f"max_attempts={self.max_attempts!r} is not a whole number >= 1")
-        if not self.lifetime > 0:
-            raise ValueError(f"lifetime={self.lifetime!r} is not a positive number of seconds")
+        for name, least in (("max_attempts", 1), ("max_uncertain", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}={value!r} is not a whole number >= {least}")
+        for name in ("lifetime", "config_pause"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not a positive number "
+                                 "of seconds")
 
     def __repr__(self) -> str:
         return (f"<Policy {len(self.rules)} rules, max_attempts={self.max_attempts}, "
-                f"lifetime={self.lifetime:g}s>")
+                f"max_uncertain={self.max_uncertain}, lifetime={self.lifetime:g}s>")
 
-    def decide(self, *, error: BaseException | None = None, code: int | None = None,
-               enhanced_code: str | None = None, stage: Stage | None = None, attempt: int = 1,
-               age: float = 0.0, lifetime: float | None = None, relay_failures: int = 1,
+    def rule_for(self, failure: Failure) -> Rule:
+        """The first rule that matches *failure* (the catch-all ``unknown`` at worst)."""
+        return next((r for r in self.rules if r.matches(failure)), _FALLBACK)
+
+    def decide(self, failure: Failure, state: AttemptState | None = None,
                rng: random.Random | None = None) -> Decision:
-        """Decide about one failure: an exception, or a bare RCPT reply (``code`` + ``stage``).
-
-        Explicit ``code``/``enhanced_code``/``stage`` override what the exception carries.
-        ``attempt`` is the message's failed attempt (1-based), ``age`` its seconds since
-        enqueue, ``lifetime`` a per-message override, ``relay_failures`` the relay's
-        consecutive failures: relay-level failures do not advance ``attempt``, so without
-        it their delay could never grow.
-        """
-        if error is None and code is None:
-            raise ValueError("decide() needs an error or a reply code")
-        if attempt < 1 or relay_failures < 1:
-            raise ValueError("attempt and relay_failures are 1-based")
-        if error is not None:
-            e_code, e_enhanced, e_stage = _facts(error)
-            code = e_code if code is None else code
-            enhanced_code = e_enhanced if enhanced_code is None else enhanced_code
-            stage = e_stage if stage is None else stage
-        rule = next((r for r in self.rules if r.matches(error, code, enhanced_code, stage)),
-                    _FALLBACK)
-        if rule.action in (Action.FAIL, Action.RETRY_NOW):
+        """Decide about one failure: an exception's, or one recipient's refusal."""
+        state = state or AttemptState()
+        rule = self.rule_for(failure)
+        action, counts, reason = rule.action, rule.counts_as_attempt, rule.reason
+        reason = reason or f"{rule.name}: {rule.action}"
+        if action is Action.RETRY_NOW and not state.delivered:
+            # Nobody was accepted in this attempt: splitting again at once would loop.
+            action, counts = Action.RETRY, True
+            reason = f"{reason}; none was accepted, so backing off"
+        if action in (Action.FAIL, Action.RETRY_NOW):
             delay = 0.0
+        elif action is Action.PAUSE_RELAY:
+            delay = self.config_pause
         elif rule.scope is Scope.RELAY:
-            delay = self.relay_backoff.delay(relay_failures, rng)
+            delay = self.relay_backoff.delay(state.relay_failures, rng)
         else:
-            delay = self.backoff.delay(attempt, rng)
-        duplicate = rule.possible_duplicate or getattr(error, "possible_duplicate", False) is True
-        decision = Decision(rule.action, rule.scope, delay,
-                            rule.reason or f"{rule.name}: {rule.action}", duplicate,
-                            rule.counts_as_attempt, rule.name)
-        if rule.action is Action.FAIL:
+            delay = self.backoff.delay(state.attempt, rng)
+        duplicate = rule.possible_duplicate or failure.possible_duplicate
+        decision = Decision(action, rule.scope, delay, reason, duplicate, counts, rule.name,
+                            uncertain=duplicate and action is not Action.FAIL,
+                            relay_pause=delay if rule.scope is Scope.RELAY else 0.0)
+        if action is Action.FAIL:
             return decision
-        if rule.action is Action.RETRY and rule.counts_as_attempt and attempt >= self.max_attempts:
+        if decision.uncertain and state.uncertain >= self.max_uncertain:
+            why = f"{MAY_HAVE_BEEN_DELIVERED}: {reason} ({state.uncertain + 1} uncertain " \
+                  f"attempts, max_uncertain={self.max_uncertain})"
+        elif action is Action.RETRY and counts and state.attempt >= self.max_attempts:
             why = "retries exhausted"
-        elif age + delay > (self.lifetime if lifetime is None else lifetime):
+        elif state.age + delay > (self.lifetime if state.lifetime is None else state.lifetime):
             why = "lifetime exceeded"
         else:
             return decision
         scope = Scope.RECIPIENT if rule.scope is Scope.RECIPIENT else Scope.MESSAGE
-        return replace(decision, action=Action.FAIL, scope=scope, delay=0.0, reason=why)
+        return replace(decision, action=Action.FAIL, scope=scope, delay=0.0, reason=why,
+                       relay_pause=0.0)
 
+    def unsettled(self, state: AttemptState, rng: random.Random | None = None) -> Decision:
+        """Open recipients no reply decided (the SMTP layer answers for every recipient,
+        so this is defensive): they go again after the normal backoff."""
+        return Decision(Action.RETRY, Scope.MESSAGE, self.backoff.delay(state.attempt, rng),
+                        "no reply decided these recipients: retried", rule="unsettled")
+
+    # -- holds: waiting that is nobody's failure -----------------------------------------
+    def hold(self, reason: str, seconds: float) -> Decision:
+        """Wait *seconds* without an attempt (the relay is paused that much longer)."""
+        return Decision(Action.HOLD, Scope.MESSAGE, max(0.0, seconds), reason,
+                        counts_as_attempt=False, rule="hold")
+
+    def unknown_relay(self, reason: str) -> Decision:
+        """The message names a relay the configuration lacks: hold it for an operator."""
+        return replace(self.hold(reason, self.config_pause), rule="unknown-relay")
+
+    def fleet_hold(self, *, wait: float = 0.0, behind: int = 0, rate: float | None = None,
+                   rng: random.Random | None = None) -> Decision:
+        """Held back by the relay's fleet-wide limits: *wait* seconds when no slot was
+        granted, else the time *behind* messages take at *rate*; spread over a quarter
+        second so that held mail does not come back all at once."""
+        base = wait or (behind / rate if rate else 0.5)
+        return replace(self.hold("waiting for the relay's fleet-wide limit",
+                                 base + (rng or random).uniform(0, 0.25)), rule="fleet-limit")
+
+    # -- copies ----------------------------------------------------------------------------
     def with_rules(self, extra: Sequence[Rule]) -> Policy:
         """A copy with *extra* rules ahead of the current ones, so that they win."""
         return replace(self, rules=(*extra, *self.rules))
@@ -348,44 +419,16 @@ class Policy:
     def describe(self) -> RuleTable:
         """The whole table: config-shaped rows (``None`` = any) that show as a text table.
 
-        A list of dicts (``Policy.from_config({"rules": rows})`` reads it back), whose
+        A list of dicts (``policy_from_table({"rules": rows})`` reads it back), whose
         ``repr``/``str`` is the table, so ``Policy().describe()`` at a prompt, or
         ``print()``-ed, shows every rule in the order they are tried.
         """
         return RuleTable(_rule_to_config(r) for r in self.rules)
 
-    @classmethod
-    def from_config(cls, table: Mapping[str, Any]) -> Policy:
-        """Build from the ``[retry]`` config table; user rules go ahead of the defaults.
 
-        Raises ``ValueError`` naming the bad key or rule, the field, and what is allowed.
-        """
-        _check_keys("retry", table, ("max_attempts", "lifetime", "backoff", "relay_backoff",
-                                     "rules"))
-        kwargs: dict[str, Any] = {}
-        if "max_attempts" in table:
-            kwargs["max_attempts"] = table["max_attempts"]
-        if "lifetime" in table:
-            try:
-                kwargs["lifetime"] = parse_duration(table["lifetime"])
-            except ValueError as exc:
-                raise ValueError(f"retry.lifetime: {exc}") from None
-        for key in ("backoff", "relay_backoff"):
-            if key in table:
-                kwargs[key] = Backoff.from_config(table[key], f"retry.{key}")
-        rows = table.get("rules", [])
-        if not isinstance(rows, list):
-            raise ValueError("retry.rules must be a list of tables ([[retry.rules]])")
-        rules = [_rule_from_config(f"retry.rules[{i}]", row) for i, row in enumerate(rows)]
-        try:
-            return cls(rules=(*rules, *DEFAULT_RULES), **kwargs)
-        except ValueError as exc:
-            raise ValueError(f"retry.{exc}") from None
+# --- names: the vocabulary of the config table (read by mailworker.policy_config) ------
 
-
-# --- config ------------------------------------------------------------------------------
-
-_EXCEPTIONS: dict[str, type[BaseException]] = {
+EXCEPTIONS: dict[str, type[BaseException]] = {
     **{c.__name__: c for c in (
         smtplib.SMTPException, smtplib.SMTPNotSupportedError, smtplib.SMTPServerDisconnected,
         smtplib.SMTPResponseException, smtplib.SMTPSenderRefused, smtplib.SMTPRecipientsRefused,
@@ -396,68 +439,11 @@ _EXCEPTIONS: dict[str, type[BaseException]] = {
     "ssl.SSLError": ssl.SSLError,
     "ssl.SSLCertVerificationError": ssl.SSLCertVerificationError,
 }
-_EXCEPTION_NAMES = {cls: name for name, cls in _EXCEPTIONS.items()}
-_ALIASES = {"socket.timeout": "TimeoutError",
+_EXCEPTION_NAMES = {cls: name for name, cls in EXCEPTIONS.items()}
+EXCEPTION_ALIASES = {"socket.timeout": "TimeoutError",
             "ssl.CertificateError": "ssl.SSLCertVerificationError"}
-_RULE_KEYS = ("name", "exception", "codes", "enhanced", "stages", "action", "scope",
-              "possible_duplicate", "reason")
-
-
-def _check_keys(where: str, table: Any, allowed: Sequence[str]) -> None:
-    if not isinstance(table, Mapping):
-        raise ValueError(f"{where} must be a table, got {type(table).__name__}")
-    unknown = sorted(set(table) - set(allowed))
-    if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
-
-
-def _rule_from_config(index: str, row: Any) -> Rule:
-    _check_keys(index, row, _RULE_KEYS)
-    name = row.get("name")
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{index}: name is required (text naming the rule in logs)")
-    where = f"{index}: rule {name!r}"
-
-    def texts(key: str, value: Any) -> list[str]:
-        items = value if isinstance(value, list) else [value]
-        kinds = str | int if key == "codes" else str  # TOML users write codes = 450
-        if not items or any(isinstance(v, bool) or not isinstance(v, kinds) for v in items):
-            raise ValueError(f"{where}: {key} must be text or a list of text, got {value!r}")
-        return [str(v) for v in items]
-
-    def one_of(key: str, value: str, allowed: Iterable[str]) -> str:
-        options = list(allowed)
-        if value not in options:
-            raise ValueError(f"{where}: {key} {value!r} is not known; use one of: "
-                             + ", ".join(options))
-        return value
-
-    kwargs: dict[str, Any] = {"name": name}
-    for key, value in row.items():
-        if value is None or key == "name":
-            continue
-        if key == "exception":
-            names = [n.removeprefix("smtplib.") if n.startswith("smtplib.SMTP") else n
-                     for n in texts(key, value)]
-            kwargs[key] = tuple(_EXCEPTIONS[_ALIASES.get(n) or one_of(key, n, _EXCEPTIONS)]
-                                for n in names)
-        elif key in ("codes", "enhanced"):
-            kwargs[key] = ",".join(texts(key, value))
-        elif key == "stages":
-            kwargs[key] = frozenset(Stage(one_of("stage", s.lower().replace("_", "-"), Stage))
-                                    for s in texts(key, value))
-        elif key in ("action", "scope"):
-            enum = Action if key == "action" else Scope
-            kwargs[key] = enum(one_of(key, str(value).lower(), enum))
-        elif not isinstance(value, bool if key == "possible_duplicate" else str):
-            want = "true or false" if key == "possible_duplicate" else "text"
-            raise ValueError(f"{where}: {key} must be {want}, got {value!r}")
-        else:
-            kwargs[key] = value
-    try:
-        return Rule(**kwargs)
-    except ValueError as exc:
-        raise ValueError(f"{index}: {exc}") from None
+RULE_KEYS = ("name", "exception", "codes", "enhanced", "stages", "action", "scope",
+             "possible_duplicate", "reason")
 
 
 class RuleTable(list[dict[str, Any]]):

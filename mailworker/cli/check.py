@@ -13,7 +13,7 @@ from typing import Any
 from mailworker.cli.output import CLIError, say
 from mailworker.relay import InvalidRelayError, Relay, parse_relay
 from mailworker.smtp import CleartextAuthRefused, Connection
-from mailworker.smtp.errors import error_stage, error_text
+from mailworker.smtp.errors import failure_of
 from mailworker.smtp.tls import UnverifiedAuthRefused
 
 __all__ = ["run_check"]
@@ -118,11 +118,11 @@ def run_check(target: str | None) -> int:
             say(f"  -> {kw.get('command', ''):<8.60}\n  <- {kw.get('code')} "
                 f"({kw.get('latency_ms', 0):.1f} ms) {text}")
     if failure is not None:
-        stage = error_stage(failure)
-        where = stage.value if stage else "connect"
+        facts_ = failure_of(failure)
+        where = facts_.stage.value if facts_.stage else "connect"
         hint = ("unverified-auth" if isinstance(failure, UnverifiedAuthRefused)
                 else "cleartext-auth" if isinstance(failure, CleartextAuthRefused) else where)
-        raise CLIError(f"relay {relay.name!r} failed at {where}: {error_text(failure)}",
+        raise CLIError(f"relay {relay.name!r} failed at {where}: {facts_.summary}",
                        HINTS.get(hint), 1)
     caps = facts["caps"]
     say("\ncapabilities: " + (", ".join(f"{k} {v}".strip() for k, v in caps.items()) or "-"))

@@ -38,7 +38,7 @@ __all__ = [
 
 #: Keys a settings mapping may hold besides the scalar ``Settings`` fields.
 _STRUCTURED = ("config", "relays", "queues")
-_NOT_SCALAR = {"relays", "queues", "policy"}
+_NOT_SCALAR = {"relays", "queues", "retry"}
 #: Scalars applied after relays and queues are merged, so they may name new ones.
 _LATE = ("default_queue", "default_relay")
 

@@ -7,11 +7,13 @@ from mailworker.smtp.connection import Connection
 from mailworker.smtp.errors import (
     CleartextAuthRefused,
     DeliveryUncertain,
+    Failure,
     NotAttempted,
     ProtocolError,
     ReplyTimeout,
     Stage,
     TLSConfigurationError,
+    failure_of,
 )
 from mailworker.smtp.pipeline import Envelope, RecipientResult, SendResult
 from mailworker.smtp.pool import Pool, PoolManager, PoolStats, PoolTimeout, pools
@@ -21,6 +23,7 @@ __all__ = [
     "Connection",
     "DeliveryUncertain",
     "Envelope",
+    "Failure",
     "NotAttempted",
     "Pool",
     "PoolManager",
@@ -32,5 +35,6 @@ __all__ = [
     "SendResult",
     "Stage",
     "TLSConfigurationError",
+    "failure_of",
     "pools",
 ]

@@ -1,12 +1,12 @@
 """SMTP failures in smtplib's own vocabulary, with the facts the retry policy needs attached.
 
 We raise the standard library's classes (``SMTPServerDisconnected``, ``SMTPDataError``, ...)
-because that is the vocabulary users and the retry policy already speak. Each raised
-exception carries three extra attributes, set by :func:`annotate`:
-
-* ``stage``: where in the session it happened (:class:`Stage`),
-* ``enhanced_code``: the RFC 3463 status code from the reply text, e.g. ``"5.1.1"``,
-* ``relay``: the relay's name.
+because that is the vocabulary users and the retry policy already speak. Where the SMTP
+layer catches or raises one, :func:`annotate` attaches one typed :class:`Failure` to it:
+class, reply code, RFC 3463 enhanced code (``"5.1.1"``), decoded text, the :class:`Stage`
+it happened at and the relay's name. Everything downstream (the retry policy, the record,
+the CLI) reads it with :func:`failure_of`, which also builds one for an exception nobody
+annotated, so the facts are derived in one place.
 
 A lost reply after the final dot is :class:`DeliveryUncertain`, a subclass of
 ``SMTPServerDisconnected``: the server may have queued the message (RFC 1047), so it is
@@ -18,48 +18,27 @@ from __future__ import annotations
 import re
 import smtplib
 import ssl
-from enum import StrEnum
-from typing import TypeVar
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from mailworker.smtp.values import BEFORE_MAIL, SendResult, Stage
 
 __all__ = [
     "BEFORE_MAIL",
     "CleartextAuthRefused",
     "DeliveryUncertain",
+    "Failure",
     "NotAttempted",
     "ProtocolError",
     "ReplyTimeout",
     "Stage",
     "TLSConfigurationError",
     "annotate",
+    "attach_partial",
     "enhanced_code_of",
-    "error_code",
-    "error_enhanced_code",
-    "error_stage",
-    "error_text",
+    "failure_of",
 ]
-
-
-class Stage(StrEnum):
-    """Where in an SMTP session a failure happened."""
-
-    CONNECT = "connect"
-    GREETING = "greeting"
-    EHLO = "ehlo"
-    TLS = "tls"
-    AUTH = "auth"
-    MAIL = "mail"
-    RCPT = "rcpt"
-    DATA = "data"
-    AFTER_DOT = "after-dot"
-
-    @property
-    def before_dot(self) -> bool:
-        """True when no message content can have been accepted yet: safe to retry."""
-        return self is not Stage.AFTER_DOT
-
-
-BEFORE_MAIL = frozenset({Stage.CONNECT, Stage.GREETING, Stage.EHLO, Stage.TLS, Stage.AUTH})
-"""Stages of session set-up: a failure here means no MAIL FROM was sent on the connection."""
 
 
 _ENHANCED_RE = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
@@ -126,54 +105,139 @@ class CleartextAuthRefused(smtplib.SMTPException):
 
 
 E = TypeVar("E", bound=BaseException)
+_T = TypeVar("_T")
 
 
-def annotate(exc: E, stage: Stage, relay: str | None = None, enhanced_code: str | None = None) -> E:
-    """Attach ``stage``, ``relay`` and ``enhanced_code`` to *exc* and return it.
+def _decode(text: str | bytes | None) -> str:
+    """Reply text as ``str``; smtplib hands out bytes, our own code mostly str."""
+    if text is None:
+        return ""
+    return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+
+
+def _single(values: Iterable[_T]) -> _T | None:
+    """The one value all items share, else None (the "single code" rule of a refusal)."""
+    found = set(values)
+    return found.pop() if len(found) == 1 else None
+
+
+# Where smtplib raises each class, for exceptions nobody annotated with a stage.
+# SMTPDataError may also come after the dot; the default rules treat both alike.
+_IMPLIED_STAGE: tuple[tuple[type[BaseException], Stage], ...] = (
+    (DeliveryUncertain, Stage.AFTER_DOT), (smtplib.SMTPConnectError, Stage.GREETING),
+    (smtplib.SMTPHeloError, Stage.EHLO), (smtplib.SMTPAuthenticationError, Stage.AUTH),
+    (smtplib.SMTPSenderRefused, Stage.MAIL), (smtplib.SMTPRecipientsRefused, Stage.RCPT),
+    (smtplib.SMTPDataError, Stage.DATA),
+)
+
+# The smtplib class a bare reply at each stage would have been raised as.
+_REPLY_KIND: dict[Stage, type[BaseException]] = {
+    Stage.MAIL: smtplib.SMTPSenderRefused, Stage.RCPT: smtplib.SMTPRecipientsRefused,
+    Stage.DATA: smtplib.SMTPDataError, Stage.AFTER_DOT: smtplib.SMTPDataError,
+    Stage.GREETING: smtplib.SMTPConnectError, Stage.EHLO: smtplib.SMTPHeloError,
+    Stage.AUTH: smtplib.SMTPAuthenticationError,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The facts about one SMTP failure, built once where it is caught.
+
+    ``kind`` is the exception class (the retry policy matches on it, by ``issubclass``);
+    ``text`` the decoded reply text (or the exception's message when no reply came);
+    ``partial`` the per-recipient result of an envelope whose earlier transaction (a 452
+    split) was accepted before this failure.
+    """
+
+    kind: type[BaseException]
+    code: int | None = None
+    enhanced_code: str | None = None
+    text: str = ""
+    stage: Stage | None = None
+    relay: str | None = None
+    possible_duplicate: bool = False
+    partial: SendResult | None = None
+
+    @property
+    def error(self) -> str:
+        """The exception class name, as the policy table and the record spell it."""
+        return self.kind.__name__
+
+    @property
+    def summary(self) -> str:
+        """One line fit for a status record or a log line: ``"550 5.7.1 ..."`` for a
+        reply, ``"ClassName: message"`` otherwise."""
+        if self.code is not None and issubclass(self.kind, smtplib.SMTPResponseException):
+            return f"{self.code} {self.text}".strip()
+        return f"{self.error}: {self.text}" if self.text else self.error
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record's ``error`` entry of an attempt."""
+        return {"class": self.error, "code": self.code, "enhanced_code": self.enhanced_code,
+                "stage": self.stage.value if self.stage else None, "text": self.summary}
+
+    @classmethod
+    def reply(cls, code: int | None, text: str | bytes, stage: Stage | None,
+              relay: str | None = None, enhanced_code: str | None = None) -> Failure:
+        """A refusal the server replied (one recipient's RCPT, say), as the class smtplib
+        raises for a reply at that stage."""
+        text = _decode(text)
+        kind = _REPLY_KIND.get(stage, smtplib.SMTPResponseException) if stage else \
+            smtplib.SMTPResponseException
+        return cls(kind, code,
+                   enhanced_code or enhanced_code_of(text), text, stage, relay)
+
+    @classmethod
+    def of(cls, exc: BaseException, stage: Stage | None = None, relay: str | None = None,
+           enhanced_code: str | None = None) -> Failure:
+        """Read the facts off *exc* (no annotation needed; see :func:`failure_of`)."""
+        code: int | None = None
+        text = str(exc)
+        if isinstance(exc, smtplib.SMTPResponseException):
+            code, text = int(exc.smtp_code), _decode(exc.smtp_error)
+        elif isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
+            replies = [(int(c), _decode(t)) for c, t in exc.recipients.values()]
+            code = _single(c for c, _ in replies)
+            text = _single(t for _, t in replies) or replies[0][1]
+            if enhanced_code is None:
+                enhanced_code = _single(enhanced_code_of(t) for _, t in replies)
+        if enhanced_code is None and code is not None:
+            enhanced_code = enhanced_code_of(text)
+        if stage is None:
+            stage = next((s for k, s in _IMPLIED_STAGE if isinstance(exc, k)), None)
+        duplicate = getattr(type(exc), "possible_duplicate", False) is True
+        return cls(type(exc), code, enhanced_code, text, Stage(stage) if stage else None,
+                   relay, duplicate)
+
+
+def annotate(exc: E, stage: Stage, relay: str | None = None, enhanced_code: str | None = None,
+             ) -> E:
+    """Attach the :class:`Failure` of *exc* (at *stage*, on *relay*) and return *exc*.
 
     The first annotation wins: an exception raised deep inside the session keeps the
-    stage it was raised at when an outer layer annotates it again.
+    stage it was raised at when an outer layer annotates it again (which may only add
+    the relay's name).
     """
-    if getattr(exc, "stage", None) is None:
-        exc.stage = Stage(stage)  # type: ignore[attr-defined]
-    if relay is not None and getattr(exc, "relay", None) is None:
-        exc.relay = relay  # type: ignore[attr-defined]
-    if getattr(exc, "enhanced_code", None) is None:
-        code = enhanced_code
-        if code is None and isinstance(exc, smtplib.SMTPResponseException):
-            code = enhanced_code_of(exc.smtp_error)
-        exc.enhanced_code = code  # type: ignore[attr-defined]
+    known = getattr(exc, _ATTR, None)
+    if isinstance(known, Failure):
+        if relay is not None and known.relay is None:
+            setattr(exc, _ATTR, replace(known, relay=relay))
+        return exc
+    setattr(exc, _ATTR, Failure.of(exc, stage, relay, enhanced_code))
     return exc
 
 
-def error_stage(exc: BaseException) -> Stage | None:
-    stage = getattr(exc, "stage", None)
-    return Stage(stage) if stage is not None else None
+def attach_partial(exc: E, partial: SendResult) -> E:
+    """Add the per-recipient result of *exc*'s envelope to its :class:`Failure`."""
+    setattr(exc, _ATTR, replace(failure_of(exc), partial=partial))
+    return exc
 
 
-def error_code(exc: BaseException) -> int | None:
-    """The SMTP reply code an exception carries, if it carries one."""
-    if isinstance(exc, smtplib.SMTPResponseException):
-        return int(exc.smtp_code)
-    if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
-        codes = {int(c) for c, _ in exc.recipients.values()}
-        return codes.pop() if len(codes) == 1 else None
-    return None
+def failure_of(exc: BaseException) -> Failure:
+    """The :class:`Failure` attached by :func:`annotate`; for an exception nobody
+    annotated (a bug, a time limit), one read off it, with the stage smtplib implies."""
+    known = getattr(exc, _ATTR, None)
+    return known if isinstance(known, Failure) else Failure.of(exc)
 
 
-def error_enhanced_code(exc: BaseException) -> str | None:
-    code = getattr(exc, "enhanced_code", None)
-    if code:
-        return str(code)
-    if isinstance(exc, smtplib.SMTPResponseException):
-        return enhanced_code_of(exc.smtp_error)
-    return None
-
-
-def error_text(exc: BaseException) -> str:
-    """A one-line description fit for a status record or a log line."""
-    if isinstance(exc, smtplib.SMTPResponseException):
-        err = exc.smtp_error
-        text = err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err)
-        return f"{exc.smtp_code} {text}".strip()
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+_ATTR = "smtp_failure"

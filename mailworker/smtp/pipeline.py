@@ -20,108 +20,35 @@ gets the failure annotated with its stage (``DeliveryUncertain`` when its dot wa
 and no reply came); every message after it gets :class:`NotAttempted`: no content of it
 reached the server, so it can go again at once. An entry is a ``SendResult`` when at
 least one recipient was accepted and the connection held (refused recipients are in it);
-otherwise it is the exception, with the per-recipient ``SendResult`` as ``exc.result``.
+otherwise it is the exception, with the per-recipient ``SendResult`` as the ``partial`` of
+its :class:`~mailworker.smtp.errors.Failure` (``failure_of(exc).partial``).
 """
 
 from __future__ import annotations
 
-import re
 import smtplib
-import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from mailworker.smtp.errors import (
     DeliveryUncertain,
     NotAttempted,
     Stage,
     annotate,
+    attach_partial,
     enhanced_code_of,
+    failure_of,
 )
 from mailworker.smtp.replylog import ReplyLog
+from mailworker.smtp.values import Envelope, RecipientResult, SendResult
 
-__all__ = ["Envelope", "Gate", "Prepared", "RecipientResult", "SendResult", "Session", "Wire",
-           "rcpt_lines"]
+__all__ = ["Envelope", "Gate", "Prepared", "RecipientResult", "Reply", "SendResult", "Session",
+           "Wire", "rcpt_lines"]
 
 Gate = Callable[[int], bool]
 """``gate(i)``: may envelope ``i`` of the batch start now? Asked just before its MAIL FROM."""
-
-_BAD_ASCII = re.compile(r"[\x00-\x20\x7f<>]")
-
-
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """One message to send: the SMTP envelope and the RFC 5322 bytes.
-
-    Addresses are checked here, when the envelope is made, so nothing can be smuggled
-    into an SMTP command: no control character (CR, LF, NUL, ...), no space (which would
-    start an ESMTP parameter), no ``<``/``>``, and outside ASCII no separator or invisible
-    character (U+2028, U+0085, U+200B, U+FEFF, ...). Enclosing angle brackets are dropped.
-    """
-
-    sender: str
-    recipients: tuple[str, ...]
-    data: bytes
-    message_id: str | None = None  # ours; bound on every log event of the transaction
-
-    def __post_init__(self) -> None:
-        rcpts = (self.recipients,) if isinstance(self.recipients, str) else self.recipients
-        if not rcpts:
-            raise ValueError("an envelope needs at least one recipient")
-        object.__setattr__(self, "sender", _address(self.sender, allow_empty=True))
-        object.__setattr__(self, "recipients", tuple(_address(r) for r in rcpts))
-
-
-def _address(addr: str, allow_empty: bool = False) -> str:
-    a = addr.strip()
-    if a[:1] == "<" and a[-1:] == ">":
-        a = a[1:-1]
-    bad = _BAD_ASCII.search(a) or not (a.isascii() or all(map(_visible, a)))
-    if bad or (not a and not allow_empty):
-        raise ValueError(f"invalid envelope address {addr!r}: empty, or has a space, CR, LF "
-                         "or another control or invisible character, a separator, or <>")
-    return a
-
-
-def _visible(ch: str) -> bool:
-    """Not a control, format (zero-width), separator, surrogate or unassigned character."""
-    return ch.isascii() or unicodedata.category(ch)[0] not in "CZ"
-
-
-@dataclass(frozen=True, slots=True)
-class RecipientResult:
-    """What the server finally said about one recipient, and at which stage."""
-
-    recipient: str
-    code: int | None  # None: the connection died before a reply decided it
-    text: str
-    enhanced_code: str | None
-    stage: Stage
-
-    @property
-    def accepted(self) -> bool:
-        """True only for a 2xx reply after the final dot: the server took the message."""
-        return self.stage is Stage.AFTER_DOT and self.code is not None and self.code < 300
-
-
-@dataclass(frozen=True, slots=True)
-class SendResult:
-    """Per-recipient outcome of one envelope, in envelope order."""
-
-    envelope: Envelope
-    recipients: tuple[RecipientResult, ...]
-    transactions: int  # >1 when 452 "too many recipients" split the envelope
-
-    @property
-    def accepted(self) -> tuple[RecipientResult, ...]:
-        return tuple(r for r in self.recipients if r.accepted)
-
-    @property
-    def refused(self) -> tuple[RecipientResult, ...]:
-        return tuple(r for r in self.recipients if not r.accepted)
-
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
@@ -140,6 +67,26 @@ def rcpt_lines(recipients: Iterable[str]) -> list[tuple[bytes, str]]:
         cmd = f"RCPT TO:<{r}>"
         out.append((cmd.encode() + b"\r\n", cmd))
     return out
+
+
+class Reply(NamedTuple):
+    """One server reply, its text decoded once where it is read.
+
+    Exceptions raised from it carry bytes again (:attr:`raw`), as smtplib's do, so that
+    handlers written for smtplib keep working.
+    """
+
+    code: int
+    text: str
+
+    @classmethod
+    def read(cls, code: int, raw: bytes) -> Reply:
+        return cls(code, raw.decode("utf-8", "replace"))
+
+    @property
+    def raw(self) -> tuple[int, bytes]:
+        """``(code, text as bytes)``, the shape smtplib's exceptions carry."""
+        return self.code, self.text.encode()
 
 
 _RSET = b"RSET\r\n"
@@ -175,9 +122,9 @@ class _Txn:
     recipients: tuple[str, ...]
     lines: list[tuple[bytes, str]]
     deadline: float = 0.0
-    mail: tuple[int, bytes] | None = None
+    mail: Reply | None = None
     accepted: list[str] = field(default_factory=list)
-    refused: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    refused: dict[str, Reply] = field(default_factory=dict)
     retry: list[str] = field(default_factory=list)
     first: bool = True  # False for the part of an envelope a 452 pushed to a new transaction
 
@@ -245,7 +192,8 @@ class Session:
         todo: deque[_Txn] = deque()
         for i, (env, prep) in enumerate(zip(envelopes, prepared, strict=True)):
             if isinstance(prep, BaseException):  # refused before sending (SIZE, SMTPUTF8)
-                outcomes[i].decide(env.recipients, *_code_text(prep), Stage.MAIL)
+                failure = failure_of(prep)
+                outcomes[i].decide(env.recipients, failure.code, failure.text, Stage.MAIL)
                 outcomes[i].error, outcomes[i].fatal = prep, True
             else:
                 todo.append(_Txn(i, prep, env.recipients, rcpt_lines(env.recipients)))
@@ -291,20 +239,18 @@ class Session:
                 if dot is not None:
                     self._final(dot, started)
                 else:  # the reply to a bare terminator carries no news; keep in step
-                    code, text = self._read(cur, Stage.MAIL, "<dot>", started)
-                    if code == 421:
-                        raise _Abort(smtplib.SMTPResponseException(code, text), Stage.MAIL, cur)
+                    reply = self._read(cur, Stage.MAIL, "<dot>", started)
+                    if reply.code == 421:
+                        raise _Abort(smtplib.SMTPResponseException(*reply.raw), Stage.MAIL, cur)
                 pending, dot = b"", None
             if cur is None:
                 return
             if rset:
                 self._rset_reply(cur, started)
-            self._mail_reply(cur, *self._read(cur, Stage.MAIL, cur.prep.mail_cmd, started))
+            self._mail_reply(cur, self._read(cur, Stage.MAIL, cur.prep.mail_cmd, started))
             for rcpt, (_, cmd) in zip(cur.recipients, cur.lines, strict=True):
-                code, text = self._read(cur, Stage.RCPT, cmd, started, rcpt)
-                self._rcpt_reply(cur, rcpt, code, text)
-            code, text = self._read(cur, Stage.DATA, "DATA", started)
-            pending = self._data_reply(cur, code, text, todo)
+                self._rcpt_reply(cur, rcpt, self._read(cur, Stage.RCPT, cmd, started, rcpt))
+            pending = self._data_reply(cur, self._read(cur, Stage.DATA, "DATA", started), todo)
             dot = cur if pending is cur.prep.content else None
 
     def _sequential(self, todo: deque[_Txn]) -> None:
@@ -316,16 +262,16 @@ class Session:
             if self.needs_rset:
                 self._rset_reply(cur, self._write(_RSET, None, cur))
             started = self._write(cur.prep.mail, None, cur)
-            self._mail_reply(cur, *self._read(cur, Stage.MAIL, cur.prep.mail_cmd, started))
+            self._mail_reply(cur, self._read(cur, Stage.MAIL, cur.prep.mail_cmd, started))
             if cur.mail is None:
                 for rcpt, (line, cmd) in zip(cur.recipients, cur.lines, strict=True):
                     started = self._write(line, None, cur, stage=Stage.RCPT)
-                    self._rcpt_reply(cur, rcpt, *self._read(cur, Stage.RCPT, cmd, started, rcpt))
+                    self._rcpt_reply(cur, rcpt, self._read(cur, Stage.RCPT, cmd, started, rcpt))
             if cur.mail is None and cur.accepted:
                 started = self._write(_DATA, None, cur, stage=Stage.DATA)
-                pending = self._data_reply(cur, *self._read(cur, Stage.DATA, "DATA", started), todo)
+                pending = self._data_reply(cur, self._read(cur, Stage.DATA, "DATA", started), todo)
             else:
-                pending = self._data_reply(cur, None, b"", todo)
+                pending = self._data_reply(cur, None, todo)
             if pending:
                 self._still_listening(cur)
                 self._final(cur, self._write(pending, cur, None, trailing=False))
@@ -334,55 +280,53 @@ class Session:
     def _rset_reply(self, cur: _Txn, started: float) -> None:
         code, text = self._read(cur, Stage.MAIL, "RSET", started)
         if not 200 <= code < 300:  # a server that refuses RSET is closing or confused
-            exc = smtplib.SMTPSenderRefused(code, text, cur.prep.sender)
+            exc = smtplib.SMTPSenderRefused(code, text.encode(), cur.prep.sender)
             raise _Abort(exc, Stage.MAIL, cur)
         self.needs_rset = False
 
-    def _mail_reply(self, t: _Txn, code: int, text: bytes) -> None:
-        if 200 <= code < 300:
+    def _mail_reply(self, t: _Txn, reply: Reply) -> None:
+        if 200 <= reply.code < 300:
             return
-        if code == 421:
-            raise _Abort(smtplib.SMTPSenderRefused(code, text, t.prep.sender), Stage.MAIL, t)
-        t.mail = (code, text)
+        if reply.code == 421:
+            raise _Abort(smtplib.SMTPSenderRefused(*reply.raw, t.prep.sender), Stage.MAIL, t)
+        t.mail = reply
 
-    def _rcpt_reply(self, t: _Txn, rcpt: str, code: int, text: bytes) -> None:
-        if 200 <= code < 300:
+    def _rcpt_reply(self, t: _Txn, rcpt: str, reply: Reply) -> None:
+        if 200 <= reply.code < 300:
             t.accepted.append(rcpt)
             return
-        if code == 421:
-            refused = {r: (code, text) for r in t.recipients}
+        if reply.code == 421:
+            refused = {r: reply.raw for r in t.recipients}
             raise _Abort(smtplib.SMTPRecipientsRefused(refused), Stage.RCPT, t)
-        t.refused[rcpt] = (code, text)
-        if code == 452:  # "too many recipients": these go in a transaction of their own
+        t.refused[rcpt] = reply
+        if reply.code == 452:  # "too many recipients": these go in a transaction of their own
             t.retry.append(rcpt)
 
-    def _data_reply(self, t: _Txn, code: int | None, text: bytes, todo: deque[_Txn]) -> bytes:
+    def _data_reply(self, t: _Txn, reply: Reply | None, todo: deque[_Txn]) -> bytes:
         """Settle everything decided before the dot; return the bytes to send next."""
         oc = self._outcomes[t.index]
         oc.transactions += 1
-        if code == 421:
-            raise _Abort(smtplib.SMTPDataError(code, text), Stage.DATA, t)
+        code = reply.code if reply is not None else None
+        if reply is not None and code == 421:
+            raise _Abort(smtplib.SMTPDataError(*reply.raw), Stage.DATA, t)
         go_on = t.mail is None and bool(t.accepted) and code == 354
         retry = set(t.retry) if go_on else set()
-        for rcpt, (c, txt) in t.refused.items():
+        for rcpt, refusal in t.refused.items():
             if rcpt not in retry:
-                oc.decide((rcpt,), c, txt.decode("utf-8", "replace"), Stage.RCPT)
+                oc.decide((rcpt,), *refusal, Stage.RCPT)
         exc: smtplib.SMTPException | None = None
-        enhanced = None
         if t.mail is not None:
-            exc = smtplib.SMTPSenderRefused(t.mail[0], t.mail[1], t.prep.sender)
-            oc.decide(t.recipients, t.mail[0], t.mail[1].decode("utf-8", "replace"), Stage.MAIL)
+            exc = smtplib.SMTPSenderRefused(*t.mail.raw, t.prep.sender)
+            oc.decide(t.recipients, *t.mail, Stage.MAIL)
             stage = Stage.MAIL
         elif not t.accepted:
-            exc, stage = smtplib.SMTPRecipientsRefused(dict(t.refused)), Stage.RCPT
-            codes = {enhanced_code_of(txt) for _, txt in t.refused.values()}
-            enhanced = codes.pop() if len(codes) == 1 else None
-        elif code != 354:
-            assert code is not None
-            exc, stage = smtplib.SMTPDataError(code, text), Stage.DATA
-            oc.decide(t.accepted, code, text.decode("utf-8", "replace"), Stage.DATA)
+            refused = {r: reply.raw for r, reply in t.refused.items()}
+            exc, stage = smtplib.SMTPRecipientsRefused(refused), Stage.RCPT
+        elif reply is not None and reply.code != 354:
+            exc, stage = smtplib.SMTPDataError(*reply.raw), Stage.DATA
+            oc.decide(t.accepted, *reply, Stage.DATA)
         if exc is not None:
-            oc.fail(annotate(exc, stage, self.relay, enhanced))
+            oc.fail(annotate(exc, stage, self.relay))
             self.needs_rset = True
             # RFC 2920: a server may still say 354; end that empty message at once.
             return _TERMINATOR if code == 354 else b""
@@ -392,17 +336,16 @@ class Session:
         return t.prep.content
 
     def _final(self, t: _Txn, started: float) -> None:
-        code, text = self._read(t, Stage.AFTER_DOT, "<dot>", started)
+        reply = self._read(t, Stage.AFTER_DOT, "<dot>", started)
         self.dots += 1
         oc = self._outcomes[t.index]
-        decoded = text.decode("utf-8", "replace")
-        oc.decide(t.accepted, code, decoded, Stage.AFTER_DOT)
-        if 200 <= code < 300:
+        oc.decide(t.accepted, *reply, Stage.AFTER_DOT)
+        if 200 <= reply.code < 300:
             return
-        oc.fail(annotate(smtplib.SMTPDataError(code, text), Stage.AFTER_DOT, self.relay))
-        if code == 421:  # the message is refused, and the connection is going away
+        oc.fail(annotate(smtplib.SMTPDataError(*reply.raw), Stage.AFTER_DOT, self.relay))
+        if reply.code == 421:  # the message is refused, and the connection is going away
             oc.fatal = True
-            raise _Abort(smtplib.SMTPDataError(code, text), Stage.AFTER_DOT, None)
+            raise _Abort(smtplib.SMTPDataError(*reply.raw), Stage.AFTER_DOT, None)
 
     # -- the gate ------------------------------------------------------------------------
     def _next(self, todo: deque[_Txn]) -> _Txn | None:
@@ -453,20 +396,20 @@ class Session:
         return started
 
     def _read(self, t: _Txn | None, stage: Stage, command: str, started: float,
-              recipient: str | None = None) -> tuple[int, bytes]:
+              recipient: str | None = None) -> Reply:
         wire = self.wire
         if t is not None:
             wire.set_deadline(t.deadline, self._deadline_label)
         try:
-            code, text = wire.read_reply(command)
+            reply = Reply.read(*wire.read_reply(command))
         except (OSError, smtplib.SMTPServerDisconnected) as err:
             raise _Abort(err, stage, t) from err
         log = self.log
         if log.enabled:
             mid = self._outcomes[t.index].envelope.message_id if t is not None else None
-            log.reply(command, code, text, started, self.clock(), message_id=mid,
+            log.reply(command, reply.code, reply.text, started, self.clock(), message_id=mid,
                       recipient=recipient)
-        return code, text
+        return reply
 
     # -- results ------------------------------------------------------------------------
     def _distribute(self, abort: _Abort, todo: deque[_Txn]) -> None:
@@ -486,10 +429,10 @@ class Session:
             else:
                 exc, stage = NotAttempted("not attempted: the connection failed on an earlier "
                                           f"message ({abort.exc})"), Stage.MAIL
-            code, text = _code_text(exc)
-            undecided = [r for r in t.recipients if r not in oc.decided]
-            oc.decide(undecided, code, text, stage)
             oc.error, oc.fatal = annotate(exc, stage, self.relay), True
+            failure = failure_of(exc)
+            undecided = [r for r in t.recipients if r not in oc.decided]
+            oc.decide(undecided, failure.code, failure.text, stage)
 
     def _entry(self, oc: _Outcome) -> SendResult | BaseException:
         env = oc.envelope
@@ -498,16 +441,4 @@ class Session:
         result = SendResult(env, results, oc.transactions)
         if oc.error is None or (not oc.fatal and result.accepted):
             return result
-        oc.error.result = result  # type: ignore[attr-defined]
-        return oc.error
-
-
-def _code_text(exc: BaseException) -> tuple[int | None, str]:
-    """The reply an exception carries, as recipient results record it."""
-    if isinstance(exc, smtplib.SMTPResponseException):
-        err = exc.smtp_error
-        return exc.smtp_code, err.decode("utf-8", "replace") if isinstance(err, bytes) else err
-    if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
-        code, err = next(iter(exc.recipients.values()))
-        return code, err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err)
-    return None, str(exc)
+        return attach_partial(oc.error, result)

@@ -38,8 +38,7 @@ from mailworker.smtp.errors import (
     NotAttempted,
     Stage,
     annotate,
-    error_code,
-    error_stage,
+    failure_of,
 )
 from mailworker.smtp.pipeline import Envelope, Gate, SendResult
 
@@ -78,14 +77,16 @@ def _is_stale(entry: Entry) -> bool:
     Not when an earlier transaction of the same envelope (a 452 split) was accepted:
     sending the envelope again would give those recipients a second copy.
     """
-    if not isinstance(entry, BaseException) or error_stage(entry) is not Stage.MAIL:
+    if not isinstance(entry, BaseException):
+        return False
+    failure = failure_of(entry)
+    if failure.stage is not Stage.MAIL:
         return False
     if isinstance(entry, NotAttempted):  # the gate stopped it: nothing to do with staleness
         return False
-    partial = getattr(entry, "result", None)
-    if partial is not None and any(r.accepted for r in partial.recipients):
+    if failure.partial is not None and failure.partial.accepted:
         return False
-    return isinstance(entry, smtplib.SMTPServerDisconnected) or error_code(entry) == 421
+    return isinstance(entry, smtplib.SMTPServerDisconnected) or failure.code == 421
 
 
 
@@ -166,7 +167,7 @@ class Pool:
                 # else (e.g. a time limit firing mid-transaction) may have struck after a
                 # final dot, and the caller must treat the batch as uncertain.
                 if not out or not (isinstance(exc, PoolTimeout)
-                                   or error_stage(exc) in BEFORE_MAIL):
+                                   or failure_of(exc).stage in BEFORE_MAIL):
                     raise
                 entries, broken = [_not_attempted(self.relay, exc)], True
             out.extend(entries)

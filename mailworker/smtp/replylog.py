@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from mailworker.logging import redact_command
-from mailworker.smtp.errors import enhanced_code_of
+from mailworker.smtp.errors import enhanced_code_of, failure_of
 
 __all__ = ["LOGGER_NAME", "ReplyLog"]
 
@@ -57,24 +57,24 @@ class ReplyLog:
         self,
         command: str,
         code: int,
-        text: bytes,
+        text: str,
         started: float,
         now: float,
         *,
         message_id: str | None = None,
         recipient: str | None = None,
     ) -> None:
-        """Log one reply; *started* is when the command group it answers was written."""
+        """Log one reply (its text already decoded); *started* is when the command group it
+        answers was written."""
         if not self.enabled:
             return
         if command[:4].upper() == "AUTH":
             command = redact_command(command)
-        decoded = text.decode("utf-8", "replace")
         event: dict[str, Any] = {
             "command": command,
             "code": code,
-            "enhanced_code": enhanced_code_of(decoded),
-            "text": decoded,
+            "enhanced_code": enhanced_code_of(text),
+            "text": text,
             "latency_ms": round((now - started) * 1000.0, 3),
         }
         if message_id is not None:
@@ -99,6 +99,6 @@ class ReplyLog:
             event,
             error=type(exc).__name__,
             detail=str(exc)[:300],
-            stage=str(getattr(exc, "stage", "") or "") or None,
+            stage=failure_of(exc).stage,
             **facts,
         )

@@ -81,9 +81,10 @@ class ReplyWire:
         self.write(f"{s}\r\n".encode(self.command_encoding))
 
     def getreply(self) -> tuple[int, bytes]:
-        code, text = self.read_reply()
+        code, text = self.read_reply()  # bytes: smtplib's contract
         if self.log.enabled:
-            self.log.reply(self._last_cmd, code, text, self._sent_at, self.clock())
+            self.log.reply(self._last_cmd, code, text.decode("utf-8", "replace"), self._sent_at,
+                           self.clock())
         return code, text
 
     def auth(self, mechanism: str, authobject: Callable[..., str | None], *,

@@ -36,6 +36,7 @@ from typing import Any
 from mailworker.hooks import hooks
 from mailworker.outcome import apply_expiry, apply_result
 from mailworker.policy import Policy
+from mailworker.policy_config import policy_of
 from mailworker.smtp import Envelope, RecipientResult, SendResult
 from mailworker.smtp.errors import Stage, annotate, enhanced_code_of
 from mailworker.store import MessageState, Record
@@ -217,9 +218,9 @@ class Outbox:
 
         settings = get_runtime().settings
         q = settings.queues.get(rec.queue)
-        policy: Policy = (settings.policy.with_limits(max_attempts=q.max_attempts,
-                                                      lifetime=q.lifetime)
-                          if q else settings.policy)
+        base = policy_of(settings)
+        policy: Policy = (base.with_limits(max_attempts=q.max_attempts, lifetime=q.lifetime)
+                          if q else base)
         while True:
             now = self.clock()
             if now >= rec.expires_at:

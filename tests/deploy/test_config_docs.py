@@ -60,7 +60,7 @@ def test_default_policy_table_matches_code() -> None:
 def test_every_setting_is_documented() -> None:
     text = README.read_text()
     for f in dataclasses.fields(Settings):
-        if f.name == "policy":
+        if f.name == "retry":
             assert "`[retry]`" in text
             continue
         assert f"`{f.name}`" in text, f"setting {f.name} is missing from config/README.md"

@@ -9,7 +9,8 @@ import pytest
 from mailworker.celery_app import celery_config
 from mailworker.config import ConfigError, Settings, load_settings
 from mailworker.policy import Action, Scope
-from mailworker.smtp.errors import Stage
+from mailworker.policy_config import policy_of
+from mailworker.smtp.errors import Failure, Stage
 
 CONFIG = Path(__file__).resolve().parents[2] / "config"
 PROD_ENV = {"MAILWORKER_SMTP_PASSWORD": "primary-secret",
@@ -30,7 +31,7 @@ def test_development_config() -> None:
     assert s.key_prefix == "mwdev"
     assert s.default_sender == "dev@localhost"
     assert s.retention == 86400 and s.stuck_after == 30
-    assert s.policy.backoff.initial == 5 and s.policy.backoff.maximum == 60
+    assert policy_of(s).backoff.initial == 5 and policy_of(s).backoff.maximum == 60
     for q in ("transactional", "bulk"):
         assert s.queue(q).lifetime == 3600 and s.queue(q).max_attempts == 10
 
@@ -62,14 +63,14 @@ def test_production_time_limits_are_ordered() -> None:
 
 
 def test_production_greylisting_rule() -> None:
-    policy = load("production.toml", PROD_ENV).policy
+    policy = policy_of(load("production.toml", PROD_ENV))
     assert policy.rules[0].name == "greylisted", "user rules go ahead of the defaults"
-    decision = policy.decide(code=450, enhanced_code="4.7.1", stage=Stage.RCPT)
+    decision = policy.decide(Failure.reply(450, "4.7.1 greylisted", Stage.RCPT))
     assert (decision.rule, decision.action, decision.scope) == (
         "greylisted", Action.RETRY, Scope.RECIPIENT)
     assert decision.counts_as_attempt
     # Not greylisting: falls through to the default rules.
-    assert policy.decide(code=452, enhanced_code="4.2.2", stage=Stage.RCPT).rule == "rcpt-4xx"
+    assert policy.decide(Failure.reply(452, "4.2.2 full", Stage.RCPT)).rule == "rcpt-4xx"
 
 
 def test_production_needs_its_passwords() -> None:

@@ -48,7 +48,7 @@ CHILD = """
 import json, sys, time
 from mailworker.relay import parse_relay
 from mailworker.smtp import Connection, Envelope
-from mailworker.smtp.errors import error_stage
+from mailworker.smtp.errors import failure_of
 relay = parse_relay("hostile", sys.argv[1])
 action = sys.argv[2]
 conn = Connection(relay)
@@ -67,7 +67,7 @@ try:
         conn.send(env)
     conn.close()
 except Exception as exc:
-    error, stage = type(exc).__name__, str(error_stage(exc) or "")
+    error, stage = type(exc).__name__, str(failure_of(exc).stage or "")
 took = time.monotonic() - started
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
 with open("/proc/self/status") as status:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from mailworker.smtp import Connection, DeliveryUncertain, NotAttempted, SendResult, Stage
-from mailworker.smtp.errors import error_enhanced_code
+from mailworker.smtp.errors import failure_of
 from mailworker.testing import Fault, SMTPTestServer
 
 from .helpers import envelope, relay_for, verbs
@@ -122,10 +122,10 @@ def test_all_recipients_refused_raises_with_the_result(server: SMTPTestServer) -
         conn.send(envelope(6, ("a@example.test", "b@example.test")))
 
     exc = info.value
-    assert exc.stage is Stage.RCPT and exc.relay == "test"  # type: ignore[attr-defined]
+    assert failure_of(exc).stage is Stage.RCPT and failure_of(exc).relay == "test"
     assert exc.recipients == {"a@example.test": (550, b"5.1.1 No such user"),
                               "b@example.test": (550, b"5.1.1 No such user")}
-    assert [r.code for r in exc.result.recipients] == [550, 550]  # type: ignore[attr-defined]
+    assert [r.code for r in failure_of(exc).partial.recipients] == [550, 550]
     assert server.messages == []
     # The connection stays usable; the owed RSET rides in front of the next MAIL.
     server.clear_faults()
@@ -158,9 +158,9 @@ def test_message_over_the_advertised_size_is_refused_before_sending(
     assert conn.max_size == 1000
     with pytest.raises(smtplib.SMTPDataError) as info:
         conn.send(envelope(9, body=b"x" * 2000 + b"\r\n"))
-    assert info.value.smtp_code == 552 and error_enhanced_code(info.value) == "5.3.4"
-    assert info.value.stage is Stage.MAIL  # type: ignore[attr-defined]
-    assert [r.code for r in info.value.result.recipients] == [552]  # type: ignore[attr-defined]
+    assert info.value.smtp_code == 552 and failure_of(info.value).enhanced_code == "5.3.4"
+    assert failure_of(info.value).stage is Stage.MAIL
+    assert [r.code for r in failure_of(info.value).partial.recipients] == [552]
     assert "MAIL" not in verbs(server)
 
     conn.send(envelope(10))  # a small one goes, and declares its size
@@ -175,7 +175,7 @@ def test_non_ascii_address_without_smtputf8_is_refused_before_sending(
     conn = connect(server)
     with pytest.raises(smtplib.SMTPNotSupportedError, match="SMTPUTF8") as info:
         conn.send(envelope(11, ("jörg@example.test",)))
-    assert info.value.stage is Stage.MAIL  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage is Stage.MAIL
     assert "MAIL" not in verbs(server) and not conn.is_closed
     conn.close()
 
@@ -211,8 +211,8 @@ def test_refusal_at_each_stage(make_server: MakeServer, on: str, code: int,
     with pytest.raises(exc_type) as info:
         conn.send(envelope(13))
     exc = info.value
-    assert exc.stage is stage and exc.enhanced_code == enhanced  # type: ignore[attr-defined]
-    result = exc.result  # type: ignore[attr-defined]
+    assert failure_of(exc).stage is stage and failure_of(exc).enhanced_code == enhanced
+    result = failure_of(exc).partial
     assert [(r.code, r.stage) for r in result.recipients] == [(code, stage)]
     assert server.messages == []
     # Still in step: the next message on the same connection goes through.
@@ -227,7 +227,7 @@ def test_421_greeting(server: SMTPTestServer) -> None:
     conn = Connection(relay_for(server))
     with pytest.raises(smtplib.SMTPConnectError) as info:
         conn.open()
-    assert info.value.smtp_code == 421 and info.value.stage is Stage.GREETING  # type: ignore[attr-defined]
+    assert info.value.smtp_code == 421 and failure_of(info.value).stage is Stage.GREETING
     assert conn.is_closed and server.commands == []
 
 
@@ -244,8 +244,8 @@ def test_421_mid_session_closes_the_connection(server: SMTPTestServer, on: str,
     with pytest.raises(exc_type) as info:
         conn.send(envelope(15))
     exc = info.value
-    assert exc.stage is stage  # type: ignore[attr-defined]
-    assert [r.code for r in exc.result.recipients] == [421]  # type: ignore[attr-defined]
+    assert failure_of(exc).stage is stage
+    assert [r.code for r in failure_of(exc).partial.recipients] == [421]
     assert conn.is_closed and server.messages == []
 
 
@@ -259,7 +259,7 @@ def test_drop_during_data_of_a_large_message_is_a_clean_failure(server: SMTPTest
     with pytest.raises(smtplib.SMTPServerDisconnected) as info:
         conn.send(envelope(16, body=big * 16_000))  # 16 MB: more than the socket buffers
     assert not isinstance(info.value, DeliveryUncertain)
-    assert info.value.stage is Stage.DATA  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage is Stage.DATA
     assert conn.is_closed and server.messages == []
 
 
@@ -270,7 +270,7 @@ def test_drop_during_data_of_a_small_message_is_uncertain(server: SMTPTestServer
     conn = connect(server)
     with pytest.raises(smtplib.SMTPServerDisconnected) as info:
         conn.send(envelope(17))
-    assert info.value.stage in (Stage.DATA, Stage.AFTER_DOT)  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage in (Stage.DATA, Stage.AFTER_DOT)
     assert conn.is_closed and server.messages == []
 
 
@@ -280,8 +280,8 @@ def test_drop_after_dot_is_delivery_uncertain(server: SMTPTestServer) -> None:
     with pytest.raises(DeliveryUncertain) as info:
         conn.send(envelope(18))
     exc = info.value
-    assert exc.stage is Stage.AFTER_DOT and exc.possible_duplicate  # type: ignore[attr-defined]
-    assert [r.code for r in exc.result.recipients] == [None]  # type: ignore[attr-defined]
+    assert failure_of(exc).stage is Stage.AFTER_DOT and failure_of(exc).possible_duplicate
+    assert [r.code for r in failure_of(exc).partial.recipients] == [None]
     [msg] = server.wait_for_messages(1)
     assert not msg.acknowledged and conn.is_closed
 
@@ -304,7 +304,7 @@ def test_socket_timeout_before_the_dot(server: SMTPTestServer) -> None:
     with pytest.raises(smtplib.SMTPServerDisconnected) as info:
         conn.send(envelope(20))
     assert not isinstance(info.value, DeliveryUncertain)
-    assert info.value.stage is Stage.RCPT  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage is Stage.RCPT
     assert isinstance(info.value.__cause__, TimeoutError)
     assert time.monotonic() - started < 1.5 and conn.is_closed and server.messages == []
 
@@ -337,11 +337,11 @@ def test_send_many_after_a_lost_connection_marks_the_rest_not_attempted(
 
     assert isinstance(results[0], SendResult)
     assert isinstance(results[1], DeliveryUncertain)
-    assert results[1].stage is Stage.AFTER_DOT  # type: ignore[attr-defined]
+    assert failure_of(results[1]).stage is Stage.AFTER_DOT
     for later in results[2:]:
         assert isinstance(later, NotAttempted) and not later.possible_duplicate
-        assert later.stage is Stage.MAIL  # type: ignore[attr-defined]
-        assert [r.code for r in later.result.recipients] == [None]  # type: ignore[attr-defined]
+        assert failure_of(later).stage is Stage.MAIL
+        assert [r.code for r in failure_of(later).partial.recipients] == [None]
     assert [m.message_id for m in server.wait_for_messages(2)] == [
         "<m0@example.test>", "<m1@example.test>"]
     assert conn.is_closed

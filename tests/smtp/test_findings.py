@@ -28,7 +28,7 @@ from mailworker.smtp import (
     Stage,
     TLSConfigurationError,
 )
-from mailworker.smtp.errors import error_stage
+from mailworker.smtp.errors import failure_of
 from mailworker.testing import SMTPTestServer
 
 from .helpers import envelope, relay_for
@@ -91,9 +91,9 @@ def test_s2_09_tls_context_failure_at_send_is_a_tls_configuration_error(
     with pytest.raises(TLSConfigurationError) as info:
         Pool(relay).send(envelope(1))
     exc = info.value
-    assert error_stage(exc) is Stage.TLS and str(ca) in str(exc)
+    assert failure_of(exc).stage is Stage.TLS and str(ca) in str(exc)
     assert _batch_failure(exc, relay.name) is exc  # not turned into DeliveryUncertain
-    decision = Policy().decide(error=exc)
+    decision = Policy().decide(failure_of(exc))
     assert (decision.action, decision.scope, decision.possible_duplicate) == (
         Action.PAUSE_RELAY, Scope.RELAY, False)
     assert server.connections_opened == 1 and not server.messages
@@ -123,9 +123,9 @@ def test_s2_11_a_wrong_non_ascii_password_is_an_auth_failure_without_the_secret(
     relay = relay_for(server, user="u", password="wröng-secret", allow_plain_auth=True)
     with pytest.raises(smtplib.SMTPAuthenticationError) as info:
         Connection(relay).open()
-    assert error_stage(info.value) is Stage.AUTH
+    assert failure_of(info.value).stage is Stage.AUTH
     assert "wr" not in str(info.value) and "ö" not in str(info.value)
-    assert Policy().decide(error=info.value).action is Action.PAUSE_RELAY
+    assert Policy().decide(failure_of(info.value)).action is Action.PAUSE_RELAY
 
 
 @pytest.mark.parametrize("address", [
@@ -168,8 +168,8 @@ def test_cleartext_auth_refusal_is_ours_not_a_server_530(make_server: MakeServer
     with pytest.raises(CleartextAuthRefused) as info:
         Connection(relay).open()
     assert not isinstance(info.value, smtplib.SMTPResponseException)
-    assert error_stage(info.value) is Stage.AUTH
-    decision = Policy().decide(error=info.value)
+    assert failure_of(info.value).stage is Stage.AUTH
+    decision = Policy().decide(failure_of(info.value))
     assert (decision.action, decision.scope) == (Action.PAUSE_RELAY, Scope.RELAY)
     with pytest.raises(CLIError) as cli:
         run_check(server.dsn(user="u", password="p"))

@@ -28,7 +28,7 @@ from mailworker.smtp import (
     ReplyTimeout,
     Stage,
 )
-from mailworker.smtp.errors import error_stage
+from mailworker.smtp.errors import failure_of
 from mailworker.smtp.wire import MAX_LINE, MAX_LINES
 from mailworker.testing import Fault, SMTPTestServer
 
@@ -91,7 +91,7 @@ def test_s2_02_session_setup_is_bounded(make_server: MakeServer, fault: Fault,
     conn = Connection(relay_for(server, **BOUNDS))
     _, exc, peak = bounded_call(conn.open, BOUNDS["setup_timeout"])
     assert isinstance(exc, error), exc
-    assert exc.stage is stage  # type: ignore[attr-defined]
+    assert failure_of(exc).stage is stage
     assert conn.is_closed
     assert peak < 2_000_000, f"{peak} bytes allocated for one reply"
 
@@ -111,7 +111,7 @@ def test_s2_02_starttls_and_auth_are_bounded(make_server: MakeServer) -> None:
     tls = make_server(tls="starttls")
     tls.add_fault(Fault.hang("STARTTLS"))
     _, exc, _ = bounded_call(Connection(relay_for(tls, **BOUNDS)).open, 1.0)
-    assert isinstance(exc, ReplyTimeout) and error_stage(exc) is Stage.TLS
+    assert isinstance(exc, ReplyTimeout) and failure_of(exc).stage is Stage.TLS
 
     for fault, error in ((Fault.hang("AUTH"), ReplyTimeout),
                          (Fault.endless("AUTH", code=334), ProtocolError)):
@@ -119,7 +119,7 @@ def test_s2_02_starttls_and_auth_are_bounded(make_server: MakeServer) -> None:
         server.add_fault(fault)
         relay = relay_for(server, user="u", password="p", allow_plain_auth=True, **BOUNDS)
         _, exc, _ = bounded_call(Connection(relay).open, 1.0)
-        assert isinstance(exc, error) and error_stage(exc) is Stage.AUTH
+        assert isinstance(exc, error) and failure_of(exc).stage is Stage.AUTH
 
 
 def test_s2_02_a_tls_handshake_that_never_comes_is_bounded() -> None:
@@ -130,7 +130,7 @@ def test_s2_02_a_tls_handshake_that_never_comes_is_bounded() -> None:
         query = "&".join(f"{k}={v}" for k, v in BOUNDS.items())
         conn = Connection(parse_relay("mute", f"smtps://127.0.0.1:{port}?{query}"))
         _, exc, _ = bounded_call(conn.open, BOUNDS["setup_timeout"])
-    assert isinstance(exc, ReplyTimeout) and error_stage(exc) is Stage.TLS
+    assert isinstance(exc, ReplyTimeout) and failure_of(exc).stage is Stage.TLS
 
 
 @pytest.mark.parametrize("fault", [Fault.hang("NOOP"), Fault.endless("NOOP"),
@@ -164,7 +164,7 @@ def test_s2_02_transaction_replies_are_bounded(make_server: MakeServer,
     _, exc, _ = bounded_call(lambda: entries.extend(pool.send_many([envelope(1), envelope(2)])),
                              BOUNDS["deadline"])
     assert exc is None  # send_many hands failures back as entries
-    assert isinstance(entries[0], ProtocolError) and error_stage(entries[0]) is Stage.RCPT
+    assert isinstance(entries[0], ProtocolError) and failure_of(entries[0]).stage is Stage.RCPT
     assert isinstance(entries[1], NotAttempted)
     server.add_fault(Fault.trickle("DOT", times=1))
     _, exc, _ = bounded_call(lambda: pool.send(envelope(3)), BOUNDS["deadline"])
@@ -195,4 +195,4 @@ def test_s2_17_pipelined_errors_name_the_command_waited_for(make_server: MakeSer
         conn.send(envelope(1))
     text = str(info.value)
     assert "MAIL FROM:<sender@example.test>" in text and "EHLO" not in text
-    assert info.value.stage is Stage.MAIL  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage is Stage.MAIL

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailworker.smtp import Connection, Stage
+from mailworker.smtp import Connection, Stage, failure_of
 from mailworker.testing import wait_until
 
 from .helpers import ScriptedServer, envelope
@@ -32,7 +32,7 @@ def test_malformed_reply_closes_the_connection(scripted: list[ScriptedServer]) -
     conn.open()
     with pytest.raises(smtplib.SMTPServerDisconnected, match="out of step") as info:
         conn.send(envelope(1))
-    assert info.value.stage is Stage.MAIL  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage is Stage.MAIL
     assert conn.is_closed
 
 
@@ -45,7 +45,7 @@ def test_unsolicited_reply_is_noticed_before_mail(scripted: list[ScriptedServer]
     assert conn.has_expired(conn.last_used_at)
     with pytest.raises(smtplib.SMTPServerDisconnected) as info:
         conn.send(envelope(2))
-    assert info.value.stage is Stage.MAIL  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage is Stage.MAIL
     assert conn.is_closed
     assert not any(line.startswith("MAIL") for line in peer.received)
 
@@ -59,7 +59,7 @@ def test_plaintext_after_starttls_reply_is_refused(scripted: list[ScriptedServer
     conn = Connection(peer.relay(tls="encrypt"))  # tls=may would retry in clear text
     with pytest.raises(smtplib.SMTPServerDisconnected, match="STARTTLS") as info:
         conn.open()
-    assert info.value.stage is Stage.TLS  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage is Stage.TLS
     assert conn.is_closed
 
 

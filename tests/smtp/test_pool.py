@@ -10,7 +10,15 @@ from collections.abc import Callable
 
 import pytest
 
-from mailworker.smtp import NotAttempted, Pool, PoolManager, PoolTimeout, SendResult, Stage
+from mailworker.smtp import (
+    NotAttempted,
+    Pool,
+    PoolManager,
+    PoolTimeout,
+    SendResult,
+    Stage,
+    failure_of,
+)
 from mailworker.testing import Fault, SMTPTestServer, wait_until
 
 from .helpers import envelope, relay_for, run_threads, verbs
@@ -75,7 +83,7 @@ def test_a_fresh_connection_refused_at_mail_is_not_retried(server: SMTPTestServe
     pool = Pool(relay_for(server))
     with pytest.raises(smtplib.SMTPSenderRefused) as info:
         pool.send(envelope(1))
-    assert info.value.smtp_code == 421 and info.value.stage is Stage.MAIL  # type: ignore[attr-defined]
+    assert info.value.smtp_code == 421 and failure_of(info.value).stage is Stage.MAIL
     assert server.connections_opened == 1 and pool.stats().active == 0
     assert pool.stats().idle == 0  # a connection that got 421 is never pooled
 
@@ -86,7 +94,7 @@ def test_uncertain_delivery_is_never_retried_by_the_pool(server: SMTPTestServer)
     server.add_fault(Fault.drop_after_dot(times=1))
     with pytest.raises(smtplib.SMTPServerDisconnected) as info:
         pool.send(envelope(2))
-    assert info.value.stage is Stage.AFTER_DOT  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage is Stage.AFTER_DOT
     assert server.connections_opened == 1  # no second attempt
     assert pool.stats().idle == 0
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from mailworker.relay import Relay
-from mailworker.smtp import Connection, Envelope, Pool, SendResult, Stage
+from mailworker.smtp import Connection, Envelope, Pool, SendResult, Stage, failure_of
 from mailworker.testing import free_port
 
 from .helpers import run_threads
@@ -118,7 +118,7 @@ def test_hard_rejected_recipients(sink: Callable[..., int]) -> None:
     conn.open()
     with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
         conn.send(message(4, rcpts=2))
-    assert info.value.stage is Stage.RCPT  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage is Stage.RCPT
     assert {code for code, _ in info.value.recipients.values()} == {500}
     assert not conn.is_closed  # still in step: RSET owed, then the next message
     conn.close()

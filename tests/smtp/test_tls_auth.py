@@ -16,7 +16,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from mailworker.logging import configure_logging
-from mailworker.smtp import CleartextAuthRefused, Connection, Pool, Stage
+from mailworker.smtp import CleartextAuthRefused, Connection, Pool, Stage, failure_of
 from mailworker.testing import SMTPTestServer
 
 from .helpers import envelope, relay_for, verbs
@@ -45,7 +45,7 @@ def test_untrusted_certificate_fails_and_never_falls_back(make_server: MakeServe
     conn = Connection(relay_for(server, ca_file="", **options))
     with pytest.raises(ssl.SSLCertVerificationError) as info:
         conn.open()
-    assert info.value.stage is Stage.TLS  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage is Stage.TLS
     assert conn.is_closed
     assert "MAIL" not in verbs(server) and "AUTH" not in verbs(server)
     assert verbs(server) == ["EHLO", "STARTTLS"]
@@ -63,7 +63,7 @@ def test_required_starttls_not_offered(server: SMTPTestServer) -> None:
     conn = Connection(relay_for(server, scheme="smtp+starttls"))
     with pytest.raises(smtplib.SMTPNotSupportedError, match="STARTTLS") as info:
         conn.open()
-    assert info.value.stage is Stage.TLS  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage is Stage.TLS
     assert verbs(server) == ["EHLO"]
 
 
@@ -87,7 +87,7 @@ def test_implicit_tls_untrusted(make_server: MakeServer) -> None:
     server = make_server(tls="implicit")
     with pytest.raises(ssl.SSLError) as info:
         Connection(relay_for(server, ca_file="")).open()
-    assert info.value.stage is Stage.TLS  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage is Stage.TLS
     assert server.commands == []
 
 
@@ -105,7 +105,7 @@ def test_wrong_password(make_server: MakeServer) -> None:
     conn = Connection(relay_for(server, user="alice", password="wrong"))
     with pytest.raises(smtplib.SMTPAuthenticationError) as info:
         conn.open()
-    assert info.value.smtp_code == 535 and info.value.stage is Stage.AUTH  # type: ignore[attr-defined]
+    assert info.value.smtp_code == 535 and failure_of(info.value).stage is Stage.AUTH
     assert conn.is_closed
 
 
@@ -115,7 +115,7 @@ def test_auth_over_clear_text_is_refused_without_sending_anything(
     conn = Connection(relay_for(server, user="alice", password=PASSWORD))
     with pytest.raises(CleartextAuthRefused, match="allow_plain_auth") as info:
         conn.open()
-    assert info.value.stage is Stage.AUTH  # type: ignore[attr-defined]
+    assert failure_of(info.value).stage is Stage.AUTH
     assert not isinstance(info.value, smtplib.SMTPResponseException)  # not a server reply
     assert "AUTH" not in verbs(server) and conn.is_closed
 

@@ -16,7 +16,6 @@ from mailworker import api
 from mailworker.config import ConfigError, Settings
 from mailworker.hooks import hooks
 from mailworker.message import InvalidMessageError
-from mailworker.policy import Backoff, Policy
 from mailworker.relay import parse_relay
 from mailworker.runtime import configure, reset_runtime
 from mailworker.store import MessageState, Record
@@ -30,8 +29,8 @@ def outbox() -> Iterator[Outbox]:
         redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens: no Redis used
         relays={"default": parse_relay("default", "smtp://127.0.0.1:2525")},
         default_sender="App <app@example.com>",
-        policy=Policy(backoff=Backoff(initial=60.0, factor=2.0, maximum=600.0, jitter=0.0),
-                      max_attempts=3),
+        retry={"backoff": {"initial": 60, "factor": 2, "maximum": 600, "jitter": 0},
+               "max_attempts": 3},
     ))
     try:
         with record_messages() as box:

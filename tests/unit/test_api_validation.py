@@ -21,7 +21,7 @@ import mailworker
 from mailworker import runtime
 from mailworker.config import Settings
 from mailworker.message import Attachment
-from mailworker.outcome import apply_relay_hold, apply_result
+from mailworker.outcome import apply_result, hold_until
 from mailworker.policy import Backoff, Policy
 from mailworker.relay import parse_relay
 from mailworker.smtp import Envelope, RecipientResult, SendResult
@@ -301,7 +301,7 @@ def test_status_gives_the_deferral_reason(published: list[Any]) -> None:
     # A hold without an attempt (relay paused) says why, from last_error.
     rec = runtime.get_runtime().store.get(mid)
     assert rec is not None
-    apply_relay_hold(rec, time.time() + 1, time.time() + 60, "relay 'default' paused: 530 auth")
+    hold_until(rec, time.time() + 1, time.time() + 60, "relay 'default' paused: 530 auth")
     _save(rec)
     st = mailworker.status(mid)
     assert st is not None and st["reason"] == "relay 'default' paused: 530 auth"

@@ -7,14 +7,31 @@ import smtplib
 
 import pytest
 
-from mailworker.outcome import apply_expiry, apply_relay_hold, apply_result, requeue
-from mailworker.policy import Backoff, Policy
+from mailworker.outcome import (
+    Step,
+    apply_expiry,
+    apply_hold,
+    apply_result,
+    defer_behind,
+    hold_until,
+    pause_until,
+    requeue,
+    uncertain_spent,
+)
+from mailworker.policy import Action, Backoff, Policy, Scope
+from mailworker.record import Attempt, MessageState, RcptState, RecipientState, Record
 from mailworker.smtp import Envelope, RecipientResult, SendResult
-from mailworker.smtp.errors import DeliveryUncertain, Stage, annotate
-from mailworker.store import MessageState, RcptState, RecipientState, Record
+from mailworker.smtp.errors import (
+    DeliveryUncertain,
+    Stage,
+    annotate,
+    attach_partial,
+    failure_of,
+)
 
 NOW = 1_000_000.0
-POLICY = Policy(backoff=Backoff(initial=60, factor=2, maximum=3600, jitter=0))
+POLICY = Policy(backoff=Backoff(initial=60, factor=2, maximum=3600, jitter=0),
+                relay_backoff=Backoff(initial=30, factor=2, maximum=600, jitter=0))
 
 
 def record(*rcpts: str, attempts: int = 0) -> Record:
@@ -29,16 +46,18 @@ def result(rec: Record, *replies: tuple[str, int, str, Stage]) -> SendResult:
                                  for a, c, t, s in replies), 1)
 
 
-def apply(rec: Record, res: SendResult | BaseException, **kw: object) -> object:
-    return apply_result(rec, res, policy=POLICY, now=NOW, started_at=NOW - 1, relay="default",
-                        rng=random.Random(1), **kw)  # type: ignore[arg-type]
+def apply(rec: Record, res: SendResult | BaseException, *, interrupted: bool = False,
+          relay_failures: int = 1, policy: Policy = POLICY, now: float = NOW) -> Step:
+    return apply_result(rec, res, policy=policy, now=now, started_at=now - 1, relay="default",
+                        rng=random.Random(1), interrupted=interrupted,
+                        relay_failures=relay_failures)
 
 
 def test_all_accepted_is_delivered() -> None:
     rec = record("b@x.org", "c@x.org")
     step = apply(rec, result(rec, ("b@x.org", 250, "2.0.0 OK", Stage.AFTER_DOT),
                              ("c@x.org", 250, "2.0.0 OK", Stage.AFTER_DOT)))
-    assert step.state is MessageState.DELIVERED  # type: ignore[attr-defined]
+    assert step.state is MessageState.DELIVERED
     assert rec.attempts == 0 and len(rec.history) == 1
     assert all(r.state is RcptState.DELIVERED for r in rec.recipients)
 
@@ -48,7 +67,7 @@ def test_partial_refusal_defers_4xx_fails_5xx_keeps_delivered() -> None:
     step = apply(rec, result(rec, ("ok@x.org", 250, "2.0.0 OK", Stage.AFTER_DOT),
                              ("bad@x.org", 550, "5.1.1 no such user", Stage.RCPT),
                              ("grey@x.org", 451, "4.7.1 greylisted", Stage.RCPT)))
-    assert step.state is MessageState.DEFERRED  # type: ignore[attr-defined]
+    assert step.state is MessageState.DEFERRED
     assert rec.next_attempt_at == NOW + 60
     assert [r.state for r in rec.recipients] == [RcptState.DELIVERED, RcptState.FAILED,
                                                  RcptState.DEFERRED]
@@ -56,7 +75,7 @@ def test_partial_refusal_defers_4xx_fails_5xx_keeps_delivered() -> None:
     # The retry only sees the greylisted recipient; it then succeeds, the message is dead
     # because one recipient failed, and the reason names it.
     step = apply(rec, result(rec, ("grey@x.org", 250, "2.0.0 OK", Stage.AFTER_DOT)))
-    assert step.state is MessageState.DEAD  # type: ignore[attr-defined]
+    assert step.state is MessageState.DEAD
     assert rec.dead_reason is not None and rec.dead_reason.startswith("bad@x.org: 550 5.1.1")
 
 
@@ -73,7 +92,7 @@ def test_message_level_5xx_fails_everyone_open() -> None:
     rec = record("a@x.org", "b@x.org")
     exc = annotate(smtplib.SMTPDataError(554, b"5.7.1 spam"), Stage.AFTER_DOT)
     step = apply(rec, exc)
-    assert step.state is MessageState.DEAD  # type: ignore[attr-defined]
+    assert step.state is MessageState.DEAD
     assert rec.history[-1].error == {"class": "SMTPDataError", "code": 554,
                                      "enhanced_code": "5.7.1", "stage": "after-dot",
                                      "text": "554 5.7.1 spam"}
@@ -82,14 +101,14 @@ def test_message_level_5xx_fails_everyone_open() -> None:
 def test_lost_reply_after_dot_is_retried_and_flagged() -> None:
     rec = record("a@x.org")
     step = apply(rec, annotate(DeliveryUncertain("no reply"), Stage.AFTER_DOT))
-    assert step.state is MessageState.DEFERRED  # type: ignore[attr-defined]
+    assert step.state is MessageState.DEFERRED
     assert rec.possible_duplicate and rec.recipients[0].possible_duplicate
 
 
 def test_relay_level_failure_spends_no_attempt() -> None:
     rec = record("a@x.org", attempts=3)
     step = apply(rec, annotate(smtplib.SMTPServerDisconnected("gone"), Stage.MAIL))
-    assert step.relay_decision is not None  # type: ignore[attr-defined]
+    assert step.relay_decision is not None
     assert rec.attempts == 3 and rec.recipients[0].attempts == 0
 
 
@@ -97,7 +116,7 @@ def test_retries_exhausted_dead_letters() -> None:
     rec = record("a@x.org", attempts=19)
     exc = annotate(smtplib.SMTPSenderRefused(451, b"4.3.0 later", "a@example.com"), Stage.MAIL)
     step = apply(rec, exc)
-    assert step.state is MessageState.DEAD  # type: ignore[attr-defined]
+    assert step.state is MessageState.DEAD
     assert "retries exhausted" in (rec.recipients[0].reason or "")
 
 
@@ -110,12 +129,23 @@ def test_interrupted_claim_flags_accepted_recipients() -> None:
 def test_too_many_recipients_with_nothing_accepted_backs_off() -> None:
     rec = record("a@x.org")
     step = apply(rec, result(rec, ("a@x.org", 452, "4.5.3 too many recipients", Stage.RCPT)))
-    assert step.state is MessageState.DEFERRED  # type: ignore[attr-defined]
+    assert step.state is MessageState.DEFERRED and rec.next_attempt_at == NOW + 60
+    assert rec.attempts == 1 and rec.recipients[0].attempts == 1
+    assert rec.history[-1].decision is not None
+    assert rec.history[-1].decision["rule"] == "too-many-recipients"
+
+
+def test_too_many_recipients_after_an_acceptance_splits_at_once() -> None:
+    rec = record("a@x.org", "b@x.org")
+    step = apply(rec, result(rec, ("a@x.org", 250, "2.0.0 OK", Stage.AFTER_DOT),
+                             ("b@x.org", 452, "4.5.3 too many recipients", Stage.RCPT)))
+    assert step.state is MessageState.QUEUED and rec.attempts == 0
+    assert rec.recipient("b@x.org").state is RcptState.PENDING
 
 
 def test_expiry_hold_and_requeue() -> None:
     rec = record("a@x.org")
-    assert apply_relay_hold(rec, NOW, NOW + 30, "paused").state is MessageState.DEFERRED
+    assert hold_until(rec, NOW, NOW + 30, "paused").state is MessageState.DEFERRED
     assert rec.next_attempt_at == NOW + 30 and rec.attempts == 0
     assert requeue(rec, NOW).state is MessageState.QUEUED
     step = apply_expiry(rec, NOW)
@@ -126,7 +156,7 @@ def test_failure_after_a_split_keeps_the_recipients_already_delivered() -> None:
     rec = record("a@x.org", "b@x.org")
     exc = annotate(smtplib.SMTPSenderRefused(421, b"4.3.2 closing", "a@example.com"),
                    Stage.MAIL)
-    exc.result = result(rec, ("a@x.org", 250, "2.0.0 OK", Stage.AFTER_DOT))  # type: ignore[attr-defined]
+    attach_partial(exc, result(rec, ("a@x.org", 250, "2.0.0 OK", Stage.AFTER_DOT)))
     apply(rec, exc)
     assert rec.recipient("a@x.org").state is RcptState.DELIVERED
     assert rec.recipient("b@x.org").state is RcptState.DEFERRED
@@ -134,11 +164,16 @@ def test_failure_after_a_split_keeps_the_recipients_already_delivered() -> None:
 
 
 def test_421_at_rcpt_backs_off_the_relay() -> None:
-    rec = record("a@x.org")
+    rec = record("a@x.org", attempts=2)
     exc = annotate(smtplib.SMTPRecipientsRefused({"a@x.org": (421, b"4.7.0 slow down")}),
                    Stage.RCPT)
-    step = apply(rec, exc)
-    assert step.relay_decision is not None  # type: ignore[attr-defined]
+    step = apply(rec, exc, relay_failures=3)
+    d = step.relay_decision
+    assert d is not None and (d.action, d.scope, d.rule) == (
+        Action.RETRY, Scope.RELAY, "service-unavailable")
+    assert d.relay_pause == d.delay == 120  # relay_backoff at the relay's 3rd failure
+    assert rec.attempts == 2 and rec.recipients[0].attempts == 0  # no attempt spent
+    assert step.state is MessageState.DEFERRED and rec.next_attempt_at == NOW + 120
 
 
 def test_too_many_recipients_backoff_counts_attempts() -> None:
@@ -174,5 +209,83 @@ def test_s2_15_attempt_cost_is_linear_in_recipients(monkeypatch: pytest.MonkeyPa
                 Stage.AFTER_DOT if i % 3 else Stage.RCPT) for i, a in enumerate(rcpts)]
     step = apply(rec, result(rec, *replies))
     assert calls["n"] == 0
-    assert step.state is MessageState.DEFERRED  # type: ignore[attr-defined]
+    assert step.state is MessageState.DEFERRED
     assert sum(r.state is RcptState.DELIVERED for r in rec.recipients) == 666
+
+
+# --- decisions recorded, and the uncertain budget ----------------------------------------
+
+def test_the_decision_is_recorded_with_the_attempt() -> None:
+    rec = record("a@x.org")
+    apply(rec, annotate(smtplib.SMTPDataError(451, b"4.3.0 later"), Stage.DATA))
+    d = rec.history[-1].decision
+    assert d is not None and (d["action"], d["scope"], d["rule"], d["delay"]) == (
+        "retry", "message", "message-4xx", 60)
+    assert d["uncertain_spent"] == 0 and d["counts_as_attempt"] is True
+    assert Record.from_json(rec.to_json()).history[-1].decision == d  # stored as JSON
+    delivered = record("a@x.org")
+    apply(delivered, result(delivered, ("a@x.org", 250, "2.0.0 OK", Stage.AFTER_DOT)))
+    assert delivered.history[-1].decision is None
+
+
+def lost() -> BaseException:
+    return annotate(DeliveryUncertain("no reply after the final dot"), Stage.AFTER_DOT)
+
+
+def test_uncertain_budget_dead_letters_as_may_have_been_delivered() -> None:
+    rec = record("a@x.org")
+    step = apply(rec, lost())
+    assert step.state is MessageState.DEFERRED and uncertain_spent(rec) == 1
+    step = apply(rec, lost(), now=NOW + 120)
+    assert step.state is MessageState.DEAD and rec.attempts == 2
+    assert rec.recipients[0].reason is not None
+    assert rec.recipients[0].reason.startswith("may have been delivered: ")
+    assert "may have been delivered" in (rec.dead_reason or "")
+    assert rec.possible_duplicate
+
+
+def test_an_interruption_spends_the_uncertain_budget_too() -> None:
+    rec = record("a@x.org")
+    step = apply(rec, lost(), interrupted=True)  # a dead worker's send, then a lost reply
+    assert step.state is MessageState.DEAD
+    assert rec.history[-1].decision is not None
+    assert rec.history[-1].decision["uncertain_spent"] == 2
+
+
+def test_an_operator_retry_gives_the_budget_back() -> None:
+    rec = record("a@x.org")
+    apply(rec, lost())
+    rec.history.append(Attempt(number=2, started_at=NOW, finished_at=NOW,
+                               outcome="operator_retry", relay="default"))
+    assert uncertain_spent(rec) == 0
+    assert apply(rec, lost(), now=NOW + 1).state is MessageState.DEFERRED
+
+
+def test_failures_before_the_dot_spend_no_uncertain_budget() -> None:
+    rec = record("a@x.org")
+    for n in range(3):
+        apply(rec, annotate(smtplib.SMTPServerDisconnected("gone"), Stage.DATA), now=NOW + n)
+    assert uncertain_spent(rec) == 0 and rec.state is MessageState.DEFERRED
+
+
+# --- holds and relay pauses, applied as decided ---------------------------------------------
+
+def test_holds_apply_the_policy_delay_without_an_attempt() -> None:
+    rec = record("a@x.org", attempts=1)
+    step = apply_hold(rec, NOW, POLICY.hold("relay paused: bad password", 42))
+    assert (step.state, step.score, rec.attempts) == (MessageState.DEFERRED, NOW + 42, 1)
+    assert rec.last_error == "relay paused: bad password"
+    late = record("a@x.org")
+    assert apply_hold(late, NOW, POLICY.hold("x", 10 * 86400)).state is MessageState.DEAD
+
+
+def test_a_relay_pause_holds_the_rest_of_the_chunk() -> None:
+    pause = POLICY.decide(failure_of(annotate(ConnectionRefusedError(), Stage.CONNECT)))
+    until = pause_until(NOW, pause)
+    assert until == NOW + 30
+    rec = record("a@x.org")
+    step = apply(rec, annotate(smtplib.SMTPDataError(451, b"4.3.0 later"), Stage.DATA))
+    early = record("b@x.org")
+    early_step = apply(early, annotate(smtplib.SMTPDataError(451, b"x"), Stage.DATA))
+    assert defer_behind(rec, step, NOW + 600).score == NOW + 600 == rec.next_attempt_at
+    assert defer_behind(early, early_step, NOW + 10).score == NOW + 60  # already later

@@ -7,6 +7,7 @@ import smtplib
 import socket
 import ssl
 import tomllib
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from mailworker.policy import (
     DEFAULT_RULES,
     Action,
+    AttemptState,
     Backoff,
     Decision,
     Policy,
@@ -24,7 +26,8 @@ from mailworker.policy import (
     TransportError,
     parse_duration,
 )
-from mailworker.smtp.errors import DeliveryUncertain, Stage, annotate
+from mailworker.policy_config import policy_from_table
+from mailworker.smtp.errors import DeliveryUncertain, Failure, Stage, annotate, failure_of
 
 A, S = Action, Scope
 POLICY = Policy()
@@ -34,8 +37,18 @@ def rng() -> random.Random:
     return random.Random(1234)
 
 
-def decide(error: BaseException | None = None, **kw: Any) -> Decision:
-    return POLICY.decide(error=error, rng=rng(), **kw)
+def reply(code: int, enhanced: str | None = None, stage: Stage | None = None) -> Failure:
+    """A bare reply (one recipient's refusal, say), as the outcome code builds it."""
+    return Failure.reply(code, "", stage, enhanced_code=enhanced)
+
+
+def facts(what: BaseException | Failure) -> Failure:
+    return what if isinstance(what, Failure) else failure_of(what)
+
+
+def decide(what: BaseException | Failure, policy: Policy = POLICY, **state: Any) -> Decision:
+    """Decide with a state where the transaction took someone (so a 452 split goes on)."""
+    return policy.decide(facts(what), AttemptState(**{"delivered": 1, **state}), rng())
 
 
 def at(exc: BaseException, stage: Stage) -> BaseException:
@@ -47,22 +60,22 @@ def refused(code: int, text: str) -> smtplib.SMTPRecipientsRefused:
 
 
 # (case id, error, extra decide() kwargs, rule, action, scope, counts_as_attempt, duplicate)
-ROWS: list[tuple[str, BaseException | None, dict[str, Any], str, Action, Scope, bool, bool]] = [
+ROWS: list[tuple[str, BaseException | Failure, dict[str, Any], str, Action, Scope, bool, bool]] = [
     # too many recipients: split now, no backoff, not the message's fault
     ("452 4.5.3 refused", at(refused(452, "4.5.3 Too many recipients"), Stage.RCPT), {},
      "too-many-recipients", A.RETRY_NOW, S.RECIPIENT, False, False),
-    ("bare 452", None, {"code": 452, "stage": Stage.RCPT},
+    ("bare 452", reply(452, None, Stage.RCPT), {},
      "too-many-recipients", A.RETRY_NOW, S.RECIPIENT, False, False),
-    ("bare 552 5.5.3", None, {"code": 552, "enhanced_code": "5.5.3", "stage": Stage.RCPT},
+    ("bare 552 5.5.3", reply(552, "5.5.3", Stage.RCPT), {},
      "too-many-recipients", A.RETRY_NOW, S.RECIPIENT, False, False),
-    ("bare 552 (RFC 5321 4.5.3.1.10)", None, {"code": 552, "stage": Stage.RCPT},
+    ("bare 552 (RFC 5321 4.5.3.1.10)", reply(552, None, Stage.RCPT), {},
      "too-many-recipients", A.RETRY_NOW, S.RECIPIENT, False, False),
     # ... but 452/552 with another enhanced code are ordinary replies
-    ("452 4.2.2 over quota", None, {"code": 452, "enhanced_code": "4.2.2", "stage": Stage.RCPT},
+    ("452 4.2.2 over quota", reply(452, "4.2.2", Stage.RCPT), {},
      "rcpt-4xx", A.RETRY, S.RECIPIENT, True, False),
     ("unannotated 452 4.2.2", refused(452, "4.2.2 over quota"), {},
      "rcpt-4xx", A.RETRY, S.RECIPIENT, True, False),
-    ("552 5.2.2 mailbox full", None, {"code": 552, "enhanced_code": "5.2.2", "stage": Stage.RCPT},
+    ("552 5.2.2 mailbox full", reply(552, "5.2.2", Stage.RCPT), {},
      "rcpt-5xx", A.FAIL, S.RECIPIENT, True, False),
     # authentication: configuration problem
     ("535", at(smtplib.SMTPAuthenticationError(535, b"5.7.8 bad credentials"), Stage.AUTH), {},
@@ -120,7 +133,7 @@ ROWS: list[tuple[str, BaseException | None, dict[str, Any], str, Action, Scope, 
      {}, "service-unavailable", A.RETRY, S.RELAY, False, False),
     ("garbled greeting", smtplib.SMTPConnectError(-1, b"???"), {},
      "service-unavailable", A.RETRY, S.RELAY, False, False),
-    ("bare 421 at RCPT", None, {"code": 421, "stage": Stage.RCPT},
+    ("bare 421 at RCPT", reply(421, None, Stage.RCPT), {},
      "service-unavailable", A.RETRY, S.RELAY, False, False),
     # connection failures before the dot
     ("refused", at(ConnectionRefusedError(111, "refused"), Stage.CONNECT), {},
@@ -140,7 +153,7 @@ ROWS: list[tuple[str, BaseException | None, dict[str, Any], str, Action, Scope, 
     # per-recipient replies
     ("550 5.1.1", at(refused(550, "5.1.1 no such user"), Stage.RCPT), {},
      "rcpt-5xx", A.FAIL, S.RECIPIENT, True, False),
-    ("bare 550 5.7.1", None, {"code": 550, "enhanced_code": "5.7.1", "stage": Stage.RCPT},
+    ("bare 550 5.7.1", reply(550, "5.7.1", Stage.RCPT), {},
      "rcpt-5xx", A.FAIL, S.RECIPIENT, True, False),
     ("450 greylisted", at(refused(450, "4.7.1 greylisted"), Stage.RCPT), {},
      "rcpt-4xx", A.RETRY, S.RECIPIENT, True, False),
@@ -161,13 +174,13 @@ ROWS: list[tuple[str, BaseException | None, dict[str, Any], str, Action, Scope, 
      {}, "smtputf8-unsupported", A.FAIL, S.MESSAGE, True, False),
     # anything else is retried, never dropped
     ("a bug", ValueError("boom"), {}, "unknown", A.RETRY, S.MESSAGE, True, False),
-    ("bare 550 without a stage", None, {"code": 550}, "unknown", A.RETRY, S.MESSAGE, True, False),
+    ("bare 550 without a stage", reply(550), {}, "unknown", A.RETRY, S.MESSAGE, True, False),
 ]
 
 
 @pytest.mark.parametrize(("error", "kw", "rule", "action", "scope", "counts", "dup"),
                          [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
-def test_default_rows(error: BaseException | None, kw: dict[str, Any], rule: str,
+def test_default_rows(error: BaseException | Failure, kw: dict[str, Any], rule: str,
                       action: Action, scope: Scope, counts: bool, dup: bool) -> None:
     d = decide(error, **kw)
     assert (d.rule, d.action, d.scope, d.counts_as_attempt, d.possible_duplicate) == (
@@ -185,25 +198,84 @@ def test_every_default_rule_name_is_exercised() -> None:
 
 def test_retry_delays_use_the_right_backoff() -> None:
     policy = Policy(backoff=Backoff(jitter=0), relay_backoff=Backoff(30, 2, 600, jitter=0))
-    deferred = at(smtplib.SMTPDataError(451, b"later"), Stage.DATA)
-    assert [policy.decide(error=deferred, attempt=n).delay for n in (1, 2, 3, 10)] == [
+    deferred = facts(at(smtplib.SMTPDataError(451, b"later"), Stage.DATA))
+    assert [policy.decide(deferred, AttemptState(attempt=n)).delay for n in (1, 2, 3, 10)] == [
         60, 120, 240, 3600]
-    refused_conn = ConnectionRefusedError()
-    assert [policy.decide(error=refused_conn, attempt=5, relay_failures=n).delay
+    refused_conn = failure_of(ConnectionRefusedError())
+    assert [policy.decide(refused_conn, AttemptState(attempt=5, relay_failures=n)).delay
             for n in (1, 2, 6)] == [30, 60, 600]
 
 
-def test_explicit_facts_override_the_exception() -> None:
-    exc = at(smtplib.SMTPDataError(451, b"4.3.0 later"), Stage.DATA)
-    assert decide(exc, code=554).action is A.FAIL
-    assert decide(exc, stage=Stage.RCPT).rule == "rcpt-4xx"
+def test_relay_decisions_say_how_long_the_relay_pauses() -> None:
+    policy = Policy(relay_backoff=Backoff(30, 2, 600, jitter=0), config_pause=120)
+    host = policy.decide(failure_of(ConnectionRefusedError()), AttemptState(relay_failures=3))
+    assert (host.action, host.scope, host.relay_pause, host.delay) == (A.RETRY, S.RELAY, 120, 120)
+    auth = policy.decide(facts(at(smtplib.SMTPAuthenticationError(535, b"5.7.8 no"), Stage.AUTH)))
+    assert (auth.action, auth.relay_pause, auth.counts_as_attempt) == (A.PAUSE_RELAY, 120, False)
+    msg = policy.decide(facts(at(smtplib.SMTPDataError(451, b"later"), Stage.DATA)))
+    assert msg.relay_pause == 0
 
 
-def test_decide_needs_an_error_or_a_code() -> None:
-    with pytest.raises(ValueError, match="error or a reply code"):
-        POLICY.decide()
+def test_failure_facts_decide_not_the_exception_object() -> None:
+    exc = facts(at(smtplib.SMTPDataError(451, b"4.3.0 later"), Stage.DATA))
+    assert decide(replace(exc, code=554)).action is A.FAIL
+    assert decide(replace(exc, stage=Stage.RCPT)).rule == "rcpt-4xx"
+
+
+def test_state_is_1_based() -> None:
     with pytest.raises(ValueError, match="1-based"):
-        POLICY.decide(code=450, attempt=0)
+        AttemptState(attempt=0)
+    with pytest.raises(ValueError, match="1-based"):
+        AttemptState(relay_failures=0)
+
+
+def test_a_split_that_took_nobody_backs_off_and_counts() -> None:
+    """Retrying at once a transaction where every recipient got 452 would loop."""
+    policy = Policy(backoff=Backoff(jitter=0))
+    many = reply(452, "4.5.3", Stage.RCPT)
+    split = policy.decide(many, AttemptState(delivered=1))
+    assert (split.action, split.delay, split.counts_as_attempt) == (A.RETRY_NOW, 0, False)
+    stuck = policy.decide(many, AttemptState(attempt=2, delivered=0))
+    assert (stuck.action, stuck.scope, stuck.delay, stuck.counts_as_attempt) == (
+        A.RETRY, S.RECIPIENT, 120, True)
+    assert stuck.rule == "too-many-recipients" and "none was accepted" in stuck.reason
+    assert policy.decide(many, AttemptState(attempt=20)).reason == "retries exhausted"
+
+
+# --- the uncertain budget ----------------------------------------------------------------
+
+def test_uncertain_attempts_spend_their_own_budget() -> None:
+    lost = failure_of(DeliveryUncertain("no reply after the dot"))
+    policy = Policy(max_uncertain=1)
+    first = policy.decide(lost, AttemptState(uncertain=0))
+    assert (first.action, first.uncertain, first.possible_duplicate) == (A.RETRY, True, True)
+    spent = policy.decide(lost, AttemptState(attempt=2, uncertain=1))
+    assert (spent.action, spent.scope, spent.uncertain) == (A.FAIL, S.MESSAGE, True)
+    assert spent.dead_letter and spent.reason.startswith("may have been delivered: ")
+    assert "max_uncertain=1" in spent.reason
+    # a failure before the dot is no duplicate risk, whatever the budget says
+    safe = policy.decide(failure_of(ConnectionRefusedError()), AttemptState(uncertain=5))
+    assert (safe.action, safe.uncertain) == (A.RETRY, False)
+    # max_uncertain=0: never risk a second copy
+    assert Policy(max_uncertain=0).decide(lost).action is A.FAIL
+    assert Policy(max_uncertain=3).decide(lost, AttemptState(uncertain=2)).action is A.RETRY
+    with pytest.raises(ValueError, match="max_uncertain"):
+        Policy(max_uncertain=-1)
+
+
+# --- holds: waiting without an attempt ----------------------------------------------------
+
+def test_holds_spend_no_attempt() -> None:
+    policy = Policy(config_pause=240)
+    unknown = policy.unknown_relay("unknown relay 'x'")
+    assert (unknown.action, unknown.delay, unknown.counts_as_attempt, unknown.rule) == (
+        A.HOLD, 240, False, "unknown-relay")
+    assert policy.hold("relay paused: bad password", 12.5).delay == 12.5
+    fleet = policy.fleet_hold(wait=2.0, rng=rng())
+    assert 2.0 <= fleet.delay <= 2.25 and fleet.rule == "fleet-limit"
+    behind = policy.fleet_hold(behind=10, rate=5.0, rng=rng())
+    assert 2.0 <= behind.delay <= 2.25
+    assert 0.5 <= policy.fleet_hold(behind=3, rng=rng()).delay <= 0.75
 
 
 # --- order ---------------------------------------------------------------------------------
@@ -213,23 +285,27 @@ def test_first_match_wins_and_user_rules_go_first() -> None:
                 action=A.RETRY_NOW, scope=S.RECIPIENT)
     policy = POLICY.with_rules([grey])
     assert policy.rules[0] is grey and policy.rules[1:] == DEFAULT_RULES
-    assert policy.decide(code=450, enhanced_code="4.7.1", stage=Stage.RCPT).rule == "greylisting"
-    assert policy.decide(code=450, enhanced_code="4.2.0", stage=Stage.RCPT).rule == "rcpt-4xx"
+    assert decide(reply(450, "4.7.1", Stage.RCPT), policy).rule == "greylisting"
+    assert decide(reply(450, "4.2.0", Stage.RCPT), policy).rule == "rcpt-4xx"
     # a user rule without a reason gets one naming it
-    assert policy.decide(code=450, enhanced_code="4.7.1", stage=Stage.RCPT).reason == (
-        "greylisting: retry_now")
+    assert decide(reply(450, "4.7.1", Stage.RCPT), policy).reason == "greylisting: retry_now"
 
 
 def test_order_decides_between_overlapping_rules() -> None:
     broad = Rule("broad", codes="5xx", action=A.FAIL)
     narrow = Rule("narrow", codes="550", action=A.RETRY)
-    assert Policy([broad, narrow]).decide(code=550).rule == "broad"
-    assert Policy([narrow, broad]).decide(code=550).rule == "narrow"
+    assert Policy([broad, narrow]).decide(reply(550)).rule == "broad"
+    assert Policy([narrow, broad]).decide(reply(550)).rule == "narrow"
 
 
 def test_a_table_without_a_match_falls_back_to_retry() -> None:
-    d = Policy([Rule("only-550", codes="550", action=A.FAIL)]).decide(code=250, rng=rng())
+    d = Policy([Rule("only-550", codes="550", action=A.FAIL)]).decide(reply(250), rng=rng())
     assert (d.rule, d.action, d.scope) == ("unknown", A.RETRY, S.MESSAGE)
+
+
+def test_rules_cannot_hold() -> None:
+    with pytest.raises(ValueError, match="not a rule's action"):
+        Rule("r", action=A.HOLD)
 
 
 @pytest.mark.parametrize(("pattern", "code", "hit"), [
@@ -237,7 +313,7 @@ def test_a_table_without_a_match_falls_back_to_retry() -> None:
     ("450,452", 452, True), ("450, 452", 451, False), ("5XX", 554, True), ("421", -1, False),
 ])
 def test_code_patterns(pattern: str, code: int, hit: bool) -> None:
-    assert Rule("r", codes=pattern).matches(None, code, None, None) is hit
+    assert Rule("r", codes=pattern).matches(reply(code)) is hit
 
 
 @pytest.mark.parametrize(("pattern", "enhanced", "hit"), [
@@ -245,7 +321,7 @@ def test_code_patterns(pattern: str, code: int, hit: bool) -> None:
     ("x.5.3", "4.5.3", True), ("4.7.1,5.7.1", "5.7.1", True), ("5.7.x", None, False),
 ])
 def test_enhanced_patterns(pattern: str, enhanced: str | None, hit: bool) -> None:
-    assert Rule("r", enhanced=pattern).matches(None, 550, enhanced, None) is hit
+    assert Rule("r", enhanced=pattern).matches(reply(550, enhanced)) is hit
 
 
 def test_transport_error_excludes_smtp_replies() -> None:
@@ -261,27 +337,27 @@ def test_transport_error_excludes_smtp_replies() -> None:
 
 def test_retries_exhausted() -> None:
     policy = Policy(max_attempts=5)
-    rcpt: dict[str, Any] = {"code": 450, "stage": Stage.RCPT, "rng": rng()}
-    assert policy.decide(attempt=4, **rcpt).action is A.RETRY
-    d = policy.decide(attempt=5, **rcpt)
+    rcpt = reply(450, None, Stage.RCPT)
+    assert decide(rcpt, policy, attempt=4).action is A.RETRY
+    d = decide(rcpt, policy, attempt=5)
     assert (d.action, d.scope, d.delay, d.reason, d.rule) == (
         A.FAIL, S.RECIPIENT, 0, "retries exhausted", "rcpt-4xx")
     msg = at(smtplib.SMTPDataError(451, b"later"), Stage.DATA)
-    assert policy.decide(error=msg, attempt=5).scope is S.MESSAGE
-    lost = policy.decide(error=DeliveryUncertain(), attempt=9)
+    assert decide(msg, policy, attempt=5).scope is S.MESSAGE
+    lost = decide(DeliveryUncertain(), policy, attempt=9)
     assert (lost.action, lost.possible_duplicate) == (A.FAIL, True)
 
 
 def test_lifetime_exceeded() -> None:
     policy = Policy(backoff=Backoff(jitter=0), lifetime=3600)
     msg = at(smtplib.SMTPDataError(451, b"later"), Stage.DATA)
-    assert policy.decide(error=msg, age=3540).action is A.RETRY          # 3540 + 60 == 3600
-    d = policy.decide(error=msg, age=3541)
+    assert decide(msg, policy, age=3540).action is A.RETRY          # 3540 + 60 == 3600
+    d = decide(msg, policy, age=3541)
     assert (d.action, d.scope, d.reason) == (A.FAIL, S.MESSAGE, "lifetime exceeded")
-    assert policy.decide(error=msg, age=3541, lifetime=7200).action is A.RETRY
-    rcpt = policy.decide(code=450, stage=Stage.RCPT, age=4000)
+    assert decide(msg, policy, age=3541, lifetime=7200).action is A.RETRY
+    rcpt = decide(reply(450, None, Stage.RCPT), policy, age=4000)
     assert (rcpt.action, rcpt.scope) == (A.FAIL, S.RECIPIENT)
-    split = policy.decide(code=452, stage=Stage.RCPT, age=3601)
+    split = decide(reply(452, None, Stage.RCPT), policy, age=3601)
     assert (split.action, split.scope, split.reason) == (A.FAIL, S.RECIPIENT, "lifetime exceeded")
 
 
@@ -291,9 +367,9 @@ def test_lifetime_exceeded() -> None:
 ], ids=["connection", "auth", "421"])
 def test_relay_level_problems_do_not_use_up_attempts(error: BaseException) -> None:
     policy = Policy(max_attempts=3, lifetime=3600)
-    d = policy.decide(error=error, attempt=1000, rng=rng())
+    d = decide(error, policy, attempt=1000)
     assert d.action is not A.FAIL and d.scope is S.RELAY and not d.counts_as_attempt
-    late = policy.decide(error=error, attempt=1, age=3600, rng=rng())
+    late = decide(error, policy, attempt=1, age=3600)
     assert (late.action, late.scope, late.reason) == (A.FAIL, S.MESSAGE, "lifetime exceeded")
 
 
@@ -301,7 +377,8 @@ def test_with_limits() -> None:
     p = POLICY.with_limits(max_attempts=3)
     assert (p.max_attempts, p.lifetime, p.rules) == (3, POLICY.lifetime, POLICY.rules)
     assert POLICY.with_limits(lifetime=60).lifetime == 60
-    assert repr(p) == f"<Policy {len(DEFAULT_RULES)} rules, max_attempts=3, lifetime=86400s>"
+    assert repr(p) == (f"<Policy {len(DEFAULT_RULES)} rules, max_attempts=3, max_uncertain=1, "
+                       "lifetime=86400s>")
 
 
 codes = st.integers(min_value=-1, max_value=599)
@@ -315,8 +392,8 @@ stages = st.none() | st.sampled_from(list(Stage))
 def test_decisions_are_consistent(code: int, enh: str | None, stage: Stage | None,
                                   attempt: int, age: float, seed: int) -> None:
     policy = Policy()
-    d = policy.decide(code=code, enhanced_code=enh, stage=stage, attempt=attempt, age=age,
-                      rng=random.Random(seed))
+    failure, state = reply(code, enh, stage), AttemptState(attempt=attempt, age=age, delivered=1)
+    d = policy.decide(failure, state, random.Random(seed))
     assert d.delay >= 0 and d.rule
     assert d.delay <= max(policy.backoff.maximum, policy.relay_backoff.maximum)
     if d.action in (A.FAIL, A.RETRY_NOW):
@@ -328,8 +405,7 @@ def test_decisions_are_consistent(code: int, enh: str | None, stage: Stage | Non
     if d.action is not A.FAIL:
         assert age + d.delay <= policy.lifetime
     # pure: the same inputs and the same rng give the same decision
-    assert d == policy.decide(code=code, enhanced_code=enh, stage=stage, attempt=attempt, age=age,
-                              rng=random.Random(seed))
+    assert d == policy.decide(failure, state, random.Random(seed))
 
 
 # --- backoff -------------------------------------------------------------------------------
@@ -396,6 +472,8 @@ CONFIG = """
 [retry]
 max_attempts = 12
 lifetime = "2d"
+max_uncertain = 2
+config_pause = "10m"
 backoff = { initial = "1m", factor = 3, maximum = "2h", jitter = 0.1 }
 relay_backoff = { initial = 10, maximum = "5m" }
 
@@ -420,8 +498,9 @@ reason = "we know better"
 
 
 def test_from_config() -> None:
-    policy = Policy.from_config(tomllib.loads(CONFIG)["retry"])
+    policy = policy_from_table(tomllib.loads(CONFIG)["retry"])
     assert (policy.max_attempts, policy.lifetime) == (12, 172800)
+    assert (policy.max_uncertain, policy.config_pause) == (2, 600)
     assert policy.backoff == Backoff(60, 3, 7200, 0.1)
     assert policy.relay_backoff == Backoff(10, 2, 300, 0.2)
     grey, flaky, *rest = policy.rules
@@ -431,9 +510,9 @@ def test_from_config() -> None:
     assert flaky == Rule("flaky-dns", (socket.gaierror, smtplib.SMTPServerDisconnected,
                                        TimeoutError), "421,45x", None,
                          frozenset({Stage.AFTER_DOT}), A.FAIL, S.MESSAGE, True, "we know better")
-    d = policy.decide(error=at(refused(450, "4.7.1 greylisted"), Stage.RCPT), rng=rng())
+    d = decide(at(refused(450, "4.7.1 greylisted"), Stage.RCPT), policy)
     assert (d.rule, d.action) == ("greylisting", A.RETRY)
-    assert Policy.from_config({}) == Policy()
+    assert policy_from_table({}) == Policy()
 
 
 def test_describe_round_trips_through_config() -> None:
@@ -442,7 +521,7 @@ def test_describe_round_trips_through_config() -> None:
     assert rows[0]["name"] == "too-many-recipients" and rows[-1]["name"] == "unknown"
     lost = next(r for r in rows if r["name"] == "lost-after-dot")
     assert lost["exception"] == ["DeliveryUncertain"] and lost["possible_duplicate"] is True
-    again = Policy.from_config({"rules": rows})
+    again = policy_from_table({"rules": rows})
     assert again.rules[: len(rows)] == DEFAULT_RULES
 
 
@@ -454,6 +533,8 @@ def bad_rule(**fields: Any) -> dict[str, Any]:
     ({"retries": 3}, r"^retry: unknown key 'retries'; allowed: max_attempts, lifetime"),
     ({"max_attempts": 0}, r"^retry\.max_attempts=0 is not a whole number >= 1"),
     ({"max_attempts": "20"}, r"^retry\.max_attempts='20' is not a whole number"),
+    ({"max_uncertain": -1}, r"^retry\.max_uncertain=-1 is not a whole number >= 0"),
+    ({"config_pause": "soon"}, r"^retry\.config_pause: 'soon' is not a duration"),
     ({"lifetime": "24 hours"}, r"^retry\.lifetime: '24 hours' is not a duration; use seconds"),
     ({"lifetime": 0}, r"^retry\.lifetime=0\.0 is not a positive number"),
     ({"backoff": {"start": 1}}, r"^retry\.backoff: unknown key 'start'; allowed: initial"),
@@ -491,7 +572,7 @@ def bad_rule(**fields: Any) -> dict[str, Any]:
 ])
 def test_from_config_errors(table: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        Policy.from_config(table)
+        policy_from_table(table)
 
 
 def test_rule_validation_without_config() -> None:
