@@ -29,6 +29,7 @@ class DeadLetterFilter:
     domain: str | None = None          # a failed recipient's domain
     older_than: float | None = None    # seconds since dead-lettered
     newer_than: float | None = None
+    reason: str | None = None          # text in the dead reason, e.g. "may have been delivered"
 
     def matches(self, rec: Record, now: float) -> bool:
         failed = [r for r in rec.recipients if r.state is RcptState.FAILED]
@@ -47,6 +48,8 @@ class DeadLetterFilter:
             want = self.exception.removeprefix("smtplib.")
             if want not in exception_classes(rec):
                 return False
+        if self.reason and self.reason.lower() not in (rec.dead_reason or "").lower():
+            return False
         age = now - (rec.dead_at or rec.updated_at or rec.created_at)
         if self.older_than is not None and age < self.older_than:
             return False

@@ -181,12 +181,13 @@ def _filter(args: argparse.Namespace) -> Any:
     except ValueError as exc:
         raise CLIError(str(exc), "durations look like 90s, 15m, 24h, 7d", 2) from None
     return DeadLetterFilter(relay=args.relay, code=args.code, exception=args.exception,
-                            domain=args.domain, older_than=older, newer_than=newer)
+                            domain=args.domain, older_than=older, newer_than=newer,
+                            reason=args.reason)
 
 
 def _has_filter(args: argparse.Namespace) -> bool:
     return any(getattr(args, k) for k in ("relay", "code", "exception", "domain",
-                                          "older_than", "newer_than"))
+                                          "older_than", "newer_than", "reason"))
 
 
 def dlq_list(args: argparse.Namespace) -> int:

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--domain", help="recipient domain")
         a.add_argument("--older-than", help="e.g. 1h, 2d")
         a.add_argument("--newer-than", help="e.g. 30m")
+        a.add_argument("--reason", help="text in the dead reason (any case), e.g. "
+                                        "'may have been delivered'")
         a.add_argument("--json", action="store_true")
         a.set_defaults(func=getattr(commands, f"dlq_{name}"))
     sh = dsub.add_parser("show", help="one dead letter with its whole history")
