@@ -48,9 +48,7 @@ def enhanced_code_of(text: str | bytes | None) -> str | None:
     """The RFC 3463 enhanced status code at the start of a reply text, if any."""
     if text is None:
         return None
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    m = _ENHANCED_RE.match(text)
+    m = _ENHANCED_RE.match(_decode(text))
     return f"{m.group(1)}.{m.group(2)}.{m.group(3)}" if m else None
 
 
