@@ -216,8 +216,8 @@ class LocalDelivery:
         from mailworker import api
 
         items = api.prepare_many(messages)
-        shift = self.clock() - time.time()
         for rec, _raw in items:
+            shift = self.clock() - rec.created_at  # the api's "now", for every time it set
             rec.created_at += shift
             rec.expires_at += shift
             if rec.send_at is not None:
@@ -258,7 +258,7 @@ class LocalDelivery:
             if not busy:
                 return passes
         pending = [mid for ids, _ in self._wakeups for mid in ids]
-        due = [str(m) for m in self.redis.zrangebyscore(self.store.inflight_key, "-inf",
+        due = [str(m) for m in self.redis.zrangebyscore(self.store.keys.inflight, "-inf",
                                                          self.clock())]
         raise StillPending(
             f"still busy after {rounds} rounds at t={self.clock():.3f}: "
@@ -291,7 +291,7 @@ class LocalDelivery:
 
     def _next_due(self) -> float | None:
         times: list[float] = []
-        for key in (self.store.deferred_key, self.store.inflight_key):
+        for key in (self.store.keys.deferred, self.store.keys.inflight):
             first: list[Any] = self.redis.zrange(key, 0, 0, withscores=True)
             times += [float(score) for _member, score in first]
         return min(times) if times else None
@@ -309,8 +309,9 @@ class LocalDelivery:
     @property
     def records(self) -> list[Record]:
         """Every record in the store, in no particular order."""
-        head = self.store.key("m", "")
-        ids = sorted(_text(k)[len(head):] for k in self.redis.scan_iter(match=head + "*"))
+        head = self.store.keys.head("m")
+        ids = sorted(_text(k)[len(head):]
+                     for k in self.redis.scan_iter(match=self.store.keys.scan_pattern("m")))
         return [r for r in self.store.get_many(ids) if r is not None]
 
     @property

@@ -257,7 +257,7 @@ def test_fleet_max_connections_sends_over_a_connection_of_its_own(
         local.run_until_idle()
         assert {local.status(i)["state"] for i in ids} == {"delivered"}  # type: ignore[index]
         wait_until(lambda: server.active_connections == 0)  # closed with the slot
-        assert local.redis.zcard(local.store.key("slots", "default")) == 0
+        assert local.redis.zcard(local.store.keys.slots("default")) == 0
     finally:
         server.stop()
 
@@ -304,11 +304,11 @@ def test_a_retry_past_the_lifetime_dead_letters_now(local: LocalDelivery) -> Non
 
 def test_unreadable_and_invalid_records_are_set_aside_alone(local: LocalDelivery) -> None:
     ids = local.send_many([mail(f"u{i}@example.com") for i in range(3)])
-    local.redis.hset(local.store.key("m", ids[0]), "doc", b"{not json")
+    local.redis.hset(local.store.keys.record(ids[0]), "doc", b"{not json")
     rec = local.record(ids[1])
     assert rec is not None
     rec.expires_at = float("nan")
-    local.redis.hset(local.store.key("m", ids[1]), "doc", rec.to_json())
+    local.redis.hset(local.store.keys.record(ids[1]), "doc", rec.to_json())
     local.run_until_idle()
 
     assert local.reports[-1].quarantined == 2
@@ -317,7 +317,7 @@ def test_unreadable_and_invalid_records_are_set_aside_alone(local: LocalDelivery
     assert "unreadable record" in (dead[ids[0]].dead_reason or "")
     assert "invalid record: expires_at" in (dead[ids[1]].dead_reason or "")
     assert local.status(ids[2])["state"] == "delivered"  # type: ignore[index]
-    assert local.redis.hget(local.store.key("m", ids[0]), "raw")  # raw bytes kept
+    assert local.redis.hget(local.store.keys.record(ids[0]), "raw")  # raw bytes kept
 
 
 @pytest.mark.parametrize(("field", "value", "reason"), [
@@ -331,7 +331,7 @@ def test_each_invalid_field_is_named(local: LocalDelivery, field: str, value: An
     rec = local.record(mid)
     assert rec is not None
     setattr(rec, field, value)
-    local.redis.hset(local.store.key("m", mid), "doc", rec.to_json())
+    local.redis.hset(local.store.keys.record(mid), "doc", rec.to_json())
     local.run_until_idle()
     assert reason in (local.record(mid).dead_reason or "")  # type: ignore[union-attr]
 
@@ -341,7 +341,7 @@ def test_an_envelope_refused_before_sending_is_quarantined(local: LocalDelivery)
     rec = local.record(ids[0])
     assert rec is not None
     rec.sender = "bad sender@example.com"  # a string, but no valid envelope address
-    local.redis.hset(local.store.key("m", ids[0]), "doc", rec.to_json())
+    local.redis.hset(local.store.keys.record(ids[0]), "doc", rec.to_json())
     local.run_until_idle()
     assert "invalid record: invalid envelope address" in (
         local.record(ids[0]).dead_reason or "")  # type: ignore[union-attr]
@@ -366,7 +366,7 @@ def test_stale_wake_ups_are_skipped(local: LocalDelivery) -> None:
 
 def test_a_record_an_earlier_worker_was_sending_is_flagged(local: LocalDelivery) -> None:
     mid = local.send(**mail())
-    local.redis.hset(local.store.key("m", mid), "sending", f"deadbeef {local.clock() - 5}")
+    local.redis.hset(local.store.keys.record(mid), "sending", f"deadbeef {local.clock() - 5}")
     local.run_until_idle()
     rec = local.record(mid)
     assert rec is not None and rec.state is MessageState.DELIVERED
@@ -381,7 +381,7 @@ def test_a_lease_lost_before_saving_leaves_the_outcome_to_the_new_owner(
     commit = local.store.commit_many
 
     def taken_over(items: Any) -> list[bool]:
-        local.redis.set(local.store.key("lease", mid), "another-worker")
+        local.redis.set(local.store.keys.lease(mid), "another-worker")
         return commit(items)
 
     monkeypatch.setattr(local.store, "commit_many", taken_over)
@@ -397,7 +397,7 @@ def test_a_lease_lost_before_sending_is_never_sent(
 
     def steal_one(*args: Any, **kw: Any) -> Any:
         claims = claim(*args, **kw)
-        local.redis.set(local.store.key("lease", ids[1]), "another-worker")
+        local.redis.set(local.store.keys.lease(ids[1]), "another-worker")
         return claims
 
     monkeypatch.setattr(local.store, "claim_many", steal_one)
@@ -474,7 +474,7 @@ def test_a_redis_blip_mid_group_saves_nothing_for_it(
     local.deliver(local.wakeups[0][0])
     assert local.status(mid)["state"] == "queued"  # type: ignore[index]
     monkeypatch.undo()
-    local.redis.delete(local.store.key("lease", mid))  # its lease runs out
+    local.redis.delete(local.store.keys.lease(mid))  # its lease runs out
     local.clock.advance(local.settings.lease_seconds + local.settings.stuck_after + 1)
     local.run_until_idle()
     assert local.status(mid)["state"] == "delivered"  # type: ignore[index]
