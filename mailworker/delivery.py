@@ -411,7 +411,8 @@ class Deliverer:
                         results: Sequence[SendResult | BaseException]) -> int:
         """The relay's consecutive failures, counting this chunk's should it have failed at
         host level (read only when a result is a failure: the happy path pays nothing)."""
-        if all(isinstance(r, SendResult | NotAttempted) for r in results):
+        if all(isinstance(r, NotAttempted) or (isinstance(r, SendResult) and not r.refused)
+               for r in results):
             return 1
         try:
             return int(self.store.relay_failures(relay_name)) + 1
