@@ -1,9 +1,14 @@
 """Per-process pools of SMTP connections: one :class:`Pool` per relay, a :class:`PoolManager`.
 
 The shape follows httpcore: each connection answers a few questions (``is_retired``,
-``server_spoke``, ``idle_for``), and the bookkeeping happens in small methods that run
-under one lock and *return* the connections to close; the caller closes them after
-releasing the lock, because QUIT can block for seconds.
+``server_spoke``, ``idle_for``); all the bookkeeping is one method, ``Pool._update``,
+under the pool's one lock: it notes what happened (a connection came back or opened, a
+checkout arrived or gave up) and *returns* the connections to close, which the caller
+closes after releasing the lock, because QUIT can block for seconds.
+
+Checkouts are served first come, first served: a connection that comes back, or a slot
+that frees up, is handed directly to the thread that has waited longest, so none can be
+overtaken again and again until :class:`PoolTimeout`.
 
 Reuse is LIFO: the most recently used connection is the least likely to have been timed
 out by the server. An idle connection whose socket is readable (the server sent its
@@ -23,9 +28,9 @@ import os
 import smtplib
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -53,7 +58,7 @@ class PoolTimeout(TimeoutError):  # noqa: N818 - reads as what it is, like socke
 
 @dataclass(frozen=True)
 class PoolStats:
-    """Live counts: connections in use and idle now; totals since the pool was made."""
+    """Live counts (active, idle, and last: opening, waiting) and totals since made."""
 
     active: int
     idle: int
@@ -63,6 +68,34 @@ class PoolStats:
     closed: int
     unencrypted: int = 0  # opened in clear under tls=may (no STARTTLS, or it failed)
     tls_fallbacks: int = 0  # tls=may: STARTTLS failed, so the connection was reopened in clear
+    opening: int = 0
+    waiting: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    """One checkout in line; the pool hands it a connection or a slot to open one."""
+
+    fresh: bool                      # wants a new connection (the stale retry), not an idle one
+    again: bool = False              # back after a failed NOOP: keeps its place at the head
+    conn: Connection | None = None   # handed an idle connection...
+    slot: bool = False               # ...or the right to open one
+    served: bool = False
+    ready: threading.Event | None = None  # made only for a checkout that has to wait
+
+
+@dataclass
+class _ToClose:
+    """What a bookkeeping step took out of the pool, to close outside the lock."""
+
+    drop: list[Connection] = field(default_factory=list)  # no QUIT: hung up or out of step
+    quit: list[Connection] = field(default_factory=list)  # retired: say goodbye
+
+    def close(self) -> None:
+        for conn in self.drop:
+            conn.close(quit=False)
+        for conn in self.quit:
+            conn.close()
 
 
 class _Stale(Exception):  # noqa: N818 - internal signal for tenacity, never escapes
@@ -89,8 +122,6 @@ def _is_stale(entry: Entry) -> bool:
     return isinstance(entry, smtplib.SMTPServerDisconnected) or failure.code == 421
 
 
-
-
 # Relays already warned about in this process (cleared in a forked child).
 _PLAIN_WARNED: set[str] = set()
 _PLAIN_LOCK = threading.Lock()
@@ -111,10 +142,11 @@ class Pool:
         self._init_state()
 
     def _init_state(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # taken by _update (and stats) only
         self._idle: list[Connection] = []  # LIFO: the end is the most recently used
         self._active: set[Connection] = set()
         self._opening = 0
+        self._waiters: deque[_Waiter] = deque()  # FIFO: served in arrival order
         self._generation = 0  # close() and fork bump it; older connections are not reused
         self._born: dict[Connection, int] = {}
         self._pid = os.getpid()
@@ -177,18 +209,14 @@ class Pool:
         return out
 
     def stats(self) -> PoolStats:
-        with self._cond:
+        with self._lock:
             return PoolStats(len(self._active), len(self._idle), self._opened, self._reused,
-                             self._stale, self._closed, self._unencrypted, self._tls_fallbacks)
+                             self._stale, self._closed, self._unencrypted, self._tls_fallbacks,
+                             self._opening, len(self._waiters))
 
     def close(self) -> None:
         """QUIT the idle connections now; active ones are closed when they come back."""
-        with self._cond:
-            self._generation += 1
-            idle, self._idle = self._idle, []
-            self._closed += len(idle)
-        for conn in idle:
-            conn.close()
+        self._update(close=True).close()
 
     def reset_after_fork(self) -> None:
         """In a forked child: forget inherited connections without QUIT (their sockets
@@ -200,7 +228,8 @@ class Pool:
 
     def __repr__(self) -> str:
         s = self.stats()
-        return f"<Pool relay={self.relay.name!r} [{s.active} active, {s.idle} idle]>"
+        return (f"<Pool relay={self.relay.name!r} [{s.active} active, {s.idle} idle, "
+                f"{s.opening} opening, {s.waiting} waiting]>")
 
     # -- one connection's worth -------------------------------------------------------------
     def _send_with_reconnect(self, envelopes: Sequence[Envelope], gate: Gate | None
@@ -226,55 +255,58 @@ class Pool:
             conn.close(quit=False)  # interrupted mid-transaction: out of step
             raise
         finally:
-            self._release(conn)
+            self._update(back=conn).close()
         if reused and entries and _is_stale(entries[0]):
-            with self._cond:
-                self._stale += 1
+            self._update(stale_retry=True).close()
             self._log.info("smtp.stale_retry", relay=self.relay.name, conn_id=conn.conn_id,
                            error=type(entries[0]).__name__)
             raise _Stale(entries)
         return entries, broken
 
     def _checkout(self, fresh: bool = False) -> tuple[Connection, bool]:
+        """A connection for this thread, and whether it was reused; waits its turn."""
         if os.getpid() != self._pid:
             self.reset_after_fork()
         deadline = self._clock() + self.relay.connect_timeout
+        again = False
         while True:
-            with self._cond:
-                while True:
-                    conn, reserved, stale, retired = self._assign(self._clock(), fresh)
-                    if conn is not None or reserved or stale or retired:
-                        break
-                    remaining = deadline - self._clock()
-                    if remaining <= 0:
-                        raise PoolTimeout(
-                            f"no connection to relay {self.relay.name!r} became free within "
-                            f"{self.relay.connect_timeout:g}s ({self.relay.max_connections} "
-                            "in use); raise max_connections or add workers")
-                    self._cond.wait(remaining)
-            for old in stale:
-                old.close(quit=False)
-            for old in retired:
-                old.close()
-            if conn is not None:
-                if conn.idle_for(self._clock()) < self.relay.noop_after or self._noop_ok(conn):
-                    return conn, True
-                continue
-            if reserved:
+            waiter = _Waiter(fresh, again)
+            self._update(arrive=waiter).close()
+            if waiter.ready is not None and not self._wait(waiter, deadline):
+                raise PoolTimeout(
+                    f"no connection to relay {self.relay.name!r} became free within "
+                    f"{self.relay.connect_timeout:g}s ({self.relay.max_connections} "
+                    "in use); raise max_connections or add workers")
+            conn = waiter.conn
+            if conn is None:  # a slot: open a connection in it
                 return self._open(), False
+            if conn.idle_for(self._clock()) < self.relay.noop_after or self._noop_ok(conn):
+                return conn, True
+            again = True
+
+    def _wait(self, waiter: _Waiter, deadline: float) -> bool:
+        """Wait for *waiter*'s turn until *deadline*; False if it gave up unserved. One
+        interrupted (a time limit raised in this thread) gives back what it was handed."""
+        assert waiter.ready is not None
+        try:
+            if waiter.ready.wait(max(0.0, deadline - self._clock())):
+                return True
+        except BaseException:
+            self._update(leave=waiter).close()
+            if waiter.conn is not None:
+                self._update(back=waiter.conn).close()
+            elif waiter.slot:
+                self._update(open_failed=True).close()
+            raise
+        self._update(leave=waiter).close()
+        return waiter.served
 
     def _noop_ok(self, conn: Connection) -> bool:
         try:
             conn.noop()
             return True
         except (OSError, smtplib.SMTPException):
-            conn.close(quit=False)
-            with self._cond:
-                self._stale += 1
-                self._closed += 1
-                self._active.discard(conn)
-                self._forget(conn)
-                self._cond.notify()
+            self._update(drop=conn).close()
             return False
 
     def _open(self) -> Connection:
@@ -282,20 +314,10 @@ class Pool:
         try:
             conn.open()
         except BaseException:
-            with self._cond:
-                self._opening -= 1
-                self._cond.notify()
+            self._update(open_failed=True).close()
             raise
-        conn.in_use = True
-        plain = not conn.encrypted and self.relay.tls == "may"
-        with self._cond:
-            self._opening -= 1
-            self._opened += 1
-            self._unencrypted += plain
-            self._tls_fallbacks += conn.tls_fallback
-            self._active.add(conn)
-            self._born[conn] = self._generation
-        if plain:
+        self._update(opened=conn).close()
+        if not conn.encrypted and self.relay.tls == "may":
             self._warn_plain()
         return conn
 
@@ -311,66 +333,101 @@ class Pool:
                                "in clear (or someone on the path removed it); use "
                                "smtp+starttls:// or smtps:// to require TLS")
 
-    # -- bookkeeping under the lock: return what to close, close it outside ------------------
-    def _assign(self, now: float, fresh: bool
-                ) -> tuple[Connection | None, bool, list[Connection], list[Connection]]:
-        """Pick an idle connection, or reserve a slot to open one.
+    # -- bookkeeping: one method, under the lock; it returns what to close -----------------
+    def _update(self, *, arrive: _Waiter | None = None, leave: _Waiter | None = None,
+                back: Connection | None = None, drop: Connection | None = None,
+                opened: Connection | None = None, open_failed: bool = False,
+                stale_retry: bool = False, close: bool = False) -> _ToClose:
+        """Note what happened, then serve the waiters: the only place pool state changes.
 
-        Returns (connection, slot reserved, stale to drop, retired to QUIT).
+        *arrive*/*leave*: a checkout joins the line (at its head when back after a failed
+        NOOP) or gives up (a no-op if served meanwhile); *back*: a connection is checked
+        in; *drop*: one failed its NOOP; *opened*/*open_failed*: a slot's connection is
+        open, or not; *close*: a new generation, idle ones retired. Returns what was taken
+        out of the pool, for the caller to close once the lock is released.
         """
-        stale: list[Connection] = []
-        retired = self._sweep(now)
-        while self._idle and not fresh:
+        out = _ToClose()
+        with self._lock:
+            now = self._clock()
+            if arrive is not None:
+                (self._waiters.appendleft if arrive.again else self._waiters.append)(arrive)
+            if leave is not None and leave in self._waiters:
+                self._waiters.remove(leave)
+            if back is not None:
+                self._active.discard(back)
+                back.in_use = False
+                if self._born.get(back) == self._generation and not back.is_retired(now):
+                    self._idle.append(back)
+                else:
+                    self._retire(back, out.quit)
+            if drop is not None:
+                self._active.discard(drop)
+                self._stale += 1
+                self._retire(drop, out.drop)
+            if opened is not None:
+                self._opening -= 1
+                self._opened += 1
+                self._unencrypted += not opened.encrypted and self.relay.tls == "may"
+                self._tls_fallbacks += opened.tls_fallback
+                opened.in_use = True
+                self._active.add(opened)
+                self._born[opened] = self._generation
+            if open_failed:
+                self._opening -= 1
+            self._stale += stale_retry
+            if close:
+                self._generation += 1
+                while self._idle:
+                    self._retire(self._idle.pop(), out.quit)
+            self._serve(now, out)
+            if arrive is not None and not arrive.served:
+                arrive.ready = threading.Event()  # it waits; _serve sets this when its turn comes
+        return out
+
+    def _serve(self, now: float, out: _ToClose) -> None:
+        """Retire expired idle connections, then hand what is free to the waiters in
+        arrival order: the most recently used idle connection, else a slot to open one."""
+        for conn in [c for c in self._idle if c.is_retired(now)]:
+            self._idle.remove(conn)
+            self._retire(conn, out.quit)
+        limit = self.relay.max_connections
+        while self._waiters:
+            waiter = self._waiters[0]
+            if not waiter.fresh:
+                waiter.conn = self._reuse(out)
+            if waiter.conn is None:
+                if waiter.fresh and self._idle and self._size() >= limit:
+                    self._retire(self._idle.pop(0), out.quit)  # the oldest makes room
+                if self._size() >= limit:
+                    return  # everyone behind waits too: first come, first served
+                self._opening += 1
+                waiter.slot = True
+            self._waiters.popleft()
+            waiter.served = True
+            if waiter.ready is not None:
+                waiter.ready.set()
+
+    def _reuse(self, out: _ToClose) -> Connection | None:
+        """The most recently used idle connection; those the server spoke on are dropped."""
+        while self._idle:
             conn = self._idle.pop()
             if conn.server_spoke():
-                stale.append(conn)
                 self._stale += 1
-                self._forget(conn)
-                self._closed += 1
+                self._retire(conn, out.drop)
                 continue
             conn.in_use = True
             self._active.add(conn)
             self._reused += 1
-            return conn, False, stale, retired
-        if fresh and self._idle and len(self._active) + self._opening + len(self._idle) \
-                >= self.relay.max_connections:
-            oldest = self._idle.pop(0)
-            self._forget(oldest)
-            self._closed += 1
-            retired.append(oldest)
-        if len(self._active) + self._opening + len(self._idle) < self.relay.max_connections:
-            self._opening += 1
-            return None, True, stale, retired
-        return None, False, stale, retired
+            return conn
+        return None
 
-    def _sweep(self, now: float) -> list[Connection]:
-        retired = [c for c in self._idle if c.is_retired(now)]
-        for conn in retired:
-            self._idle.remove(conn)
-            self._forget(conn)
-        self._closed += len(retired)
-        return retired
+    def _size(self) -> int:  # connections open or being opened
+        return len(self._active) + self._opening + len(self._idle)
 
-    def _release(self, conn: Connection) -> None:
-        with self._cond:
-            self._active.discard(conn)
-            conn.in_use = False
-            now = self._clock()
-            keep = self._born.get(conn) == self._generation and not conn.is_retired(now)
-            if keep:
-                self._idle.append(conn)
-            else:
-                self._forget(conn)
-                self._closed += 1
-            retired = self._sweep(now)
-            self._cond.notify()
-        if not keep:
-            retired.append(conn)
-        for old in retired:
-            old.close()
-
-    def _forget(self, conn: Connection) -> None:
+    def _retire(self, conn: Connection, into: list[Connection]) -> None:
         self._born.pop(conn, None)
+        self._closed += 1
+        into.append(conn)
 
 
 def _not_attempted(relay: Relay, cause: BaseException | None) -> NotAttempted:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import smtplib
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -33,7 +35,7 @@ def test_connections_are_reused(server: SMTPTestServer) -> None:
     assert server.connections_opened == 1
     stats = pool.stats()
     assert (stats.opened, stats.reused, stats.active, stats.idle) == (1, 4, 0, 1)
-    assert repr(pool) == "<Pool relay='test' [0 active, 1 idle]>"
+    assert repr(pool) == "<Pool relay='test' [0 active, 1 idle, 0 opening, 0 waiting]>"
     pool.close()
     assert verbs(server)[-1] == "QUIT"
     assert pool.stats().idle == 0 and pool.stats().closed == 1
@@ -170,6 +172,88 @@ def test_eight_threads_share_two_connections(server: SMTPTestServer) -> None:
     assert pool.stats().opened <= 2 and pool.stats().active == 0
 
 
+def test_waiters_are_served_in_arrival_order_and_counted_in_repr(
+        server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server, max_connections=1))
+    release = threading.Event()
+    # The only connection is held (its gate waits) while five senders line up behind it.
+    holder = threading.Thread(target=pool.send_many, args=([envelope(0)],),
+                              kwargs={"gate": lambda i: release.wait(10)})
+    holder.start()
+    wait_until(lambda: pool.stats().active == 1)
+    senders = []
+    for n in range(1, 6):
+        senders.append(threading.Thread(target=pool.send, args=(envelope(n),)))
+        senders[-1].start()
+        wait_until(lambda n=n: pool.stats().waiting == n)  # type: ignore[misc]
+    assert repr(pool) == "<Pool relay='test' [1 active, 0 idle, 0 opening, 5 waiting]>"
+
+    release.set()
+    for t in [holder, *senders]:
+        t.join(10)
+    order = [m.data.split(b"Message-ID: <", 1)[1].split(b"@", 1)[0] for m in server.messages]
+    assert order == [b"m0", b"m1", b"m2", b"m3", b"m4", b"m5"]  # one connection, handed on
+    assert server.connections_opened == 1 and pool.stats().waiting == 0
+
+
+def test_more_threads_than_connections_are_served_fairly(make_server: MakeServer) -> None:
+    """8 threads x 10 sends over 2 connections: each freed connection goes to the thread
+    that has waited longest, so no checkout waits much longer than the others (before the
+    FIFO hand-off, the thread that gave a connection back usually took it again: the
+    longest wait was 13-21 times the mean here, up to half a second)."""
+    server = make_server(latency=0.005)
+    pool = Pool(relay_for(server, max_connections=2))
+    checkout = pool._checkout
+    waits: list[float] = []
+    lock = threading.Lock()
+
+    def timed(fresh: bool = False) -> Any:
+        started = time.perf_counter()
+        try:
+            return checkout(fresh)
+        finally:
+            with lock:
+                waits.append(time.perf_counter() - started)
+
+    pool._checkout = timed  # type: ignore[method-assign]
+
+    def work(t: int) -> None:
+        for i in range(10):
+            pool.send(envelope(t * 100 + i))  # a PoolTimeout would fail the test
+
+    run_threads(8, work)
+    assert len(server.wait_for_messages(80)) == 80 and max(server.deliveries().values()) == 1
+    mean = sum(waits) / len(waits)
+    assert len(waits) == 80 and max(waits) <= 4 * mean, (max(waits), mean)
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer")
+def test_a_waiter_interrupted_by_a_time_limit_leaves_the_line(server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server, max_connections=1))
+    release = threading.Event()
+    holder = threading.Thread(target=pool.send_many, args=([envelope(0)],),
+                              kwargs={"gate": lambda i: release.wait(10)})
+    holder.start()
+    wait_until(lambda: pool.stats().active == 1)
+
+    def time_limit(signum: int, frame: object) -> None:  # as Celery's soft time limit does
+        raise TimeoutError("soft time limit")
+
+    previous = signal.signal(signal.SIGALRM, time_limit)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(TimeoutError, match="soft time limit"):
+            pool.send(envelope(1))  # waits in line for the held connection
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert pool.stats().waiting == 0
+    release.set()
+    holder.join(10)
+    assert pool.send(envelope(2)).accepted  # nothing leaked: the one connection is free
+    assert server.connections_opened == 1 and pool.stats().active == 0
+
+
 def test_checkout_times_out_when_every_connection_is_busy(server: SMTPTestServer) -> None:
     pool = Pool(relay_for(server, max_connections=1, connect_timeout=0.2))
     server.add_fault(Fault.delay("DOT", 1.0, times=1))
@@ -179,6 +263,7 @@ def test_checkout_times_out_when_every_connection_is_busy(server: SMTPTestServer
     started = time.monotonic()
     with pytest.raises(PoolTimeout, match="max_connections"):
         pool.send(envelope(2))
+    assert pool.stats().waiting == 0  # it left the line
     assert 0.15 < time.monotonic() - started < 1.0
     busy.join(5)
     assert pool.send(envelope(3)).accepted  # free again
