@@ -172,15 +172,20 @@ def test_eight_threads_share_two_connections(server: SMTPTestServer) -> None:
     assert pool.stats().opened <= 2 and pool.stats().active == 0
 
 
-def test_waiters_are_served_in_arrival_order_and_counted_in_repr(
-        server: SMTPTestServer) -> None:
-    pool = Pool(relay_for(server, max_connections=1))
+def hold_the_connection(pool: Pool) -> tuple[threading.Event, threading.Thread]:
+    """Send m0 in a thread whose gate holds its connection until the event is set."""
     release = threading.Event()
-    # The only connection is held (its gate waits) while five senders line up behind it.
     holder = threading.Thread(target=pool.send_many, args=([envelope(0)],),
                               kwargs={"gate": lambda i: release.wait(10)})
     holder.start()
     wait_until(lambda: pool.stats().active == 1)
+    return release, holder
+
+
+def test_waiters_are_served_in_arrival_order_and_counted_in_repr(
+        server: SMTPTestServer) -> None:
+    pool = Pool(relay_for(server, max_connections=1))
+    release, holder = hold_the_connection(pool)  # while five senders line up behind it
     senders = []
     for n in range(1, 6):
         senders.append(threading.Thread(target=pool.send, args=(envelope(n),)))
@@ -230,11 +235,7 @@ def test_more_threads_than_connections_are_served_fairly(make_server: MakeServer
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer")
 def test_a_waiter_interrupted_by_a_time_limit_leaves_the_line(server: SMTPTestServer) -> None:
     pool = Pool(relay_for(server, max_connections=1))
-    release = threading.Event()
-    holder = threading.Thread(target=pool.send_many, args=([envelope(0)],),
-                              kwargs={"gate": lambda i: release.wait(10)})
-    holder.start()
-    wait_until(lambda: pool.stats().active == 1)
+    release, holder = hold_the_connection(pool)
 
     def time_limit(signum: int, frame: object) -> None:  # as Celery's soft time limit does
         raise TimeoutError("soft time limit")
