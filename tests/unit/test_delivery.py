@@ -321,9 +321,9 @@ def test_unreadable_and_invalid_records_are_set_aside_alone(local: LocalDelivery
 
 
 @pytest.mark.parametrize(("field", "value", "reason"), [
-    ("sender", 7, "sender is int"),
-    ("recipients", [], "no valid recipient list"),
-    ("relay", None, "relay or queue"),
+    ("sender", 7, "invalid record: sender"),
+    ("recipients", [], "invalid record: no recipient"),
+    ("relay", None, "invalid record: relay"),
 ])
 def test_each_invalid_field_is_named(local: LocalDelivery, field: str, value: Any,
                                      reason: str) -> None:
