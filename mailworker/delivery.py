@@ -77,23 +77,43 @@ class PassReport:
     quarantined: int = 0
 
 
+def _finite(value: object) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, int | float)
+            and math.isfinite(value))
+
+
+def _count(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 0
+
+
 def invalid_reason(rec: Record) -> str | None:
     """Why a stored record cannot be delivered as it is, or None.
 
-    Checked before any SMTP so that one bad record (written by an older version, edited
-    by hand) is set aside instead of failing every batch it is in.
+    Checked before any SMTP, field by field for everything the delivery path reads, so
+    that one bad record (written by another version, edited by hand) is set aside
+    instead of failing every batch it is in, before or after its mail was sent.
     """
     for name in ("created_at", "expires_at"):
+        if not _finite(getattr(rec, name)):
+            return f"{name} is {getattr(rec, name)!r}, not a finite time"
+    for name in ("next_attempt_at", "send_at", "updated_at", "dead_at", "sending_since"):
         value = getattr(rec, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) \
-                or not math.isfinite(value):
-            return f"{name} is {value!r}, not a finite time"
-    if not isinstance(rec.sender, str):
-        return f"sender is {type(rec.sender).__name__}, not a string"
-    if not rec.recipients or not all(isinstance(r.address, str) for r in rec.recipients):
-        return "no valid recipient list"
-    if not isinstance(rec.relay, str) or not isinstance(rec.queue, str):
-        return "relay or queue is not a string"
+        if value is not None and not _finite(value):
+            return f"{name} is {value!r}, not a finite time or null"
+    for name in ("id", "queue", "relay", "sender"):
+        if not isinstance(getattr(rec, name), str):
+            return f"{name} is {type(getattr(rec, name)).__name__}, not a string"
+    if not _count(rec.attempts) or not _count(rec.size):
+        return "attempts and size must be whole numbers"
+    if not isinstance(rec.history, list) or not isinstance(rec.metadata, dict):
+        return "history must be a list and metadata an object"
+    if not isinstance(rec.recipients, list) or not rec.recipients:
+        return "no recipient list"
+    for r in rec.recipients:
+        if not isinstance(r.address, str) or not _count(r.attempts):
+            return f"recipient {r.address!r}: address must be a string, attempts a count"
+        if r.reply is not None and not (r.reply.code is None or _count(r.reply.code)):
+            return f"recipient {r.address!r}: reply code {r.reply.code!r} is not a number"
     return None
 
 
@@ -190,23 +210,28 @@ class Deliverer:
             if bad is not None:
                 poison.append((mid, token, f"invalid record: {bad}"))
                 continue
-            if claim.interrupted_at is not None and not rec.state.final:
-                mark_interrupted(rec)  # persisted by whatever this pass saves
-            if rec.state.final:
-                finished_ids.append(mid)
-                release.append(claim)
-                report.skipped["final"] = report.skipped.get("final", 0) + 1
-            elif (rec.next_attempt_at and rec.next_attempt_at > now + 1.0
-                  and not claim.interrupted_at):
-                release.append(claim)  # a stale wake-up for a record that is not due yet
-                report.skipped["not_due"] = report.skipped.get("not_due", 0) + 1
-            elif now >= rec.expires_at:
-                saves.append((claim, apply_expiry(rec, now)))
-            else:
-                ready[rec.relay].append(claim)
+            try:
+                if claim.interrupted_at is not None and not rec.state.final:
+                    mark_interrupted(rec)  # persisted by whatever this pass saves
+                if rec.state.final:
+                    finished_ids.append(mid)
+                    release.append(claim)
+                    report.skipped["final"] = report.skipped.get("final", 0) + 1
+                elif (rec.next_attempt_at and rec.next_attempt_at > now + 1.0
+                      and not claim.interrupted_at):
+                    release.append(claim)  # a stale wake-up for a record not due yet
+                    report.skipped["not_due"] = report.skipped.get("not_due", 0) + 1
+                elif now >= rec.expires_at:
+                    saves.append((claim, apply_expiry(rec, now)))
+                else:
+                    ready[rec.relay].append(claim)
+            except Exception as exc:  # a record no check foresaw: alone, set aside
+                poison.append((mid, token, f"invalid record: {type(exc).__name__}: {exc}"))
         self._quarantine(poison, report)
         self.store.forget_inflight(finished_ids)
         self.store.release_many(release)
+        self._save(saves)  # expired: dead at once, not after a long pass without a lease
+        saves = []
         report.claimed = sum(len(v) for v in ready.values())
 
         self._effects = []
@@ -306,19 +331,31 @@ class Deliverer:
             return held_back + self._send_and_decide(relay, group[:granted], task_id,
                                                      self.pools.get(relay).send_many, held)
 
+        # One connection for the whole batch (every chunk), opened inside the slot and
+        # closed before the slot is given back. The heartbeat keeps the slot as long as
+        # the batch runs (a slot taken for one lease would lapse under a long batch).
+        conns: list[Connection] = []
+
         def send_alone(envelopes: Sequence[Envelope], *, gate: Gate | None = None
                        ) -> list[SendResult | BaseException]:
-            conn = Connection(relay)
-            try:
-                conn.open()
-                return conn.send_many(envelopes, gate=gate)
-            finally:
-                conn.close()
+            if not conns or conns[0].has_expired(time.monotonic()):
+                for old in conns:
+                    old.close()
+                conns[:] = [Connection(relay)]
+                conns[0].open()
+            return conns[0].send_many(envelopes, gate=gate)
 
+        def renew_slot() -> None:
+            self.store.relays.renew_slot(relay.name, token, self.settings.lease_seconds)
+
+        held.also_renew(renew_slot)
         try:
             return held_back + self._send_and_decide(relay, group[:granted], task_id, send_alone,
                                                      held)
         finally:
+            held.stop_renewing(renew_slot)
+            for conn in conns:
+                conn.close()
             self.store.fleet_release(relay.name, token)
 
     def _send_and_decide(
@@ -386,12 +423,24 @@ class Deliverer:
                 # Behind a message that broke the connection; nothing of it was sent.
                 out.append((claim, requeue(claim.record, finished)))
                 continue
-            step = apply_result(
-                claim.record, result, policy=self.policy_for(claim.record.queue),
-                now=finished, started_at=started, relay=relay_name, relay_failures=failures,
-                task_id=task_id, worker=self.worker,
-                interrupted=claim.interrupted_at is not None, rng=self.rng,
-            )
+            try:
+                step = apply_result(
+                    claim.record, result, policy=self.policy_for(claim.record.queue),
+                    now=finished, started_at=started, relay=relay_name,
+                    relay_failures=failures, task_id=task_id, worker=self.worker,
+                    interrupted=claim.interrupted_at is not None, rng=self.rng,
+                )
+            except Exception as exc:
+                # A record no check foresaw: set it aside alone (its outcome is in the
+                # reason), and save the rest of the chunk as usual.
+                sent = (", ".join(r.recipient for r in result.accepted)
+                        if isinstance(result, SendResult) else type(result).__name__)
+                self._held.release([claim.record.id])
+                self._quarantine([(claim.record.id, claim.token,
+                                   f"invalid record: {type(exc).__name__}: {exc} "
+                                   f"(this attempt: accepted for {sent or 'nobody'})")],
+                                 self._report)
+                continue
             d = step.relay_decision
             if d is not None and (pause is None or d.relay_pause > pause.relay_pause):
                 pause = d

@@ -119,6 +119,15 @@ def retry(ids: Sequence[str] | None = None, flt: DeadLetterFilter | None = None,
     if dry_run or not selected:
         return [r.id for r in selected]
     now = time.time()
+    # Records set aside as unreadable or invalid go back in flight as they are (after an
+    # operator fixed them, or upgraded the workers that could not read them); a worker
+    # checks them again and sets them aside again if they are still bad.
+    stuck = [r.id for r, q in zip(selected, rt.store.quarantined([r.id for r in selected]),
+                                  strict=True) if q]
+    readmitted = [mid for mid, ok in zip(
+        stuck, rt.store.readmit_many(stuck, now + rt.settings.stuck_after), strict=True) if ok]
+    by_id = {r.id: r for r in selected}
+    selected = [r for r in selected if r.id not in set(stuck)]
     token = uuid.uuid4().hex
     claims = rt.store.claim_many([r.id for r in selected], token, 30.0,
                                  now + rt.settings.stuck_after)
@@ -141,6 +150,7 @@ def retry(ids: Sequence[str] | None = None, flt: DeadLetterFilter | None = None,
         saves.append((claim, now + rt.settings.stuck_after, {"dlq_retried": 1}))
     ok = rt.store.commit_many(saves)
     done = [c.record for (c, _, _), saved in zip(saves, ok, strict=True) if saved]
+    done += [by_id[mid] for mid in readmitted]
     # Requeued is requeued: a wake-up that fails to publish is logged, and the sweeper
     # wakes those records (they are in the in-flight set).
     wake(publish or rt.publisher, [(r.id, r.queue, r.relay) for r in done],

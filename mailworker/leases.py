@@ -41,6 +41,7 @@ class HeldLeases:
         self._until = dict.fromkeys(self._claims, acquired_at + good_for)
         self._lost: set[str] = set()
         self._lock = threading.Lock()
+        self._also: list[Callable[[], None]] = []
 
     def usable(self, mid: str) -> bool:
         """May *mid*'s transaction start now? (Ours, and known to be for a while yet.)"""
@@ -48,11 +49,24 @@ class HeldLeases:
             return mid not in self._lost and self.clock() < self._until.get(mid, 0.0)
 
     def renew(self) -> None:
-        """Extend every lease still held: one round trip (the heartbeat calls this)."""
+        """Extend every lease still held: one round trip (the heartbeat calls this),
+        and whatever else the batch holds for as long as it runs (a fleet slot)."""
         with self._lock:
             claims = [c for mid, c in self._claims.items() if mid not in self._lost]
+            also = list(self._also)
         if claims:
             self._settle(claims, self.store.renew_many(claims, self.lease), self.clock())
+        for renew in also:
+            renew()
+
+    def also_renew(self, renew: Callable[[], None]) -> None:
+        with self._lock:
+            self._also.append(renew)
+
+    def stop_renewing(self, renew: Callable[[], None]) -> None:
+        with self._lock:
+            if renew in self._also:
+                self._also.remove(renew)
 
     def mark(self, claims: Sequence[Claim]) -> list[bool]:
         """Renew and mark *claims* as being sent before their window starts."""

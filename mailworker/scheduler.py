@@ -65,6 +65,8 @@ class Scheduler:
         for mid, route in zip(ids, self.store.routes(ids), strict=True):
             if route is None:
                 gone.append(mid)
+            elif not route[0]:  # no readable route: a worker on the default queue decides
+                routed.append((mid, s.default_queue, route[1]))
             else:
                 routed.append((mid, *route))
         self.store.forget_inflight(gone)

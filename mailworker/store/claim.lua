@@ -2,7 +2,8 @@
 -- KEYS: 1 record, 2 lease, 3 inflight
 -- ARGV: 1 token, 2 lease ttl ms, 3 watchdog score (when the sweeper should look again),
 --       4 id
--- Returns {status, doc, raw, sending}: status is "ok", "missing" or "locked"; sending is
+-- Returns {status, doc, raw, sending}: status is "ok", "missing", "quarantined" or
+-- "locked"; sending is
 -- "<token> <time>" left by an earlier holder that started a transaction window with this
 -- record and never saved an outcome (it died mid-send), or false: a retry after such a
 -- death may duplicate, and is flagged. Claiming does not mark the record as sending: the
@@ -11,6 +12,11 @@
 if redis.call("EXISTS", KEYS[1]) == 0 then
   redis.call("ZREM", KEYS[3], ARGV[4])
   return {"missing", false, false, false}
+end
+if redis.call("HEXISTS", KEYS[1], "poison") == 1 then
+  -- Set aside (quarantine.lua): only an operator's `dlq retry` re-admits it.
+  redis.call("ZREM", KEYS[3], ARGV[4])
+  return {"quarantined", false, false, false}
 end
 if not redis.call("SET", KEYS[2], ARGV[1], "NX", "PX", ARGV[2]) then
   return {"locked", false, false, false}

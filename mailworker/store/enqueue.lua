@@ -7,7 +7,8 @@
 -- ARGV: per message, 5 values: id, doc json, raw bytes, score, route ("<queue> <relay>");
 --       then the idempotency ttl seconds last.
 -- Returns the ids: a message whose idempotency key was seen returns the first one's id.
-local ttl = ARGV[#ARGV]
+-- Checked before the first write: a script's writes are never rolled back.
+local ttl = math.max(1, math.floor(tonumber(ARGV[#ARGV]) or 1))
 local out = {}
 for i = 0, #KEYS / 3 - 1 do
   local rec, zset, idem = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]

@@ -5,7 +5,7 @@
 -- ARGV: 1 token, 2 id, 3 reason, 4 now, 5 retention seconds of a dead letter (0 = keep)
 if redis.call("GET", KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call("HSET", KEYS[1], "poison", ARGV[3])
-redis.call("HDEL", KEYS[1], "sending")
+-- The "sending" mark stays: if the record is re-admitted, a possible send is flagged.
 if tonumber(ARGV[5]) > 0 then
   redis.call("EXPIRE", KEYS[1], ARGV[5])
   redis.call("ZREMRANGEBYSCORE", KEYS[5], "-inf", "(" .. (tonumber(ARGV[4]) - tonumber(ARGV[5])))

@@ -138,6 +138,8 @@ class Store:
             try:
                 interrupted = float(_str(sending).rsplit(" ", 1)[-1]) if sending else None
                 record = Record.from_json(doc)
+                if record.id != mid:  # every key the holder builds comes from record.id
+                    raise ValueError(f"the document's id {record.id!r} is not its key's")
             except Exception as exc:  # one bad record must never fail its batch-mates
                 out[mid] = Unreadable(mid, token, f"{type(exc).__name__}: {exc}"[:500])
                 continue
@@ -156,6 +158,19 @@ class Store:
             (script, [k.record(mid), k.lease(mid), k.inflight, k.deferred, k.dead, k.sweeps],
              [token, mid, reason, now, self.dead_retention])
             for mid, token, reason in items])]
+
+    def quarantined(self, ids: Sequence[str]) -> list[bool]:
+        """Which of *ids* are set aside (quarantined), one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for mid in ids:
+            pipe.hexists(self.keys.record(mid), "poison")
+        return [bool(v) for v in pipe.execute()]
+
+    def readmit_many(self, ids: Sequence[str], watchdog: float) -> list[bool]:
+        """Put quarantined records back in flight (see readmit.lua); False for the others."""
+        k, script = self.keys, self.scripts["readmit"]
+        return [bool(v) for v in self._run([
+            (script, [k.record(mid), k.inflight, k.dead], [mid, watchdog]) for mid in ids])]
 
     def commit_many(
         self, items: Iterable[tuple[Claim, float, dict[str, int]]]
@@ -240,14 +255,25 @@ class Store:
         return [_load(mid, *fields) for mid, fields in zip(ids, pipe.execute(), strict=True)]
 
     def routes(self, ids: Sequence[str]) -> list[tuple[str, str] | None]:
-        """(queue, relay) per id, None for a record that is gone; one round trip, no JSON."""
+        """(queue, relay) per id, None for a record that is gone; one round trip, no JSON.
+
+        A record that exists with no readable route (hand-edited, another version) gets
+        ``("", "")``: the scheduler still wakes it, on the default queue, so that a worker
+        can deliver it or set it aside; it is never dropped from every set.
+        """
         pipe = self.redis.pipeline(transaction=False)
         for mid in ids:
             pipe.hget(self.keys.record(mid), "route")
+            pipe.exists(self.keys.record(mid))
+        values = pipe.execute()
         out: list[tuple[str, str] | None] = []
-        for v in pipe.execute():
-            queue, _, relay = _str(v).partition(" ") if v is not None else ("", "", "")
-            out.append((queue, relay) if queue else None)
+        for v, exists in zip(values[::2], values[1::2], strict=True):
+            if not exists:
+                out.append(None)
+                continue
+            text = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v or "")
+            queue, _, relay = text.partition(" ")
+            out.append((queue, relay) if queue.isprintable() and queue else ("", ""))
         return out
 
     def raw(self, mid: str) -> bytes | None:

@@ -84,6 +84,11 @@ class RelayState:
     def release(self, relay: str, token: str) -> None:
         self.redis.zrem(self.keys.slots(relay), token)
 
+    def renew_slot(self, relay: str, token: str, hold_seconds: float) -> None:
+        """Keep a slot we still hold for *hold_seconds* more (the heartbeat, while the batch
+        that took it runs); a slot already expired and reclaimed is not taken back."""
+        self.redis.zadd(self.keys.slots(relay), {token: time.time() + hold_seconds}, xx=True)
+
     # -- reading, for the CLI --
     def states(self) -> dict[str, dict[str, Any]]:
         """Every relay Redis knows of, with its counters and any pause.

@@ -174,5 +174,9 @@ def test_an_unreadable_dead_letter_is_listed_and_left_by_retry(local: LocalDeliv
     local.run_until_idle()
     listed = dlq.list_dead()
     assert [r.id for r in listed] == [mid] and "unreadable" in (listed[0].dead_reason or "")
-    assert dlq.retry([mid]) == []
+    # A retry re-admits it; still unreadable, the worker sets it aside again, unsent.
+    assert dlq.retry([mid]) == [mid]
+    local.run_until_idle()
+    assert [r.id for r in dlq.list_dead()] == [mid] and local.server is not None
+    assert local.server.messages == []
     assert dlq.purge([mid]) == [mid] and dlq.list_dead() == []
