@@ -47,7 +47,7 @@ from mailworker.contrib import (
     is_django_style,
     options_key,
 )
-from mailworker.contrib.flask_mail_compat import address, mail_relay, message_kwargs, send_kwargs
+from mailworker.contrib.flask_mail_compat import mail_relay, message_kwargs, send_kwargs, sender
 
 if TYPE_CHECKING:
     from mailworker.config import Settings
@@ -77,9 +77,7 @@ def _sender_text(value: Any) -> str | None:
     """An address as text; Flask-Mail also allows ``(name, address)``."""
     if value is None or value == "":
         return None
-    if isinstance(value, list) and len(value) == 2:
-        value = tuple(value)
-    return str(address(value))
+    return str(sender(value))
 
 
 def _read_config(config: Mapping[str, Any]) -> _AppState:
@@ -227,8 +225,20 @@ class MailWorker:
             return self.send_message(message, **kwargs)
         return self.send_many([kwargs])[0]
 
-    def send_message(self, message: Any, **kwargs: Any) -> str:
-        """Queue a ready-made message; keyword arguments as :func:`mailworker.send_message`."""
+    def send_message(self, message: Any = None, **kwargs: Any) -> str:
+        """Queue a ready-made message; keyword arguments as :func:`mailworker.send_message`.
+
+        Flask-Mail's own idiom, ``send_message(subject=..., recipients=..., body=...)``
+        (its ``Message`` arguments, the subject possibly first and positional), is
+        :meth:`send` with those arguments, so a drop-in swap of ``mail`` keeps working.
+        """
+        if message is None or isinstance(message, str):
+            if message is not None:
+                if "subject" in kwargs:
+                    raise TypeError("send_message() got the subject twice (positional and "
+                                    "subject=); pass one")
+                kwargs["subject"] = message
+            return self.send_many([kwargs])[0]
         state = self._state()
         return api.send_many([self._item(message, state, **kwargs)])[0]
 

@@ -27,12 +27,13 @@ from urllib.parse import quote
 
 from mailworker import api
 from mailworker.contrib import routing_kwargs
+from mailworker.errors import shown
 from mailworker.message import Attachment, InvalidMessageError
 
 if TYPE_CHECKING:
     from mailworker.relay import Relay
 
-__all__ = ["address", "mail_relay", "message_kwargs", "send_kwargs"]
+__all__ = ["address", "mail_relay", "message_kwargs", "send_kwargs", "sender"]
 
 #: Flask-Mail's argument name -> mailworker's.
 ALIASES = {"recipients": "to", "body": "text", "extra_headers": "headers"}
@@ -40,12 +41,19 @@ ALIASES = {"recipients": "to", "body": "text", "extra_headers": "headers"}
 SEND_ARGS = frozenset(inspect.signature(api.send).parameters) | set(ALIASES)
 _ADDRESS_ARGS = ("to", "cc", "bcc", "reply_to")
 _MIMETYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
+_ADDRESS = re.compile(r"<?[^\s@<>]+@[^\s@<>]+>?")
+
+
+def _is_pair(value: Any) -> bool:
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, str) for v in value))
 
 
 def address(value: Any) -> Any:
-    """An address as text; Flask-Mail also allows ``(name, address)``. Other values pass
-    through unchanged, for the message builder to check and report."""
-    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value):
+    """An address as text; Flask-Mail also allows ``(name, address)`` (or a 2-item list,
+    as its ``sanitize_address`` unpacks either). Other values pass through unchanged, for
+    the message builder to check and report."""
+    if _is_pair(value):
         name, addr = value
         if not name:
             return addr
@@ -56,11 +64,33 @@ def address(value: Any) -> Any:
     return value
 
 
-def _addresses(value: Any) -> Any:
-    """One address, a comma-separated string, a tuple or a list of any of these."""
-    if isinstance(value, (str, tuple)):
-        return address(value)
-    if isinstance(value, Iterable):
+def sender(value: Any) -> Any:
+    """A sender: one address or a ``(name, address)`` pair (tuple or list).
+
+    A pair of two addresses is refused: Flask-Mail would read the first as a display
+    name, which is never what was meant.
+    """
+    if _is_pair(value) and _ADDRESS.fullmatch(value[0].strip()):
+        raise InvalidMessageError(
+            "sender", f"got two addresses {shown(tuple(value))}; a sender is one address "
+                      "or a (name, address) pair such as ('Shop', 'shop@example.com')")
+    return address(value)
+
+
+def _addresses(value: Any, field: str) -> Any:
+    """Recipients: one address or a comma-separated string, or a list/tuple of them.
+
+    As in Flask-Mail, a list or tuple is always the sequence of recipients, and only its
+    items may be ``(name, address)`` pairs: ``("alice@..", "bob@..")`` is two recipients.
+    A bare pair is refused with the fix, not read as one recipient named "Bob".
+    """
+    if isinstance(value, str):
+        return value
+    if _is_pair(value) and "@" not in value[0] and "@" in value[1]:
+        raise InvalidMessageError(
+            field, f"{shown(tuple(value))} looks like one (name, address) pair; recipients "
+                   f"are a list, so write [{shown(tuple(value))}]")
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
         return [address(v) for v in value]
     return value
 
@@ -103,10 +133,11 @@ def send_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
                                 f"Flask-Mail's name for {name}=, pass one")
             out[name] = kwargs[alias]
     if "sender" in out:
-        out["sender"] = address(out["sender"])
+        out["sender"] = sender(out["sender"])
     for name in _ADDRESS_ARGS:
         if out.get(name) is not None:
-            out[name] = _addresses(out[name])
+            value = out[name]
+            out[name] = _reply_to(value) if name == "reply_to" else _addresses(value, name)
     if out.get("attachments"):
         out["attachments"] = [_attachment(a, i) for i, a in enumerate(out["attachments"])]
     return out
@@ -116,18 +147,27 @@ def message_kwargs(msg: Any) -> dict[str, Any]:
     """``send()`` keyword arguments from a Flask-Mail-style ``Message``."""
     attachments = getattr(msg, "attachments", None) or []
     kwargs: dict[str, Any] = {
-        "to": _addresses(getattr(msg, "recipients", None) or []),
-        "cc": _addresses(getattr(msg, "cc", None) or []),
-        "bcc": _addresses(getattr(msg, "bcc", None) or []),
-        "reply_to": _addresses(getattr(msg, "reply_to", None)) or None,
+        "to": _addresses(getattr(msg, "recipients", None) or [], "recipients"),
+        "cc": _addresses(getattr(msg, "cc", None) or [], "cc"),
+        "bcc": _addresses(getattr(msg, "bcc", None) or [], "bcc"),
+        "reply_to": _reply_to(getattr(msg, "reply_to", None)),
         "subject": getattr(msg, "subject", None) or "",
         "text": getattr(msg, "body", None),
         "html": getattr(msg, "html", None),
-        "sender": address(getattr(msg, "sender", None)) or None,
+        "sender": sender(getattr(msg, "sender", None)) or None,
         "headers": dict(getattr(msg, "extra_headers", None) or {}) or None,
         "attachments": [flask_mail_attachment(a, i) for i, a in enumerate(attachments)],
+        # Flask-Mail's Date (epoch seconds); None lets the builder stamp the send time.
+        "date": getattr(msg, "date", None),
     }
     return kwargs | routing_kwargs(msg)
+
+
+def _reply_to(value: Any) -> Any:
+    """Flask-Mail's ``reply_to`` is one address: a string or a (name, address) pair."""
+    if value is None or value == "":
+        return None
+    return address(value) if _is_pair(value) else _addresses(value, "reply_to")
 
 
 def flask_mail_attachment(att: Any, index: int) -> Attachment:
