@@ -201,6 +201,11 @@ class Deliverer:
         for mid, claim in claims.items():
             if isinstance(claim, str):
                 report.skipped[claim] = report.skipped.get(claim, 0) + 1
+                if claim == "wrongtype":
+                    log.error("delivery.quarantined", message_id=mid,
+                              reason="the record key is not a record (wrong Redis type)",
+                              hint="listed in the dead letters: inspect it with redis-cli, "
+                                   "then purge it with `mailworker dlq purge`")
                 continue
             if isinstance(claim, Unreadable):
                 poison.append((mid, token, f"unreadable record: {claim.error}"))
@@ -472,7 +477,11 @@ class Deliverer:
         # The threads pool enforces no task time limit, so a batch keeps its own: no new
         # transaction starts once most of it is spent (leases are not the bound: the
         # heartbeat keeps them for as long as the batch runs).
-        return self.clock() - self._claimed_at > self.settings.task_time_limit * 0.8
+        # The bound is 80% of Celery's hard limit, which the broker's visibility timeout
+        # caps too (see broker.celery_config).
+        s = self.settings
+        limit = min(s.task_time_limit, s.visibility_timeout * 0.9)
+        return self.clock() - self._claimed_at > limit * 0.8
 
     def _gate(self, group: list[Claim], offset: int, held: HeldLeases) -> Gate:
         """Called by the SMTP layer before each MAIL FROM: may this message start?

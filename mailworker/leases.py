@@ -91,6 +91,8 @@ class HeldLeases:
         with self._lock:
             for claim, renewed in zip(claims, ok, strict=True):
                 mid = claim.record.id
+                if mid not in self._claims:  # decided and committed meanwhile: not lost
+                    continue
                 if renewed:
                     self._until[mid] = max(self._until.get(mid, 0.0), good_until)
                 elif mid not in self._lost:

@@ -1,7 +1,7 @@
 -- Take the lease on a record; only the lease holder may talk SMTP for it.
--- KEYS: 1 record, 2 lease, 3 inflight
+-- KEYS: 1 record, 2 lease, 3 inflight, 4 dead
 -- ARGV: 1 token, 2 lease ttl ms, 3 watchdog score (when the sweeper should look again),
---       4 id
+--       4 id, 5 now
 -- Returns {status, doc, raw, sending}: status is "ok", "missing", "quarantined" or
 -- "locked"; sending is
 -- "<token> <time>" left by an earlier holder that started a transaction window with this
@@ -12,6 +12,13 @@
 if redis.call("EXISTS", KEYS[1]) == 0 then
   redis.call("ZREM", KEYS[3], ARGV[4])
   return {"missing", false, false, false}
+end
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then
+  -- Not a record at all (overwritten by hand or by another program): into the dead
+  -- letters by id, so it is seen and purged, never woken again.
+  redis.call("ZREM", KEYS[3], ARGV[4])
+  redis.call("ZADD", KEYS[4], ARGV[5], ARGV[4])
+  return {"wrongtype", false, false, false}
 end
 if redis.call("HEXISTS", KEYS[1], "poison") == 1 then
   -- Set aside (quarantine.lua): only an operator's `dlq retry` re-admits it.

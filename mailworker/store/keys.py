@@ -57,7 +57,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("sweeps", "hash", "store (sweep script; cleared by commit, quarantine, purge)",
            "none; a field lives until its record commits",
            "id -> times swept (backs off the sweeper)"),
-    Family("idem:<key>", "string", "store (enqueue script)", "`retention`",
+    Family("idem:<key>", "string", "store (enqueue script)", "lifetime + `retention`",
            "an app's idempotency key -> the first message's id"),
     Family("stats:<relay>", "hash", "store (commit script)", "none",
            "counters per relay: delivered, failed, dead, deferred, attempts, ..."),

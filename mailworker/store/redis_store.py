@@ -112,9 +112,9 @@ class Store:
             rec_key = k.record(record.id)
             idem = k.idem(record.idempotency_key) if record.idempotency_key else rec_key
             keys += [rec_key, k.deferred if due else k.inflight, idem]
+            idem_ttl = max(0.0, record.expires_at - now) + self.retention
             args += [record.id, record.to_json(), raw, due or watchdog,
-                     f"{record.queue} {record.relay}"]
-        args.append(self.retention)
+                     f"{record.queue} {record.relay}", int(min(idem_ttl, 2**31))]
         return [_str(v) for v in self.scripts.call("enqueue", keys, args)]
 
     # -- leases -------------------------------------------------------------------------
@@ -123,10 +123,10 @@ class Store:
     ) -> dict[str, Claim | Unreadable | str]:
         """Take leases on *ids*; each maps to a :class:`Claim`, an :class:`Unreadable`
         (leased, but its document cannot be parsed) or "missing"/"locked"."""
-        k, script = self.keys, self.scripts["claim"]
+        k, script, now = self.keys, self.scripts["claim"], time.time()
         calls: list[Call] = [
-            (script, [k.record(mid), k.lease(mid), k.inflight],
-             [token, int(lease_seconds * 1000), watchdog, mid])
+            (script, [k.record(mid), k.lease(mid), k.inflight, k.dead],
+             [token, int(lease_seconds * 1000), watchdog, mid, now])
             for mid in ids
         ]
         out: dict[str, Claim | Unreadable | str] = {}
@@ -143,7 +143,10 @@ class Store:
             except Exception as exc:  # one bad record must never fail its batch-mates
                 out[mid] = Unreadable(mid, token, f"{type(exc).__name__}: {exc}"[:500])
                 continue
-            out[mid] = Claim(record, bytes(raw) if raw is not None else b"", token, interrupted)
+            if raw is None:  # never send an empty message in its place
+                out[mid] = Unreadable(mid, token, "the record has no message bytes (raw)")
+                continue
+            out[mid] = Claim(record, bytes(raw), token, interrupted)
         return out
 
     def quarantine_many(self, items: Sequence[tuple[str, str, str]]) -> list[bool]:
@@ -252,7 +255,13 @@ class Store:
         pipe = self.redis.pipeline(transaction=False)
         for mid in ids:
             pipe.hmget(self.keys.record(mid), "doc", "poison", "route")
-        return [_load(mid, *fields) for mid, fields in zip(ids, pipe.execute(), strict=True)]
+        out: list[Record | None] = []
+        for mid, got in zip(ids, pipe.execute(raise_on_error=False), strict=True):
+            fields = (  # WRONGTYPE: the key holds something that is not a record hash
+                [None, f"unreadable record: the key is not a record ({got})", None]
+                if isinstance(got, redis.ResponseError) else got)
+            out.append(_load(mid, *fields))
+        return out
 
     def routes(self, ids: Sequence[str]) -> list[tuple[str, str] | None]:
         """(queue, relay) per id, None for a record that is gone; one round trip, no JSON.
@@ -265,12 +274,13 @@ class Store:
         for mid in ids:
             pipe.hget(self.keys.record(mid), "route")
             pipe.exists(self.keys.record(mid))
-        values = pipe.execute()
+        values = pipe.execute(raise_on_error=False)  # WRONGTYPE for one key: that key only
         out: list[tuple[str, str] | None] = []
-        for v, exists in zip(values[::2], values[1::2], strict=True):
+        for route, exists in zip(values[::2], values[1::2], strict=True):
             if not exists:
                 out.append(None)
                 continue
+            v = None if isinstance(route, Exception) else route
             text = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v or "")
             queue, _, relay = text.partition(" ")
             out.append((queue, relay) if queue.isprintable() and queue else ("", ""))

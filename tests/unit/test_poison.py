@@ -173,3 +173,41 @@ def test_a_fleet_slot_is_renewed_with_the_leases(make_local: MakeLocal) -> None:
     relays.release("r", "tok")
     relays.renew_slot("r", "tok", 60)  # released: never taken back
     assert local.store.redis.zscore(key, "tok") is None
+
+
+def test_a_record_without_message_bytes_is_never_sent_empty(make_local: MakeLocal) -> None:
+    local = make_local()
+    ids = local.send_many([mail(1), mail(2)])
+    local.store.redis.hdel(local.store.keys.record(ids[0]), "raw")
+    local.run_until_idle()
+    assert [local.status(i)["state"] for i in ids] == ["dead", "delivered"]  # type: ignore[index]
+    assert local.server is not None and len(local.server.messages) == 1
+
+
+def test_a_key_of_the_wrong_type_fails_only_itself(make_local: MakeLocal) -> None:
+    local = make_local()
+    ids = local.send_many([mail(1), mail(2)])
+    key = local.store.keys.record(ids[0])
+    local.store.redis.delete(key)
+    local.store.redis.set(key, "not a record")
+    local.advance(local.settings.stuck_after + 1)
+    local.run_until_idle()
+    assert local.status(ids[1])["state"] == "delivered"  # type: ignore[index]
+    bad = local.status(ids[0])
+    assert bad is not None and bad["state"] == "dead"
+    assert ids[0] in local.store.dead_ids() and local.server is not None
+    assert len(local.server.messages) == 1
+    local.drop_wakeups()
+    local.advance(3600)
+    assert local.tick() == 0  # never woken again
+
+
+def test_an_idempotency_key_outlives_a_long_deferral(make_local: MakeLocal) -> None:
+    # The key lives for the message's lifetime plus retention, not retention from enqueue:
+    # a repeat while the message still waits finds it.
+    local = make_local()
+    [mid] = local.send_many([{**mail(1), "idempotency_key": "order-9"}])
+    ttl = local.store.redis.ttl(local.store.keys.idem("order-9"))
+    rec = local.record(mid)
+    assert rec is not None
+    assert ttl >= rec.expires_at - rec.created_at + local.store.retention - 5
