@@ -189,13 +189,17 @@ class Outbox:
         """Take a validated batch (all of it: it was checked before), deliver what is due."""
         ids = []
         with self._lock:
-            for rec, raw in items:
-                key = rec.idempotency_key
+            for given, raw in items:
+                key = given.idempotency_key
                 if key is not None and key in self._keys:
                     ids.append(self._keys[key])  # the same key sends once, as in Redis
                     continue
                 if key is not None:
-                    self._keys[key] = rec.id
+                    self._keys[key] = given.id
+                # What a worker reads back from Redis, not the caller's objects: hooks and
+                # status() then see JSON values (lists for tuples) as they were at send(),
+                # and the record's serialization is exercised by app tests too.
+                rec = Record.from_json(given.to_json())
                 self._records[rec.id] = (rec, raw)
                 ids.append(rec.id)
                 if rec.state is MessageState.QUEUED:

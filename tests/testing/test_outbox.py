@@ -168,3 +168,26 @@ def test_no_outbox_after_the_block() -> None:
     with record_messages():
         assert api.outbox is not None
     assert api.outbox is None
+
+
+def test_review_f8_hooks_and_status_see_the_stored_json_not_the_callers_objects(
+        outbox: Outbox) -> None:
+    seen: list[dict[str, object]] = []
+
+    def on_delivered(rec: Record) -> None:
+        seen.append(rec.metadata)
+
+    hooks.connect("delivered", on_delivered)
+    try:
+        meta: dict[str, object] = {"order": (1, 2), "tags": ["a"]}
+        mid = mailworker.send(to="b@example.com", subject="s", text="t", metadata=meta)
+        tags = meta["tags"]
+        assert isinstance(tags, list)
+        tags.append("changed after send")
+    finally:
+        hooks.disconnect("delivered", on_delivered)
+    # As a worker's hook gets it: read back from JSON, as it was at send().
+    assert seen == [{"order": [1, 2], "tags": ["a"]}]
+    rec = outbox.record(mid)
+    assert rec is not None and rec.metadata == {"order": [1, 2], "tags": ["a"]}
+    assert outbox[0].metadata == {"order": [1, 2], "tags": ["a"]}
