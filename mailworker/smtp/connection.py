@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import re
 import smtplib
-import socket
 import ssl
 import time
 import uuid
@@ -33,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mailworker.relay import Relay
+from mailworker.smtp.dial import dial, local_name
 from mailworker.smtp.errors import (
     CleartextAuthRefused,
     NotAttempted,
@@ -54,8 +54,9 @@ _QUIT_TIMEOUT = 2.0
 
 @functools.lru_cache(maxsize=1)
 def _fqdn() -> str:
-    """smtplib would call ``socket.getfqdn()`` (a DNS lookup) for every connection."""
-    return socket.getfqdn()
+    """smtplib would call ``socket.getfqdn()`` (a DNS lookup) for every connection; this
+    looks it up once, bounded (see :func:`mailworker.smtp.dial.local_name`)."""
+    return local_name()
 
 
 def prepare(envelope: Envelope, capabilities: dict[str, str]) -> Prepared:
@@ -148,7 +149,7 @@ class Connection:
         stage = Stage.CONNECT
         try:
             self.opened_at = client._sent_at = self._clock()
-            sock = socket.create_connection((relay.host, relay.port), relay.connect_timeout)
+            sock = dial(relay.host, relay.port, relay.connect_timeout)  # DNS included
             client.sock, client._timeout_now = sock, relay.connect_timeout
             client.set_deadline(self._clock() + relay.setup_timeout,
                                 f"setup_timeout={relay.setup_timeout:g}s")
