@@ -519,3 +519,43 @@ def test_clock_only_goes_forward_and_the_runtime_is_given_back() -> None:
     assert (after is None) == (before is None)
     if before is not None and after is not None:
         assert after.settings == before.settings
+
+
+def test_drain_gives_up_on_mail_that_would_wait_past_its_bound(local: LocalDelivery) -> None:
+    assert local.server is not None
+    local.server.add_fault(Fault.reply("RCPT", 451, "4.7.1 Later"))
+    mid = local.send(**mail())
+    with pytest.raises(StillPending, match="still waiting"):
+        local.drain(max_seconds=100)  # the second retry is due 60 + 120 s later
+    assert local.status(mid)["state"] == "deferred"  # type: ignore[index]
+    assert [e["event"] for e in local.events].count("smtp.connect") == 2
+
+
+def test_nested_harnesses_give_back_each_others_runtime(make_local: MakeLocal) -> None:
+    from mailworker import api, runtime
+
+    outer = make_local()
+    with LocalDelivery(clock=outer.clock) as inner:
+        assert runtime.current().store is inner.store  # type: ignore[union-attr]
+        inner_id = api.send(to="a@example.com", subject="x", text="x")  # wakes the inner
+        assert inner.wakeups and not outer.wakeups
+    assert runtime.current().store is not inner.store  # type: ignore[union-attr]
+    outer_id = api.send(to="b@example.com", subject="x", text="x")
+    outer.run_until_idle()
+    assert [r.id for r in outer.records] == [outer_id] and outer.record(inner_id) is None
+    assert outer.status(outer_id)["state"] == "delivered"  # type: ignore[index]
+
+
+def test_the_harness_runs_on_a_real_redis_too(make_local: MakeLocal, redis_url: str) -> None:
+    import uuid
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    local = make_local(redis_client=client, key_prefix=f"local{uuid.uuid4().hex[:8]}")
+    assert local.server is not None
+    local.server.add_fault(Fault.reply("RCPT", 451, "4.7.1 Greylisted", times=1))
+    mid = local.send(**mail())
+    assert local.drain() == pytest.approx(60)
+    assert local.status(mid)["state"] == "delivered"  # type: ignore[index]
+    assert {r.id for r in local.records} == {mid}
