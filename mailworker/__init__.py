@@ -16,6 +16,7 @@ __all__ = [
     "MailworkerError",
     "QueueFull",
     "QueueUnavailable",
+    "QueueUncertain",
     "__version__",
     "configure",
     "hooks",
@@ -40,13 +41,14 @@ _EXPORTS = {
     "InvalidMessageError": "mailworker.message",
     "MailworkerError": "mailworker.errors",
     "QueueFull": "mailworker.errors",
+    "QueueUncertain": "mailworker.errors",
     "QueueUnavailable": "mailworker.errors",
 }
 
 if TYPE_CHECKING:
     from mailworker.api import send, send_many, send_message, status
     from mailworker.config import ConfigError
-    from mailworker.errors import MailworkerError, QueueFull, QueueUnavailable
+    from mailworker.errors import MailworkerError, QueueFull, QueueUnavailable, QueueUncertain
     from mailworker.hooks import hooks, on
     from mailworker.message import InvalidMessageError
     from mailworker.runtime import configure

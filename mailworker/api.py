@@ -3,10 +3,12 @@
 ``send()`` returns once the record is in Redis and a wake-up is on the broker. If the
 publish fails after the record is written, the mail is not lost: the record sits in the
 in-flight set and the sweeper wakes it (:mod:`mailworker.publish`); send() logs it and
-returns the id. If Redis fails, nothing
-is written (a batch is one atomic script) and the caller gets
-:class:`~mailworker.errors.QueueUnavailable` (an ``OSError``), or
-:class:`~mailworker.errors.QueueFull` when Redis is out of memory.
+returns the id. If Redis refuses, nothing is written (a batch is one atomic script) and
+the caller gets :class:`~mailworker.errors.QueueUnavailable` (an ``OSError``), or
+:class:`~mailworker.errors.QueueFull` when Redis is out of memory. If Redis's answer is
+lost (a timeout, a reset mid-call), the batch may have been written:
+:class:`~mailworker.errors.QueueUncertain` (a ``QueueUnavailable``) says so, and an
+``idempotency_key`` makes the retry safe.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import redis
 import structlog
 
 from mailworker.config import Settings, redact_url
-from mailworker.errors import QueueFull, QueueUnavailable, shown
+from mailworker.errors import QueueFull, QueueUnavailable, QueueUncertain, shown
 from mailworker.message import (
     Attachment,
     BuiltMessage,
@@ -123,8 +125,28 @@ def _record(built: BuiltMessage, settings: Settings, *, relay: str | None, queue
     )
 
 
+#: Errors raised while opening the connection, before any command of the call was written.
+_CONNECTING = ("connecting to", "Timeout connecting")
+
+
+def _certain(exc: redis.RedisError) -> bool:
+    """Whether Redis certainly did not run the call that raised *exc*.
+
+    A reply that is an error (read-only replica, NOSCRIPT, loading, auth) means the call
+    was refused; so does a failure to connect. A timeout or a connection lost once the
+    request was on its way is not known either way: the script may have run.
+    """
+    if isinstance(exc, (redis.ResponseError, redis.exceptions.BusyLoadingError,
+                        redis.exceptions.AuthenticationError,
+                        redis.exceptions.AuthorizationError)):
+        return True
+    return isinstance(exc, redis.ConnectionError) and any(
+        marker in str(exc) for marker in _CONNECTING)
+
+
 def _store_call(settings: Settings, doing: str, call: Callable[[], T]) -> T:
-    """Run a store call; turn any Redis failure into QueueUnavailable / QueueFull."""
+    """Run a store call; turn any Redis failure into QueueUnavailable / QueueFull, or
+    QueueUncertain when the call may have taken effect all the same."""
     try:
         return call()
     except redis.RedisError as exc:
@@ -135,9 +157,16 @@ def _store_call(settings: Settings, doing: str, call: Callable[[], T]) -> T:
                 f"Redis at {where} is out of memory and refused to {doing} ({text}); nothing "
                 "was queued. Workers free memory as they deliver; or give Redis more "
                 "maxmemory, or lower retention") from exc
-        raise QueueUnavailable(
-            f"cannot {doing}: Redis at {where} did not answer or refused ({text}); nothing "
-            "was changed. Check that Redis is up (MAILWORKER_REDIS_URL)") from exc
+        if _certain(exc):
+            raise QueueUnavailable(
+                f"cannot {doing}: Redis at {where} refused ({text}); nothing was changed. "
+                "Check that Redis is up (MAILWORKER_REDIS_URL)") from exc
+        raise QueueUncertain(
+            f"cannot {doing}: Redis at {where} did not answer in time or dropped the "
+            f"connection ({text}) after the request was sent, so it may have been done: "
+            "mail may have been queued and then will be delivered. Retry only with an "
+            "idempotency_key= (a repeat with the same key sends nothing more); check that "
+            "Redis is up (MAILWORKER_REDIS_URL)") from exc
 
 
 # The test hook, set only by mailworker.testing's outbox (record_messages(), the
@@ -197,8 +226,9 @@ def send(
     header, over the size limit, a wrong type: the field is named) or
     :class:`~mailworker.config.ConfigError` (unknown relay or queue) before anything is
     queued, and :class:`~mailworker.errors.QueueUnavailable` (an ``OSError``) when Redis
-    cannot take it. The same *idempotency_key* twice returns the first message's id and
-    sends once.
+    cannot take it (:class:`~mailworker.errors.QueueUncertain` when its answer was lost and
+    the mail may have been queued). The same *idempotency_key* twice returns the first
+    message's id and sends once: pass one to make retrying after an error safe.
     """
     return send_many([dict(
         to=to, sender=sender, subject=subject, text=text, html=html, cc=cc, bcc=bcc,
@@ -287,7 +317,8 @@ def enqueue_prepared(items: Sequence[Prepared]) -> list[str]:
     """Queue records made by :func:`prepare_many`; returns their ids.
 
     All or none: raises :class:`~mailworker.errors.QueueUnavailable` (or ``QueueFull``)
-    with nothing queued when Redis fails.
+    with nothing queued when Redis refuses, :class:`~mailworker.errors.QueueUncertain`
+    when its answer was lost (then all or none may have been queued).
     """
     return _enqueue(list(items)) if items else []
 
@@ -297,8 +328,9 @@ def send_many(messages: Iterable[Mapping[str, Any] | Message]) -> list[str]:
 
     Every item is validated before any is queued: one bad item raises and queues none,
     so a caller never has to work out which part of a batch went out. Redis writes the
-    batch in one atomic script: a Redis failure, :class:`~mailworker.errors.QueueFull`
-    included, also leaves nothing queued.
+    batch in one atomic script: a Redis refusal, :class:`~mailworker.errors.QueueFull`
+    included, also leaves nothing queued; after a lost answer
+    (:class:`~mailworker.errors.QueueUncertain`) the whole batch may have been queued.
     """
     return enqueue_prepared(prepare_many(messages))
 

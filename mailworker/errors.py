@@ -13,7 +13,7 @@ Imports nothing from the rest of the package (nor redis), so any module may use 
 
 from __future__ import annotations
 
-__all__ = ["MailworkerError", "QueueFull", "QueueUnavailable", "shown"]
+__all__ = ["MailworkerError", "QueueFull", "QueueUnavailable", "QueueUncertain", "shown"]
 
 #: Longest repr of a caller's value echoed in an error message: an error must never
 #: carry a whole attachment into a 400 response body or a log line.
@@ -29,9 +29,28 @@ class MailworkerError(Exception):
 class QueueUnavailable(MailworkerError, OSError):  # noqa: N818
     """The store (Redis) could not take or read the mail: unreachable, timed out, refused.
 
-    Nothing of the call was queued (``send_many`` writes a batch in one atomic script),
-    so retrying the call later is safe. The Redis error is the ``__cause__``.
+    Raised as such when Redis certainly did not run the call (the connection was refused,
+    or Redis answered with an error: read-only replica, still loading, ...): nothing of
+    the call was queued (``send_many`` writes a batch in one atomic script), so retrying
+    it later is safe. When that is not known, the subclass :class:`QueueUncertain` is
+    raised instead. The Redis error is the ``__cause__``.
     """
+
+    #: True when the mail may have been queued all the same (see :class:`QueueUncertain`).
+    maybe_queued: bool = False
+
+
+class QueueUncertain(QueueUnavailable):
+    """Redis's answer was lost after the request was sent (a timeout, a connection reset
+    mid-call): the batch may have been queued, in which case it will be delivered.
+
+    Retrying the same call without an ``idempotency_key`` may then send a second copy.
+    With one, retrying is safe: Redis keeps the key, and a retry of a batch that was
+    queued returns the first message's id and sends nothing more. ``except
+    QueueUnavailable`` still catches it.
+    """
+
+    maybe_queued = True
 
 
 class QueueFull(QueueUnavailable):

@@ -239,6 +239,28 @@ def test_fail_silently_when_redis_is_down(django_db: Path, mw_env: dict[str, str
     assert failed == ["django.enqueue_failed", "django.enqueue_failed"]
 
 
+def test_review_f5_uncertain_enqueue_keeps_the_ids_for_status(
+        mw_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lost Redis answer (QueueUncertain; the real path is in tests/unit/test_api_redis)
+    may have queued the mail: the messages keep their ids, and the log says so."""
+    import mailworker
+
+    def lost(items: Any) -> list[str]:
+        raise mailworker.QueueUncertain("Redis's answer was lost; it may have been queued")
+
+    monkeypatch.setattr(api, "enqueue_prepared", lost)
+    with structlog.testing.capture_logs() as logs:
+        quiet = mail.EmailMessage("Hi", "x", "shop@example.com", ["a@example.com"])
+        assert mail.get_connection(fail_silently=True).send_messages([quiet]) == 0
+        assert quiet.mailworker_id is not None
+        loud = mail.EmailMessage("Hi", "x", "shop@example.com", ["a@example.com"])
+        with pytest.raises(mailworker.QueueUncertain):
+            loud.send()
+        assert loud.mailworker_id is not None and loud.mailworker_id != quiet.mailworker_id
+    failed = [e for e in logs if e["event"] == "django.enqueue_failed"]
+    assert [e["maybe_queued"] for e in failed] == [True]
+
+
 def test_mailworker_id_only_on_messages_queued(queued: Queued) -> None:
     good = mail.EmailMessage("ok", "x", "shop@example.com", ["a@example.com"])
     bad = mail.EmailMessage("bad", "x", "shop@example.com", ["not an address"])

@@ -139,3 +139,90 @@ def test_s2_08_full_redis_raises_queue_full_and_keeps_nothing_of_the_batch(
     assert stored == set(queued)
     inflight = {m.decode() for m in client.zrange("mw:inflight", 0, -1)}
     assert inflight == set(queued)
+
+
+class LateReplies:
+    """A TCP proxy to Redis that forwards requests at once but holds every reply that
+    follows a script call (EVAL/EVALSHA) until :meth:`release`: the script runs, its
+    answer is late, as when Redis stalls on fsync or the network drops after the write."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.released = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, scripted: threading.Event,
+              replies: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not replies and b"EVAL" in data.upper():
+                    scripted.set()
+                if replies and scripted.is_set():
+                    self.released.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            scripted = threading.Event()
+            for src, dst, replies in ((client, server, False), (server, client, True)):
+                threading.Thread(target=self._pump, args=(src, dst, scripted, replies),
+                                 daemon=True).start()
+
+    def close(self) -> None:
+        self.released.set()
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_review_f5_lost_answer_is_queue_uncertain_and_a_keyed_retry_sends_once(
+        redis_url: str) -> None:
+    direct = redis.Redis.from_url(redis_url)
+    host, port = direct.connection_pool.connection_kwargs["host"], direct.connection_pool.\
+        connection_kwargs["port"]
+    prefix = f"f5{time.monotonic_ns()}"
+    use(redis_url, key_prefix=prefix)
+    mailworker.send(**GOOD)  # loads the scripts into Redis, as in any running deployment
+    direct.delete(*direct.keys(f"{prefix}:*"))
+    proxy = LateReplies((host, port))
+    try:
+        use(f"redis://127.0.0.1:{proxy.port}/0", key_prefix=prefix, redis_socket_timeout=0.5,
+            redis_retries=0)
+        with pytest.raises(mailworker.QueueUncertain) as info:
+            mailworker.send(**GOOD, idempotency_key="order-42")
+        assert isinstance(info.value, mailworker.QueueUnavailable) and info.value.maybe_queued
+        assert isinstance(info.value.__cause__, redis.TimeoutError)
+        text = str(info.value)
+        assert "may have been queued" in text and "idempotency_key" in text
+        assert "nothing was changed" not in text
+        # It was queued: the sweeper would deliver it.
+        wait_until(lambda: direct.zcard(f"{prefix}:inflight") == 1, 10,
+                   message="the script to have run")
+    finally:
+        proxy.close()
+    # The retry the error recommends, with the same key, queues nothing more.
+    use(redis_url, key_prefix=prefix)
+    first = direct.zrange(f"{prefix}:inflight", 0, -1)[0].decode()
+    assert mailworker.send(**GOOD, idempotency_key="order-42") == first
+    assert direct.zcard(f"{prefix}:inflight") == 1
+    assert len(list(direct.scan_iter(f"{prefix}:m:*"))) == 1
+
+
+def test_review_f5_refusals_are_certain() -> None:
+    use(f"redis://127.0.0.1:{free_port()}/0", redis_retries=0)
+    with pytest.raises(mailworker.QueueUnavailable) as info:
+        mailworker.send(**GOOD)
+    assert not isinstance(info.value, mailworker.QueueUncertain)
+    assert not info.value.maybe_queued and "nothing was changed" in str(info.value)

@@ -161,13 +161,16 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]  # Django's classes 
             ids = api.enqueue_prepared([prepared for _, prepared in accepted])
         except (OSError, redis.RedisError) as exc:
             # mailworker.QueueUnavailable is an OSError, as smtplib's errors are: the same
-            # except clause (and fail_silently) covers both backends. Nothing was queued.
-            for msg, _ in accepted:
-                msg.mailworker_id = None
+            # except clause (and fail_silently) covers both backends. Nothing was queued,
+            # unless Redis's answer was lost (QueueUncertain): then the ids are kept, for
+            # mailworker.status() to tell.
+            maybe_queued = bool(getattr(exc, "maybe_queued", False))
+            for msg, prepared in accepted:
+                msg.mailworker_id = prepared[0].id if maybe_queued else None
             if not self.fail_silently:
                 raise
             log.error("django.enqueue_failed", error=f"{type(exc).__name__}: {exc}",
-                      count=len(accepted))
+                      count=len(accepted), maybe_queued=maybe_queued)
             return False
         # An idempotency key seen before maps to the first message's id.
         for (msg, _), mid in zip(accepted, ids, strict=True):
