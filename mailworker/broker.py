@@ -19,8 +19,9 @@ from typing import Any
 
 from mailworker.config import DEFAULT_QUEUES, Settings, load_settings
 
-__all__ = ["DELIVER_TASK", "celery_config", "deliver_task", "follow", "own_app",
-           "publish", "task_options", "time_limit", "use_task"]
+__all__ = ["DELIVER_TASK", "PUBLISH_RETRY_POLICY", "broker_bounds", "celery_config",
+           "deliver_task", "follow", "own_app", "publish", "task_options", "time_limit",
+           "use_task"]
 
 DELIVER_TASK = "mailworker.deliver"
 
@@ -47,6 +48,39 @@ def task_options(settings: Settings, visibility_timeout: float = 3600.0) -> dict
     }
 
 
+#: Reconnect-and-retry once when a publish fails (a pooled connection the broker closed
+#: is the usual case), then give up: the record is safe and the sweeper wakes it.
+PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
+                        "interval_max": 0.2}
+#: kombu's Redis consumer blocks in BRPOP for 1 s per poll; a socket timeout must exceed it.
+_MIN_BROKER_SOCKET_TIMEOUT = 2.0
+
+
+def broker_bounds(settings: Settings) -> dict[str, Any]:
+    """Celery settings that bound every wait on the broker, so a broker that accepts the
+    connection and never answers costs a ``send()`` a few seconds, not a hung request.
+
+    kombu's Redis transport waits forever by default (``socket_timeout=None``); the
+    publish retry policy multiplies each wait. With these, one publish waits at most
+    about ``(1 + max_retries) x (redis_connect_timeout + socket timeout)``; after that
+    :func:`mailworker.publish.wake` logs the failure and the sweeper wakes the record.
+    The socket timeouts apply to a Redis broker (``redis://``, ``rediss://``,
+    ``sentinel://``); other transports get ``broker_connection_timeout`` only (set their
+    own read timeouts in ``broker_transport_options``).
+    """
+    options: dict[str, Any] = {"visibility_timeout": int(settings.visibility_timeout)}
+    if settings.broker.split("://", 1)[0].lower() in ("redis", "rediss", "sentinel",
+                                                       "redis+socket", "rediss+socket"):
+        options["socket_timeout"] = max(settings.redis_socket_timeout,
+                                        _MIN_BROKER_SOCKET_TIMEOUT)
+        options["socket_connect_timeout"] = settings.redis_connect_timeout
+    return {
+        "broker_transport_options": options,
+        "broker_connection_timeout": settings.redis_connect_timeout,
+        "task_publish_retry_policy": dict(PUBLISH_RETRY_POLICY),
+    }
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """mailworker's own app's Celery settings, derived from ours (config/README.md)."""
     from kombu import Queue
@@ -56,7 +90,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": int(settings.visibility_timeout)},
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",
@@ -76,7 +109,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Remote control (celery inspect/control: shutdown, pool resize, rate limits) is
         # reachable by anyone who can write to the broker; mailworker needs none of it.
         "worker_enable_remote_control": False,
-    }
+    } | broker_bounds(settings)
 
 
 class _State:

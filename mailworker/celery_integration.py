@@ -22,17 +22,30 @@ mailworker's scheduler/sweeper in its main process. What install does and does n
   lost, a hard time limit below the broker's visibility timeout;
 * makes :func:`mailworker.send` and the scheduler publish through *app* (its broker);
 * adds ``"json"`` to *app*'s ``accept_content`` if it was narrowed to exclude it
-  (mailworker's task messages are JSON only), and otherwise leaves its configuration
-  alone. So: if *app* lists ``task_queues``, add mailworker's queues there; and set
-  ``worker_prefetch_multiplier = 1`` for the workers of mailworker's queues (a
-  worker-wide setting, so it is yours to choose; config/README.md says why).
+  (mailworker's task messages are JSON only);
+* bounds the waits on a Redis broker where *app* leaves them unset: kombu's Redis
+  transport waits forever by default, so a broker that accepts and never answers would
+  hang every ``send()``. ``socket_timeout`` and ``socket_connect_timeout`` are added to
+  ``broker_transport_options`` from ``redis_socket_timeout``/``redis_connect_timeout``
+  (values *app* sets win). Celery's default ``task_publish_retry_policy`` (3 retries)
+  multiplies each wait; ``mailworker.broker.PUBLISH_RETRY_POLICY`` (1 retry) is what
+  mailworker's own app uses, and a failed publish loses nothing (the sweeper wakes the
+  mail). Other brokers: set their read timeouts in ``broker_transport_options``;
+* is idempotent per app: a second ``install(app)`` (a module imported twice, a reload)
+  returns the same task and connects no second set of worker signals.
+
+Otherwise it leaves *app*'s configuration alone. So: if *app* lists ``task_queues``,
+add mailworker's queues there; and set ``worker_prefetch_multiplier = 1`` for the
+workers of mailworker's queues (a worker-wide setting, so it is yours to choose;
+config/README.md says why).
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 from celery import Celery, signals
@@ -47,11 +60,13 @@ log = structlog.get_logger("mailworker.worker")
 
 
 class _Installed:
-    """The configure hook given to :func:`install`, if any (a holder, so no ``global``)."""
+    """The configure hook given to :func:`install`, if any, and the apps installed into
+    (a holder, so no ``global``)."""
 
     lock = threading.Lock()
     configure: Callable[[], object] | None = None
     configured = False
+    apps: ClassVar[weakref.WeakSet[Celery]] = weakref.WeakSet()
 
 
 def run_delivery(task_id: str | None, ids: list[str]) -> dict[str, Any]:
@@ -88,6 +103,14 @@ def install(app: Celery, *, configure: Callable[[], object] | None = None,
     """
     from mailworker.runtime import current
 
+    with _Installed.lock:
+        again = app in _Installed.apps
+        if configure is not None or not again:
+            _Installed.configure = configure
+            _Installed.configured = False
+        if again:
+            return app.tasks[DELIVER_TASK]
+        _Installed.apps.add(app)
     rt = current()
     settings = rt.settings if rt is not None else Settings()
 
@@ -95,16 +118,32 @@ def install(app: Celery, *, configure: Callable[[], object] | None = None,
     def deliver(self: Any, ids: list[str]) -> dict[str, Any]:
         return run_delivery(self.request.id, ids)
 
-    with _Installed.lock:
-        _Installed.configure = configure
-        _Installed.configured = False
     broker.use_task(deliver)
     if app.configured:
-        _accept_json(app)
+        _adapt(app, settings)
     else:
-        app.on_after_configure.connect(lambda sender, **_: _accept_json(sender), weak=False)
+        app.on_after_configure.connect(lambda sender, **_: _adapt(sender, settings),
+                                       weak=False)
     _connect_worker_signals(app, scheduler)
     return deliver
+
+
+def _adapt(app: Celery, settings: Settings) -> None:
+    _accept_json(app)
+    _bound_broker(app, settings)
+
+
+def _bound_broker(app: Celery, settings: Settings) -> None:
+    """Add socket timeouts to *app*'s Redis broker options where it sets none."""
+    url = app.conf.broker_url or app.conf.broker_write_url or ""
+    bounds = broker.broker_bounds(settings.with_(broker_url=str(url) or "amqp://"))
+    wanted = {k: v for k, v in bounds["broker_transport_options"].items()
+              if k != "visibility_timeout"}
+    options = dict(app.conf.broker_transport_options or {})
+    added = {k: v for k, v in wanted.items() if k not in options}
+    if added:
+        app.conf.broker_transport_options = {**options, **added}
+        log.info("celery.broker_timeouts_added", app=app.main, **added)
 
 
 def _accept_json(app: Celery) -> None:
