@@ -104,7 +104,7 @@ def test_attempts_run_out_into_the_dead_letters(make_local: MakeLocal) -> None:
                         queues={"transactional": QueueSettings("transactional", max_attempts=3)})
     local = make_local(settings=settings)
     assert local.server is not None
-    local.server.add_fault(Fault.reply("RCPT", 451, "4.7.1 Try later"))
+    local.server.add_fault(Fault.reply("RCPT", 451, "4.3.0 Try again later"))
     mid = local.send(**mail())
     moved = local.drain()
 
@@ -294,7 +294,7 @@ def test_mail_past_its_lifetime_is_dead_without_a_try(local: LocalDelivery) -> N
 
 def test_a_retry_past_the_lifetime_dead_letters_now(local: LocalDelivery) -> None:
     assert local.server is not None
-    local.server.add_fault(Fault.reply("RCPT", 451, "4.7.1 Later"))
+    local.server.add_fault(Fault.reply("RCPT", 451, "4.3.0 Try again later"))
     mid = local.send(**mail(expires_at=local.clock() + 30))
     local.run_until_idle()
     rec = local.record(mid)
@@ -352,7 +352,7 @@ def test_stale_wake_ups_are_skipped(local: LocalDelivery) -> None:
     done = local.send(**mail("done@example.com"))
     local.run_until_idle()
     assert local.server is not None
-    local.server.add_fault(Fault.reply("RCPT", 451, "4.7.1 Later", times=1))
+    local.server.add_fault(Fault.reply("RCPT", 451, "4.3.0 Try again later", times=1))
     waiting = local.send(**mail("later@example.com"))
     local.run_until_idle()
     sent = len(local.server.messages)
@@ -523,7 +523,7 @@ def test_clock_only_goes_forward_and_the_runtime_is_given_back() -> None:
 
 def test_drain_gives_up_on_mail_that_would_wait_past_its_bound(local: LocalDelivery) -> None:
     assert local.server is not None
-    local.server.add_fault(Fault.reply("RCPT", 451, "4.7.1 Later"))
+    local.server.add_fault(Fault.reply("RCPT", 451, "4.3.0 Try again later"))
     mid = local.send(**mail())
     with pytest.raises(StillPending, match="still waiting"):
         local.drain(max_seconds=100)  # the second retry is due 60 + 120 s later

@@ -119,7 +119,7 @@ def test_one_scheduler_holds_the_lock_at_a_time(local: LocalDelivery) -> None:
 def test_run_ticks_until_stopped_and_survives_errors(make_local: MakeLocal) -> None:
     local = make_local(tick_interval=0.01)
     assert local.server is not None
-    local.server.add_fault(Fault.reply("RCPT", 451, "4.7.1 Later", times=1))
+    local.server.add_fault(Fault.reply("RCPT", 451, "4.3.0 Try again later", times=1))
     mid = local.send(to="a@example.com", subject="x", text="x")
     local.run_until_idle()
     local.clock.advance(60)  # now due: the running scheduler wakes it
