@@ -123,7 +123,7 @@ class LocalDelivery:
             mid = local.send(to="user@example.com", subject="Hi", text="Hello")
             local.run_until_idle()
             assert local.status(mid)["state"] == "delivered"
-            assert local.server.messages[0].recipients == ["user@example.com"]
+            assert local.server.messages[0].recipients == ("user@example.com",)
 
     *relay* is the ``default`` relay: an :class:`SMTPTestServer` (or a DSN); when neither
     it, *relays* nor *settings* name a relay, a test server is started (``.server``) and
@@ -151,6 +151,20 @@ class LocalDelivery:
         self.clock = clock or Clock()
         self.max_rounds = max_rounds
         self.server: SMTPTestServer | None = None
+        self._previous = _runtime.current()
+        self._wakeups: list[tuple[list[str], str]] = []
+        self._closed = self._installed = False
+        self._pools: PoolManager | None = None
+        try:
+            self._start(relay, relays, settings, policy, hooks, seed, redis_client, overrides)
+        except BaseException:  # a bad setting or DSN: leave nothing running or replaced
+            self.close()
+            raise
+
+    def _start(self, relay: SMTPTestServer | str | None,
+               relays: Mapping[str, SMTPTestServer | str] | None, settings: Settings | None,
+               policy: Policy | None, hooks: Hooks | None, seed: int, redis_client: Any,
+               overrides: dict[str, Any]) -> None:
         named: dict[str, SMTPTestServer | str] = dict(relays or {})
         if relay is not None:
             named["default"] = relay
@@ -164,17 +178,15 @@ class LocalDelivery:
         if parsed:
             overrides.setdefault("relays", {**base.relays, **parsed})
         self.settings = base.with_(**overrides) if overrides else base
-        self._previous = _runtime.current()
-        self._wakeups: list[tuple[list[str], str]] = []
-        self._closed = False
         rt = _runtime.configure(self.settings, redis_client=redis_client or _fake_redis(),
                                 publisher=self.publish)
+        self._installed = True
         self.redis = rt.redis
         self.store: Store = rt.store
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
-        self.pools = PoolManager(logger=_EventLog(self._events, self._events_lock),
-                                 clock=self.clock.monotonic)
+        self.pools = self._pools = PoolManager(
+            logger=_EventLog(self._events, self._events_lock), clock=self.clock.monotonic)
         self.deliverer = Deliverer(self.settings, self.store, self.pools,
                                    hooks if hooks is not None else default_hooks,
                                    clock=self.clock, rng=random.Random(seed), policy=policy)
@@ -338,10 +350,11 @@ class LocalDelivery:
         if self._closed:
             return
         self._closed = True
-        self.pools.close_all()
+        if self._pools is not None:
+            self._pools.close_all()
         if self.server is not None:
             self.server.stop()
-        if _runtime.current() is not None and _runtime.current() is not self._previous:
+        if self._installed:
             if self._previous is None:
                 _runtime.reset_runtime()
             else:
