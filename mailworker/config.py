@@ -308,6 +308,26 @@ def queue_from_spec(name: str, spec: Mapping[str, Any], where: str = "") -> Queu
         raise ConfigError(f"{where}[queues.{name}]: {exc}") from None
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _check_urls(settings: Settings) -> None:
+    """redis_url and broker_url as URLs, checked at load: a wrong one otherwise surfaces
+    at the first send() as a client library's error that names no option."""
+    url = settings.redis_url
+    if not isinstance(url, str) or url.partition("://")[0].lower() not in _REDIS_SCHEMES \
+            or "://" not in url:
+        raise ConfigError(f"redis_url={shown(redact_url(url) if isinstance(url, str) else url)}"
+                          " is not a Redis URL: use redis://host:6379/0, rediss://host:6380/0 "
+                          "(TLS) or unix:///path/to/redis.sock")
+    broker = settings.broker_url
+    if broker is not None and (not isinstance(broker, str) or "://" not in broker):
+        shown_broker = redact_url(broker) if isinstance(broker, str) else broker
+        raise ConfigError(f"broker_url={shown(shown_broker)} is not a broker URL: use e.g. "
+                          "redis://host:6379/1 or amqp://user@host:5672//, or leave it unset "
+                          "to use redis_url")
+
+
 def check_settings(settings: Settings) -> Settings:
     """Checks across settings, for every way of building them (file, env, frameworks)."""
     if settings.default_queue not in settings.queues:
@@ -318,6 +338,7 @@ def check_settings(settings: Settings) -> Settings:
         if not (math.isfinite(seconds) and 0 < seconds <= MAX_DURATION):
             raise ConfigError(f"{where}={shown(seconds)} is not a duration above zero and at "
                               "most 10 years")
+    _check_urls(settings)
     if settings.lease_seconds < 3:
         # The heartbeat renews every lease_seconds / 3: below a second, a Redis hiccup
         # would lose leases of live batches.

@@ -80,6 +80,23 @@ def build_settings(
         known = ", ".join(n.upper() for n in option_names())
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(k.upper() for k in unknown)}; "
                           f"known: {known}")
+    for name, example in (("relays", "{'default': 'smtp+starttls://smtp.example.com:587'}"),
+                          ("queues", "{'transactional': {'lifetime': '24h'}}")):
+        value = options.get(name)
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: {name.upper()} must be a dict of {name[:-1]} name to "
+                              f"its {'DSN' if name == 'relays' else 'options'}, not "
+                              f"{type(value).__name__}; e.g. {example}")
+    for name, spec in (options.get("relays") or {}).items():
+        if not isinstance(spec, (str, Mapping)):
+            raise ConfigError(f"{where}: RELAYS[{name!r}] must be a DSN such as "
+                              "'smtp+starttls://smtp.example.com:587' or a dict with 'dsn' and "
+                              f"relay options, not {type(spec).__name__}")
+    for name, spec in (options.get("queues") or {}).items():
+        if spec is not None and not isinstance(spec, Mapping):
+            raise ConfigError(f"{where}: QUEUES[{name!r}] must be a dict of queue options "
+                              "such as {'lifetime': '24h', 'max_attempts': 20}, not "
+                              f"{type(spec).__name__}")
     env = dict(os.environ if environ is None else environ)
     # Scalars go through the environment path of load_settings, so they are coerced and
     # checked by exactly the code that checks MAILWORKER_* variables.

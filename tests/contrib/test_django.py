@@ -391,6 +391,31 @@ def test_system_check_reports_a_bad_mailworker_setting(django_db: Path,
         call_command("check")
 
 
+def test_review_f15_system_check_names_odd_shapes_never_a_traceback(
+        django_db: Path, mw_env: dict[str, str]) -> None:
+    from mailworker.contrib.django.checks import check_mailworker_setting
+
+    good = mailworker_setting(mw_env)
+
+    def errors(**changes: Any) -> list[tuple[str, str]]:
+        with override_settings(MAILWORKER={**good, **changes}):
+            return [(e.id, e.msg) for e in check_mailworker_setting()]
+
+    [(eid, msg)] = errors(QUEUES="transactional")
+    assert eid == "mailworker.E006" and "QUEUES must be a dict" in msg
+    [(eid, msg)] = errors(QUEUES={"q": "24h"})
+    assert eid == "mailworker.E006" and "QUEUES['q'] must be a dict" in msg
+    for relay in (["smtp://h:25"], 25, None):
+        [(eid, msg)] = errors(RELAYS={"default": relay})
+        assert eid == "mailworker.E003" and "must be a DSN" in msg, msg
+    [(eid, msg)] = errors(REDIS_URL="http://cache.example.com")
+    assert eid == "mailworker.E006" and "redis_url=" in msg and "redis://" in msg
+    [(eid, msg)] = errors(REDIS_URL=5)
+    assert eid == "mailworker.E006" and "not a Redis URL" in msg
+    [(eid, msg)] = errors(BROKER_URL="localhost")
+    assert eid == "mailworker.E006" and "broker_url=" in msg
+
+
 def test_signals_connect_in_ready_not_on_import() -> None:
     """Importing the backend connects nothing; the installed app's ready() does."""
     code = """if True:

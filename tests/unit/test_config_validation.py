@@ -110,3 +110,16 @@ def test_a_bad_redis_url_in_an_error_is_redacted() -> None:
     with pytest.raises(ConfigError) as info:
         Settings(redis_url="redis://u:hunter2@h/0", broker_url="")
     assert "hunter2" not in str(info.value)
+
+
+def test_review_f15_redis_and_broker_urls_are_checked_at_load() -> None:
+    with pytest.raises(ConfigError, match=r"redis_url='http://x' is not a Redis URL"):
+        load_settings(None, {"MAILWORKER_REDIS_URL": "http://x"})
+    with pytest.raises(ConfigError, match="redis_url=") as info:
+        load_settings(None, {"MAILWORKER_REDIS_URL": "cache:6379:s3cret"})
+    assert "rediss://" in str(info.value)
+    with pytest.raises(ConfigError, match="broker_url='localhost' is not a broker URL"):
+        load_settings(None, {"MAILWORKER_BROKER_URL": "localhost"})
+    for url in ("redis://h:6379/0", "rediss://:pw@h:6380/0", "unix:///run/redis.sock"):
+        assert load_settings(None, {"MAILWORKER_REDIS_URL": url}).redis_url == url
+    assert load_settings(None, {"MAILWORKER_BROKER_URL": "amqp://u@h//"}).broker_url

@@ -68,6 +68,12 @@ def check_mailworker_setting(app_configs: Any = None, **_: Any) -> list[Any]:
                              "e.g. 'RELAYS': {'default': 'smtp+starttls://smtp.example.com:587'}"))
         relays = {}
     for name, spec in relays.items():
+        if not isinstance(spec, (str, Mapping)):
+            errors.append(_error(3, f"RELAYS[{name!r}] must be a DSN or a dict with 'dsn' and "
+                                    f"relay options, not {type(spec).__name__}",
+                                 "e.g. 'RELAYS': {'default': 'smtp+starttls://smtp.example.com"
+                                 ":587'}; see config/README.md, 'Relays'"))
+            continue
         try:
             relay_from_spec(str(name), spec, os.environ)
         except (InvalidRelayError, ConfigError, TypeError, ValueError) as exc:
@@ -85,6 +91,10 @@ def check_mailworker_setting(app_configs: Any = None, **_: Any) -> list[Any]:
         built = build_settings(base, where="settings.MAILWORKER")
     except ConfigError as exc:
         return [_error(6, str(exc).removeprefix("settings.MAILWORKER: "), _DOCS)]
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        # A value of a shape no check foresaw: still an Error naming it, never a traceback.
+        return [_error(6, f"a value has the wrong type or shape ({type(exc).__name__}: "
+                          f"{exc})", _DOCS)]
     queue, relay = options.get("default_queue"), options.get("default_relay")
     if queue and str(queue) not in built.queues:
         errors.append(_error(4, f"DEFAULT_QUEUE {queue!r} is not a configured queue",
