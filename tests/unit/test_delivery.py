@@ -14,6 +14,7 @@ import pytest
 from mailworker.config import QueueSettings
 from mailworker.hooks import Hooks
 from mailworker.record import MessageState, RcptState
+from mailworker.relay import parse_relay
 from mailworker.smtp import Envelope
 from mailworker.smtp.errors import DeliveryUncertain
 from mailworker.testing import Fault, SMTPTestServer, free_port, wait_until
@@ -157,6 +158,17 @@ def test_auth_failure_pauses_the_relay_and_keeps_mail_queued(make_local: MakeLoc
         assert local.status(later)["state"] == "deferred"  # type: ignore[index]
         assert server.connections_opened == 1
         assert local.server is None and server.messages == []
+
+        # The operator fixes the password and resumes the relay: everything goes, and the
+        # pause cost the messages no attempt.
+        fixed = parse_relay("default", server.dsn(user="alice", password="right",
+                                                  allow_plain_auth=True))
+        local.deliverer.settings = local.settings.with_(relays={"default": fixed})
+        local.store.resume_relay("default")
+        local.drain()
+        for rec in map(local.record, [*ids, later]):
+            assert rec is not None and rec.state is MessageState.DELIVERED and rec.attempts == 0
+        assert len(server.messages) == 4
     finally:
         server.stop()
 
