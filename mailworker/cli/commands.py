@@ -206,19 +206,74 @@ def dlq_list(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How much of an unreadable record's stored document and headers ``dlq show`` prints.
+_SHOW_DOC_CHARS = 4000
+_SHOW_HEADER_LINES = 30
+
+
 def dlq_show(args: argparse.Namespace) -> int:
     rt = _runtime()
     rec = rt.store.get(args.id)
     if rec is None:
         raise CLIError(f"no message with id {args.id!r}", "list dead letters with "
                        "'mailworker dlq list'", 1)
+    try:
+        raw = rt.store.raw(args.id)
+    except redis.ResponseError:  # the key is not a record hash (the reason says so)
+        raw = None
+    # A record that could not be read comes back as a stand-in with no recipients (a real
+    # one always has some): show what is stored, so the operator can tell whom it was
+    # for and fix or purge it.
+    document = rt.store.document(args.id) if not rec.recipients else None
     if args.json:
         from dataclasses import asdict
 
-        print_json(asdict(rec))
+        print_json({**asdict(rec), "raw_size": len(raw) if raw is not None else None,
+                    **({"stored_document": document} if document is not None else {})})
     else:
         _print_record(rec, history=True)
+        if not rec.recipients:
+            _print_stored(document, raw)
+    if getattr(args, "raw", None):
+        _write_raw(args.raw, raw)
     return 0
+
+
+def _print_stored(document: str | None, raw: bytes | None) -> None:
+    """The stored document and the message's headers of a record that could not be read."""
+    say("\nstored document (the record could not be read: fix it and 'mailworker dlq retry' "
+        "it, or purge it)")
+    if document is None:
+        say("  (none)")
+    else:
+        cut = f" ... ({len(document):,} chars)" if len(document) > _SHOW_DOC_CHARS else ""
+        say("  " + clean(document[:_SHOW_DOC_CHARS], newlines=False) + cut)
+    if raw is None:
+        say("\nmessage bytes: none stored")
+        return
+    say(f"\nmessage: {len(raw):,} bytes stored (write them out with --raw FILE); headers:")
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    lines = head.decode("utf-8", "replace").splitlines()
+    for line in lines[:_SHOW_HEADER_LINES]:
+        say("  " + clean(line, newlines=False))
+    if len(lines) > _SHOW_HEADER_LINES:
+        say(f"  ... ({len(lines) - _SHOW_HEADER_LINES} more header lines)")
+
+
+def _write_raw(target: str, raw: bytes | None) -> None:
+    if raw is None:
+        raise CLIError("no message bytes are stored for this id", "nothing to write", 1)
+    if target == "-":
+        sys.stdout.buffer.write(raw)
+        sys.stdout.flush()
+        return
+    try:
+        with open(target, "xb") as fh:
+            fh.write(raw)
+    except FileExistsError:
+        raise CLIError(f"{target} exists", "name a new file; --raw never overwrites", 2) from None
+    except OSError as exc:
+        raise CLIError(f"cannot write {target}: {exc.strerror}", "check the path", 2) from None
 
 
 def _bulk(args: argparse.Namespace, action: str) -> int:

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh = dsub.add_parser("show", help="one dead letter with its whole history")
     sh.add_argument("id")
     sh.add_argument("--json", action="store_true")
+    sh.add_argument("--raw", metavar="FILE",
+                    help="also write the message's stored bytes to FILE ('-' for stdout)")
     sh.set_defaults(func=commands.dlq_show)
 
     stats = sub.add_parser("stats", help="queue depths, deferred, dead letters, per-relay counts")

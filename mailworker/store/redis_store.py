@@ -292,6 +292,17 @@ class Store:
             return None
         return v if isinstance(v, bytes) else str(v).encode()
 
+    def document(self, mid: str) -> str | None:
+        """The record's stored JSON document as text (undecodable bytes replaced), for an
+        operator inspecting a record that could not be read (``mailworker dlq show``)."""
+        try:
+            v = self.redis.hget(self.keys.record(mid), "doc")
+        except redis.ResponseError:  # WRONGTYPE: the key is not a record hash
+            return None
+        if v is None:
+            return None
+        return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
     def record_ids(self) -> list[str]:
         """Every record's id, by SCAN (for tests and tools, not the delivery path)."""
         head = self.keys.head("m")
