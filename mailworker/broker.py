@@ -130,12 +130,17 @@ def _apply(app: Any, settings: Settings) -> None:
     app.amqp._producer_pool = None
 
 
-def follow(settings: Settings) -> None:
-    """Point mailworker's own app at *settings* (the runtime calls this whenever it is
-    built or configured); an app not created yet picks them up when it is."""
+def follow(settings: Settings, *, reconfigure: bool = True) -> None:
+    """Remember *settings* for mailworker's own app, which picks them up when created.
+
+    With *reconfigure* (:func:`mailworker.runtime.configure` does it) an app already
+    created is pointed at them too. A runtime built lazily from the environment does not
+    reconfigure: in a worker the app is running on the same settings, and resetting a
+    running app's connection pools would cut its consumer's connection.
+    """
     with _State.lock:
         _State.settings = settings
-        if _State.app is not None:
+        if reconfigure and _State.app is not None:
             _apply(_State.app, settings)
 
 

@@ -45,7 +45,7 @@ _runtime: Runtime | None = None
 
 
 def _build(settings: Settings, client: redis.Redis | None = None,
-           publisher: Publisher | None = None) -> Runtime:
+           publisher: Publisher | None = None, *, reconfigure: bool = False) -> Runtime:
     # Bounded waits (a web request must not hang on a Redis that accepts and never
     # answers); a refused or reset connection (a restart, a failover) is retried with
     # backoff, a timeout is not: retrying it would double the wait.
@@ -57,10 +57,10 @@ def _build(settings: Settings, client: redis.Redis | None = None,
     )
     store = Store(client, prefix=settings.key_prefix, retention=settings.retention,
                   dead_retention=settings.dead_retention)
-    # mailworker's own Celery app, if created, follows the new broker; if not, it reads
-    # these settings when first used (an app that installed delivery into its own Celery
-    # app never creates it).
-    broker.follow(settings)
+    # mailworker's own Celery app, if created, follows a configure()d broker; if not, it
+    # reads these settings when first used (an app that installed delivery into its own
+    # Celery app never creates it).
+    broker.follow(settings, reconfigure=reconfigure)
     return Runtime(settings, client, store, pools, publisher or broker.publish)
 
 
@@ -88,7 +88,7 @@ def configure(
     if overrides:
         base = base.with_(**overrides)
     with _lock:
-        _runtime = _build(base, redis_client, publisher)
+        _runtime = _build(base, redis_client, publisher, reconfigure=True)
     return _runtime
 
 
