@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from mailworker.config import ConfigError, Settings
+from mailworker.fleet import FleetSlots, Window
 from mailworker.hooks import Hooks
 from mailworker.leases import HeldLeases, heartbeat
 from mailworker.outcome import (
@@ -33,11 +34,10 @@ from mailworker.outcome import (
     pause_until,
     requeue,
 )
-from mailworker.policy import Action, Decision, Policy
+from mailworker.policy import Action, Decision, Policy, Scope
 from mailworker.policy_config import policy_of
 from mailworker.relay import Relay
 from mailworker.smtp import (
-    Connection,
     DeliveryUncertain,
     Envelope,
     NotAttempted,
@@ -45,7 +45,8 @@ from mailworker.smtp import (
     PoolTimeout,
     SendResult,
 )
-from mailworker.smtp.errors import BEFORE_MAIL, Stage, annotate, failure_of
+from mailworker.smtp.errors import BEFORE_MAIL, Failure, Stage, annotate, failure_of
+from mailworker.smtp.pool import NoSlot
 from mailworker.store import Claim, MessageState, Record, Store, Unreadable
 
 __all__ = ["Deliverer", "PassReport", "invalid_reason"]
@@ -136,10 +137,13 @@ def _batch_failure(exc: Exception, relay: str) -> BaseException:
 
 @dataclass(frozen=True)
 class _RelayEffect:
-    """What a chunk did to its relay: paused it (the policy's decision), or succeeded."""
+    """What a chunk did to its relay: paused it (the policy's decision), or not; and the
+    feedback for its window and rate ("ok" with the transactions accepted, or "slow")."""
 
-    relay: str
+    relay: Relay
     pause: Decision | None
+    feedback: str | None = None
+    accepted: int = 0
 
 
 class Deliverer:
@@ -171,6 +175,9 @@ class Deliverer:
         self._report = PassReport()
         self._held = HeldLeases(store, [], settings.lease_seconds, 0.0)
         self._paused_until: tuple[float, str] | None = None
+        self.window = Window(store)
+        self.slots = FleetSlots(store, pools, settings.lease_seconds)
+        pools.use_slots(self.slots)  # connections only inside the relay's fleet window
 
     def policy_for(self, queue: str) -> Policy:
         if queue not in self._policies:
@@ -306,62 +313,28 @@ class Deliverer:
             reason, left = paused
             hold = self.policy.hold(f"relay paused: {reason}", left)
             return [(c, apply_hold(c.record, now, hold)) for c in group]
-        if relay.fleet_max_connections or relay.fleet_rate:
-            return self._deliver_limited(relay, group, task_id, held)
-        return self._send_and_decide(relay, group, task_id, self.pools.get(relay).send_many,
-                                     held)
+        return self._deliver_limited(relay, group, task_id, held)
 
     def _deliver_limited(
         self, relay: Relay, group: list[Claim], task_id: str | None, held: HeldLeases
     ) -> list[tuple[Claim, Step]]:
-        """Deliver under the relay's fleet-wide limits; hold what the limits do not allow.
+        """Deliver under the relay's fleet-wide rate; hold what it does not allow yet.
 
-        With ``fleet_max_connections`` the batch goes over a connection of its own, opened
-        only while this worker holds a fleet slot and closed before the slot is given
-        back, so the server never sees more connections than the limit, whatever the
-        number of workers. (Pooled connections would stay open, idle, outside any slot.)
+        One Redis round trip per batch asks the relay's token bucket (at the learned rate,
+        capped by ``fleet_rate``; nothing is limited while no rate is in force). The
+        connection limit is the pools' (:class:`~mailworker.fleet.FleetSlots`): a new
+        connection opens only in a slot of the relay's window, and a kept one keeps it.
         """
         now = self.clock()
-        token = uuid.uuid4().hex
-        granted, wait = self.store.fleet_acquire(
-            relay.name, token, max_connections=relay.fleet_max_connections,
-            rate=relay.fleet_rate, wanted=len(group), hold_seconds=self.settings.lease_seconds)
+        granted, wait, rate = self.window.take_rate(relay, len(group))
         if granted == 0:
             hold = self.policy.fleet_hold(wait=wait, rng=self.rng)
             return [(c, apply_hold(c.record, now, hold)) for c in group]
         rest = group[granted:]
-        hold = self.policy.fleet_hold(behind=len(rest), rate=relay.fleet_rate, rng=self.rng)
+        hold = self.policy.fleet_hold(behind=len(rest), rate=rate, rng=self.rng)
         held_back = [(c, apply_hold(c.record, now, hold)) for c in rest]
-        if not relay.fleet_max_connections:
-            return held_back + self._send_and_decide(relay, group[:granted], task_id,
-                                                     self.pools.get(relay).send_many, held)
-
-        # One connection for the whole batch (every chunk), opened inside the slot and
-        # closed before the slot is given back. The heartbeat keeps the slot as long as
-        # the batch runs (a slot taken for one lease would lapse under a long batch).
-        conns: list[Connection] = []
-
-        def send_alone(envelopes: Sequence[Envelope], *, gate: Gate | None = None
-                       ) -> list[SendResult | BaseException]:
-            if not conns or conns[0].has_expired(time.monotonic()):
-                for old in conns:
-                    old.close()
-                conns[:] = [Connection(relay)]
-                conns[0].open()
-            return conns[0].send_many(envelopes, gate=gate)
-
-        def renew_slot() -> None:
-            self.store.relays.renew_slot(relay.name, token, self.settings.lease_seconds)
-
-        held.also_renew(renew_slot)
-        try:
-            return held_back + self._send_and_decide(relay, group[:granted], task_id, send_alone,
-                                                     held)
-        finally:
-            held.stop_renewing(renew_slot)
-            for conn in conns:
-                conn.close()
-            self.store.fleet_release(relay.name, token)
+        return held_back + self._send_and_decide(relay, group[:granted], task_id,
+                                                 self.pools.get(relay).send_many, held)
 
     def _send_and_decide(
         self, relay: Relay, group: list[Claim], task_id: str | None,
@@ -390,20 +363,27 @@ class Deliverer:
                 started = self.clock()
                 try:
                     results = list(send_many(chunk, gate=self._gate(group, i, held)))
+                except NoSlot:
+                    # The relay's window is full (other workers hold every slot): wait a
+                    # moment, no attempt spent, nothing learned about the relay.
+                    now = self.clock()
+                    hold = self.policy.fleet_hold(rng=self.rng)
+                    self._save([(c, apply_hold(c.record, now, hold)) for c in group[i:]])
+                    break
                 except Exception as exc:
                     # A connection that could not be had fails the chunk alike (and pauses
                     # the relay once); after an interruption the rest were never started.
                     failure = _batch_failure(exc, relay_name)
                     results = [failure] * len(chunk)
                     if failure is not exc:
-                        self._save(self._decide(relay_name, claims, results, started, task_id))
+                        self._save(self._decide(relay, claims, results, started, task_id))
                         now = self.clock()
                         self._save([(c, requeue(c.record, now)) for c in group[i + CHUNK:]])
                         break
                 held.release([c.record.id for c in claims])
                 # Saved chunk by chunk: a worker killed mid-batch re-sends at most the
                 # chunk it was in, and those are exactly the records it had marked.
-                pairs = self._decide(relay_name, claims, results, started, task_id)
+                pairs = self._decide(relay, claims, results, started, task_id)
                 self._save(pairs)
                 paused = self._paused_until
                 if paused is not None:  # host-level trouble: the rest waits with the relay
@@ -414,15 +394,21 @@ class Deliverer:
                     break
         return []
 
-    def _decide(self, relay_name: str, group: list[Claim],
+    def _decide(self, relay: Relay, group: list[Claim],
                 results: Sequence[SendResult | BaseException], started: float,
                 task_id: str | None) -> list[tuple[Claim, Step]]:
         """Fold one chunk's results into its records; note relay-level effects."""
+        relay_name = relay.name
         finished = self.clock()
         out: list[tuple[Claim, Step]] = []
         pause: Decision | None = None
         self._paused_until = None
-        failures = self._relay_failures(relay_name, results)
+        conn_failed, slow, accepted = self._signals(results)
+        cohort: bool | None = None
+        if conn_failed:
+            failures, cohort = self._connection_failed(relay, results)
+        else:
+            failures = 1
         for claim, result in zip(group, results, strict=True):
             if isinstance(result, NotAttempted):
                 # Behind a message that broke the connection; nothing of it was sent.
@@ -432,7 +418,8 @@ class Deliverer:
                 step = apply_result(
                     claim.record, result, policy=self.policy_for(claim.record.queue),
                     now=finished, started_at=started, relay=relay_name,
-                    relay_failures=failures, task_id=task_id, worker=self.worker,
+                    relay_failures=failures, cohort_failed=cohort, task_id=task_id,
+                    worker=self.worker,
                     interrupted=claim.interrupted_at is not None, rng=self.rng,
                 )
             except Exception as exc:
@@ -450,28 +437,51 @@ class Deliverer:
             if d is not None and (pause is None or d.relay_pause > pause.relay_pause):
                 pause = d
             out.append((claim, step))
+        feedback = "slow" if slow else "ok" if accepted else None
         if pause is not None:
             # Host-level trouble: the relay waits as the policy said, and so does the rest
             # of this relay's mail, instead of burning every queued message's attempts.
-            self._effects.append(_RelayEffect(relay_name, pause))
+            self._effects.append(_RelayEffect(relay, pause, feedback, accepted))
             until = pause_until(finished, pause)
             self._paused_until = (until, f"relay paused: {pause.reason}")
             out = [(claim, defer_behind(claim.record, step, until)) for claim, step in out]
-        elif any(isinstance(r, SendResult) for r in results):
-            self._effects.append(_RelayEffect(relay_name, None))
+        elif feedback is not None:
+            self._effects.append(_RelayEffect(relay, None, feedback, accepted))
         return out
 
-    def _relay_failures(self, relay_name: str,
-                        results: Sequence[SendResult | BaseException]) -> int:
-        """The relay's consecutive failures, counting this chunk's should it have failed at
-        host level (read only when a result is a failure: the happy path pays nothing)."""
-        if all(isinstance(r, NotAttempted) or (isinstance(r, SendResult) and not r.refused)
-               for r in results):
-            return 1
+    def _signals(self, results: Sequence[SendResult | BaseException]
+                 ) -> tuple[bool, bool, int]:
+        """What a chunk says about its relay: a connection attempt failed at host level
+        (a relay-scope retry rule: 421, refused, reset); a reply asked to slow down; and
+        how many transactions were accepted. Refusals are matched against the base
+        policy's rules (a queue's own limits change no rule)."""
+        conn_failed = slow = False
+        accepted = 0
+        for r in results:
+            if isinstance(r, SendResult):
+                accepted += bool(r.accepted)
+                slow = slow or any(
+                    self.policy.rule_for(Failure.reply(rr.code, rr.text, rr.stage, None,
+                                                       rr.enhanced_code)).action
+                    is Action.SLOW_DOWN for rr in r.recipients if not rr.accepted)
+            elif not isinstance(r, NotAttempted):
+                rule = self.policy.rule_for(failure_of(r))
+                slow = slow or rule.action is Action.SLOW_DOWN
+                conn_failed = conn_failed or (rule.scope is Scope.RELAY
+                                              and rule.action is Action.RETRY)
+        return conn_failed, slow, accepted
+
+    def _connection_failed(self, relay: Relay, results: Sequence[SendResult | BaseException]
+                           ) -> tuple[int, bool | None]:
+        """Negative feedback for the relay's window, before deciding: (the streak of failed
+        connection attempts, whether it is a whole failed cohort). Without Redis the
+        policy falls back on the relay backoff (cohort None)."""
         try:
-            return int(self.store.relay_failures(relay_name)) + 1
-        except Exception:  # best effort: the shortest relay backoff is a safe guess
-            return 1
+            fb = self.window.feedback(relay, "fail")
+            return max(1, fb.streak), fb.cohort_failed
+        except Exception as exc:
+            log.warning("relay.bookkeeping_failed", error=f"{type(exc).__name__}: {exc}")
+            return 1, None
 
     def _budget_spent(self) -> bool:
         # The threads pool enforces no task time limit, so a batch keeps its own: no new
@@ -508,13 +518,15 @@ class Deliverer:
         for effect in self._effects:
             try:
                 decision = effect.pause
+                if effect.feedback is not None:
+                    self.window.feedback(effect.relay, effect.feedback, effect.accepted)
                 if decision is None:
-                    self.store.relay_succeeded(effect.relay)
                     continue
+                name = effect.relay.name
                 if decision.action is not Action.PAUSE_RELAY:  # host trouble, not config
-                    self.store.relay_failed(effect.relay)
-                self.store.pause_relay(effect.relay, decision.relay_pause, decision.reason)
-                log.error("relay.paused", relay=effect.relay,
+                    self.store.relay_failed(name)
+                self.store.pause_relay(name, decision.relay_pause, decision.reason)
+                log.error("relay.paused", relay=name,
                           seconds=round(decision.relay_pause, 1), reason=decision.reason,
                           rule=decision.rule)
             except Exception as exc:  # best effort: the outcomes are already saved

@@ -128,7 +128,7 @@ class _Attempt:
         return self.decisions[0] if self.decisions else None
 
 
-_DEFERS = (Action.RETRY, Action.PAUSE_RELAY)
+_DEFERS = (Action.RETRY, Action.PAUSE_RELAY, Action.SLOW_DOWN)
 
 
 def _delivered_in(result: SendResult | None) -> int:
@@ -144,6 +144,7 @@ def apply_result(
     started_at: float,
     relay: str,
     relay_failures: int = 1,
+    cohort_failed: bool | None = None,
     task_id: str | None = None,
     worker: str | None = None,
     interrupted: bool = False,
@@ -152,7 +153,8 @@ def apply_result(
     """Fold *result* into *record* and decide its next state.
 
     *relay_failures* is the relay's consecutive failures counting this attempt's, should it
-    fail at host level (the policy grows the relay's pause with it). *interrupted*: an
+    fail at host level (the policy grows the relay's pause with it); *cohort_failed* whether
+    that failure completes a failed cohort (see ``AttemptState``). *interrupted*: an
     earlier holder died while sending this record, so whatever it sent is unknown; every
     open recipient is flagged as a possible duplicate, and the interruption spends the
     uncertain budget like a lost reply.
@@ -165,7 +167,7 @@ def apply_result(
     state = AttemptState(
         attempt=record.attempts + 1, uncertain=uncertain, relay_failures=max(1, relay_failures),
         age=now - record.created_at, lifetime=record.expires_at - record.created_at,
-        delivered=_delivered_in(partial))
+        delivered=_delivered_in(partial), cohort_failed=cohort_failed)
     att = _Attempt(record, policy, now, state, rng)
     open_addrs = {r.address for r in record.open_recipients}
     error_info: dict[str, Any] | None = None

@@ -63,10 +63,12 @@ class Action(StrEnum):
     FAIL = "fail"
     PAUSE_RELAY = "pause_relay"
     HOLD = "hold"  # not a rule's action: wait without an attempt (relay paused, fleet limit)
+    SLOW_DOWN = "slow_down"  # the relay asks us to slow down: wait, no attempt, lower the rate
 
 
 #: Actions a rule (and so the ``[retry]`` config) may pick.
-RULE_ACTIONS = (Action.RETRY, Action.RETRY_NOW, Action.FAIL, Action.PAUSE_RELAY)
+RULE_ACTIONS = (Action.RETRY, Action.RETRY_NOW, Action.FAIL, Action.PAUSE_RELAY,
+                Action.SLOW_DOWN)
 
 
 class Scope(StrEnum):
@@ -104,7 +106,10 @@ class AttemptState:
     relay's consecutive host-level failures counting this one; ``age`` the message's
     seconds since enqueue; ``lifetime`` its own lifetime (None: the policy's);
     ``delivered`` the recipients accepted in this attempt (a 452 split with none would
-    loop).
+    loop); ``cohort_failed`` whether the relay's failed connection attempts make a whole
+    failed cohort (mailworker.fleet): True pauses the relay for ``probe_interval``, False
+    only holds the message (the relay's other connections work), None (no window known)
+    pauses for ``relay_backoff``.
     """
 
     attempt: int = 1
@@ -113,6 +118,7 @@ class AttemptState:
     age: float = 0.0
     lifetime: float | None = None
     delivered: int = 0
+    cohort_failed: bool | None = None
 
     def __post_init__(self) -> None:
         if self.attempt < 1 or self.relay_failures < 1 or self.uncertain < 0:
@@ -187,7 +193,8 @@ class Rule:
 
     ``exception`` is an ``isinstance`` test; ``codes`` and ``enhanced`` are patterns
     (``"4xx"``, ``"452,552"``, ``"5.1.x"``) that never match an absent code; ``stages``
-    never matches an unknown stage. ``reason`` is the text a matching decision carries.
+    never matches an unknown stage; ``text`` is a regular expression searched in the
+    reply text, case-insensitive. ``reason`` is the text a matching decision carries.
     """
 
     name: str
@@ -199,6 +206,7 @@ class Rule:
     scope: Scope = Scope.MESSAGE
     possible_duplicate: bool = False
     reason: str = ""
+    text: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -209,10 +217,16 @@ class Rule:
                     _pattern(kind, text)
         except ValueError as exc:
             raise ValueError(f"rule {self.name!r}: {exc}") from None
+        if self.text is not None:
+            try:
+                _text_re(self.text)
+            except re.error as exc:
+                raise ValueError(f"rule {self.name!r}: text {self.text!r} is not a valid "
+                                 f"regular expression ({exc})") from None
         if self.stages is not None:
             object.__setattr__(self, "stages", frozenset(Stage(s) for s in self.stages))
         relay_ok = (Action.RETRY, Action.PAUSE_RELAY) if self.scope is Scope.RELAY else (
-            Action.RETRY, Action.RETRY_NOW, Action.FAIL)
+            Action.RETRY, Action.RETRY_NOW, Action.FAIL, Action.SLOW_DOWN)
         if self.action not in RULE_ACTIONS:
             raise ValueError(f"rule {self.name!r}: action {self.action} is not a rule's action; "
                              "use one of: " + ", ".join(RULE_ACTIONS))
@@ -226,7 +240,7 @@ class Rule:
     def counts_as_attempt(self) -> bool:
         """Relay-level problems and 452 splits are not the message's fault."""
         return self.scope is not Scope.RELAY and self.action not in (
-            Action.RETRY_NOW, Action.PAUSE_RELAY)
+            Action.RETRY_NOW, Action.PAUSE_RELAY, Action.SLOW_DOWN)
 
     def matches(self, failure: Failure) -> bool:
         """True when every condition set on this rule holds for the failure."""
@@ -234,7 +248,13 @@ class Rule:
         return ((self.exception is None or issubclass(failure.kind, self.exception))
                 and _fits("codes", self.codes, None if code is None else str(code))
                 and _fits("enhanced", self.enhanced, failure.enhanced_code)
-                and (self.stages is None or failure.stage in self.stages))
+                and (self.stages is None or failure.stage in self.stages)
+                and (self.text is None or bool(_text_re(self.text).search(failure.text))))
+
+
+@cache
+def _text_re(text: str) -> re.Pattern[str]:
+    return re.compile(text, re.IGNORECASE)
 
 
 def _fits(kind: str, pattern: str | None, value: str | None) -> bool:
@@ -250,11 +270,28 @@ def _rows(name: str, action: Action, scope: Scope, reason: str, *variants: dict[
 
 _RCPT = frozenset({Stage.RCPT})
 _MESSAGE = frozenset({Stage.MAIL, Stage.DATA, Stage.AFTER_DOT})
+_AFTER_HELLO = frozenset({Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.AFTER_DOT})
+
+#: Reply text that says greylisting (a per-recipient "come back later", not a rate signal).
+GREYLIST_TEXT = r"gr[ae]y ?list"
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     *_rows("too-many-recipients", Action.RETRY_NOW, Scope.RECIPIENT,
            "too many recipients: the rest go in the next transaction",
            {"enhanced": "x.5.3", "stages": _RCPT}),
+    # Greylisting before slow-down: often a 4.7.1 too, but about this sender and recipient,
+    # not the
+    # rate: an ordinary deferral.
+    *_rows("greylisted", Action.RETRY, Scope.RECIPIENT, "greylisted: deferred",
+           {"codes": "4xx", "stages": _RCPT, "text": GREYLIST_TEXT}),
+    *_rows("greylisted", Action.RETRY, Scope.MESSAGE, "greylisted: deferred",
+           {"codes": "4xx", "stages": _MESSAGE, "text": GREYLIST_TEXT}),
+    *_rows("slow-down", Action.SLOW_DOWN, Scope.RECIPIENT,
+           "the relay asks to slow down (4.7.x): held, no attempt spent; fleet rate lowered",
+           {"codes": "45x", "enhanced": "4.7.x", "stages": _RCPT}),
+    *_rows("slow-down", Action.SLOW_DOWN, Scope.MESSAGE,
+           "the relay asks to slow down (4.7.x): held, no attempt spent; fleet rate lowered",
+           {"codes": "45x", "enhanced": "4.7.x", "stages": _MESSAGE}),
     *_rows("rcpt-4xx", Action.RETRY, Scope.RECIPIENT, "4xx to RCPT: deferred",
            {"codes": "452", "enhanced": "x.x.x", "stages": _RCPT}),
     *_rows("rcpt-5xx", Action.FAIL, Scope.RECIPIENT, "5xx to RCPT: recipient refused",
@@ -321,6 +358,8 @@ class Policy:
     relay_backoff: Backoff = field(default_factory=lambda: Backoff(initial=30.0, maximum=600.0))
     max_uncertain: int = 1
     config_pause: float = 300.0
+    probe_interval: float = 30.0
+    slow_down_wait: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -328,7 +367,7 @@ class Policy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name}={value!r} is not a whole number >= {least}")
-        for name in ("lifetime", "config_pause"):
+        for name in ("lifetime", "config_pause", "probe_interval", "slow_down_wait"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not a positive number "
                                  "of seconds")
@@ -352,18 +391,32 @@ class Policy:
             # Nobody was accepted in this attempt: splitting again at once would loop.
             action, counts = Action.RETRY, True
             reason = f"{reason}; none was accepted, so backing off"
+        scope = rule.scope
         if action in (Action.FAIL, Action.RETRY_NOW):
             delay = 0.0
         elif action is Action.PAUSE_RELAY:
             delay = self.config_pause
-        elif rule.scope is Scope.RELAY:
+        elif action is Action.SLOW_DOWN:
+            delay = self.slow_down_wait * (1 + (rng or random).random())
+        elif scope is Scope.RELAY and state.cohort_failed is False:
+            # One failed connection while the relay's others work (a connection cap): the
+            # window shrinks (mailworker.fleet); the message waits briefly, no attempt.
+            scope, counts = Scope.MESSAGE, False
+            delay = self.slow_down_wait * (1 + (rng or random).random())
+            reason = f"{reason}; the relay's other connections work, so no pause"
+        elif scope is Scope.RELAY and state.cohort_failed:
+            # A whole cohort of connection attempts failed: the relay is dead for now; one
+            # probe connection per probe_interval tells when it is back.
+            delay = self.probe_interval
+            reason = f"{reason}; a whole cohort of connection attempts failed"
+        elif scope is Scope.RELAY:
             delay = self.relay_backoff.delay(state.relay_failures, rng)
         else:
             delay = self.backoff.delay(state.attempt, rng)
         duplicate = rule.possible_duplicate or failure.possible_duplicate
-        decision = Decision(action, rule.scope, delay, reason, duplicate, counts, rule.name,
+        decision = Decision(action, scope, delay, reason, duplicate, counts, rule.name,
                             uncertain=duplicate and action is not Action.FAIL,
-                            relay_pause=delay if rule.scope is Scope.RELAY else 0.0)
+                            relay_pause=delay if scope is Scope.RELAY else 0.0)
         if action is Action.FAIL:
             return decision
         if decision.uncertain and state.uncertain >= self.max_uncertain:
@@ -442,7 +495,7 @@ EXCEPTIONS: dict[str, type[BaseException]] = {
 _EXCEPTION_NAMES = {cls: name for name, cls in EXCEPTIONS.items()}
 EXCEPTION_ALIASES = {"socket.timeout": "TimeoutError",
             "ssl.CertificateError": "ssl.SSLCertVerificationError"}
-RULE_KEYS = ("name", "exception", "codes", "enhanced", "stages", "action", "scope",
+RULE_KEYS = ("name", "exception", "codes", "enhanced", "stages", "text", "action", "scope",
              "possible_duplicate", "reason")
 
 
@@ -478,4 +531,5 @@ def _rule_to_config(rule: Rule) -> dict[str, Any]:
         "scope": rule.scope.value,
         "possible_duplicate": rule.possible_duplicate,
         "reason": rule.reason,
+        "text": rule.text,
     }

@@ -32,8 +32,8 @@ from mailworker.smtp.errors import Stage
 
 __all__ = ["RETRY_KEYS", "policy_from_table", "policy_of"]
 
-RETRY_KEYS = ("max_attempts", "lifetime", "max_uncertain", "config_pause", "backoff",
-              "relay_backoff", "rules")
+RETRY_KEYS = ("max_attempts", "lifetime", "max_uncertain", "config_pause", "probe_interval",
+              "slow_down_wait", "backoff", "relay_backoff", "rules")
 """Keys of the ``[retry]`` table (documented in config/README.md, "Retry policy")."""
 
 
@@ -47,7 +47,7 @@ def policy_from_table(table: Mapping[str, Any]) -> Policy:
     for key in ("max_attempts", "max_uncertain"):
         if key in table:
             kwargs[key] = table[key]
-    for key in ("lifetime", "config_pause"):
+    for key in ("lifetime", "config_pause", "probe_interval", "slow_down_wait"):
         if key in table:
             try:
                 kwargs[key] = parse_duration(table[key])

@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_none
@@ -47,13 +47,31 @@ from mailworker.smtp.errors import (
 )
 from mailworker.smtp.pipeline import Envelope, Gate, SendResult
 
-__all__ = ["Pool", "PoolManager", "PoolStats", "PoolTimeout", "pools"]
+__all__ = ["NoSlot", "Pool", "PoolManager", "PoolStats", "PoolTimeout", "Slots", "pools"]
 
 Entry = SendResult | BaseException
 
 
 class PoolTimeout(TimeoutError):  # noqa: N818 - reads as what it is, like socket.timeout
     """No connection to the relay became free within ``relay.connect_timeout``."""
+
+
+class NoSlot(PoolTimeout):
+    """The relay's fleet-wide window (see :class:`Slots`) has no slot for a new connection."""
+
+
+class Slots(Protocol):
+    """The delivery layer's say over opening connections (the fleet-wide window).
+
+    The pool asks :meth:`take` before it opens a connection and opens none when it gets
+    None (raising :class:`NoSlot`); it calls :meth:`give_back` with the token once that
+    connection is closed (retired, dropped, or failed to open). The SMTP layer knows
+    nothing of how slots are kept (mailworker.fleet keeps them in Redis).
+    """
+
+    def take(self, relay: Relay) -> str | None: ...
+
+    def give_back(self, relay: Relay, token: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -90,12 +108,16 @@ class _ToClose:
 
     drop: list[Connection] = field(default_factory=list)  # no QUIT: hung up or out of step
     quit: list[Connection] = field(default_factory=list)  # retired: say goodbye
+    tokens: list[str] = field(default_factory=list)  # their slots, given back once closed
+    give_back: Callable[[list[str]], None] | None = None
 
     def close(self) -> None:
         for conn in self.drop:
             conn.close(quit=False)
         for conn in self.quit:
             conn.close()
+        if self.tokens and self.give_back is not None:
+            self.give_back(self.tokens)
 
 
 class _Stale(Exception):  # noqa: N818 - internal signal for tenacity, never escapes
@@ -135,8 +157,9 @@ class Pool:
     """Connections to one relay, shared by the threads of one process."""
 
     def __init__(self, relay: Relay, *, logger: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, slots: Slots | None = None) -> None:
         self.relay = relay
+        self.slots = slots
         self._logger, self._clock = logger, clock
         self._log = logger if logger is not None else structlog.get_logger("mailworker.smtp")
         self._init_state()
@@ -152,6 +175,8 @@ class Pool:
         self._pid = os.getpid()
         self._opened = self._reused = self._stale = self._closed = self._unencrypted = 0
         self._tls_fallbacks = 0
+        self._tokens: dict[Connection, str] = {}  # the slot each connection was opened in
+        self._freed: list[str] = []  # slots of connections retired in this _update
 
     # -- public ---------------------------------------------------------------------------
     def send(self, envelope: Envelope) -> SendResult:
@@ -217,6 +242,11 @@ class Pool:
     def close(self) -> None:
         """QUIT the idle connections now; active ones are closed when they come back."""
         self._update(close=True).close()
+
+    def reap(self) -> None:
+        """Close the idle connections that are past ``idle_timeout`` (or otherwise retired)
+        now, not at the next checkout, so their slots go back (the heartbeat calls this)."""
+        self._update().close()
 
     def reset_after_fork(self) -> None:
         """In a forked child: forget inherited connections without QUIT (their sockets
@@ -310,16 +340,41 @@ class Pool:
             return False
 
     def _open(self) -> Connection:
+        token = None
+        if self.slots is not None:
+            try:
+                token = self.slots.take(self.relay)
+            except BaseException:
+                self._update(open_failed=True).close()
+                raise
+            if token is None:
+                self._update(open_failed=True).close()
+                raise annotate(NoSlot(f"relay {self.relay.name!r}: every slot of its "
+                                      "fleet-wide window is in use"),
+                               Stage.CONNECT, self.relay.name)
         conn = Connection(self.relay, logger=self._logger, clock=self._clock)
         try:
             conn.open()
         except BaseException:
             self._update(open_failed=True).close()
+            if token is not None:
+                self._give_back([token])
             raise
-        self._update(opened=conn).close()
+        self._update(opened=conn, token=token).close()
         if not conn.encrypted and self.relay.tls == "may":
             self._warn_plain()
         return conn
+
+    def _give_back(self, tokens: list[str]) -> None:
+        slots = self.slots
+        if slots is None:
+            return
+        for token in tokens:
+            try:
+                slots.give_back(self.relay, token)
+            except Exception as exc:  # the slot expires on its own
+                self._log.warning("smtp.slot_give_back_failed", relay=self.relay.name,
+                                  error=f"{type(exc).__name__}: {exc}")
 
     def _warn_plain(self) -> None:
         """STARTTLS missing on ``smtp://``: possibly stripped on the path. Once per relay."""
@@ -337,16 +392,18 @@ class Pool:
     def _update(self, *, arrive: _Waiter | None = None, leave: _Waiter | None = None,
                 back: Connection | None = None, drop: Connection | None = None,
                 opened: Connection | None = None, open_failed: bool = False,
-                stale_retry: bool = False, close: bool = False) -> _ToClose:
+                stale_retry: bool = False, close: bool = False,
+                token: str | None = None) -> _ToClose:
         """Note what happened, then serve the waiters: the only place pool state changes.
 
         *arrive*/*leave*: a checkout joins the line (at its head when back after a failed
         NOOP) or gives up (a no-op if served meanwhile); *back*: a connection is checked
         in; *drop*: one failed its NOOP; *opened*/*open_failed*: a slot's connection is
-        open, or not; *close*: a new generation, idle ones retired. Returns what was taken
-        out of the pool, for the caller to close once the lock is released.
+        open (in the window slot *token*), or not; *close*: a new generation, idle ones
+        retired. Returns what was taken out of the pool (and their slots), for the caller
+        to close and give back once the lock is released.
         """
-        out = _ToClose()
+        out = _ToClose(give_back=self._give_back)
         with self._lock:
             now = self._clock()
             if arrive is not None:
@@ -372,6 +429,8 @@ class Pool:
                 opened.in_use = True
                 self._active.add(opened)
                 self._born[opened] = self._generation
+                if token is not None:
+                    self._tokens[opened] = token
             if open_failed:
                 self._opening -= 1
             self._stale += stale_retry
@@ -382,6 +441,7 @@ class Pool:
             self._serve(now, out)
             if arrive is not None and not arrive.served:
                 arrive.ready = threading.Event()  # it waits; _serve sets this when its turn comes
+            out.tokens, self._freed = self._freed, []
         return out
 
     def _serve(self, now: float, out: _ToClose) -> None:
@@ -426,6 +486,9 @@ class Pool:
 
     def _retire(self, conn: Connection, into: list[Connection]) -> None:
         self._born.pop(conn, None)
+        token = self._tokens.pop(conn, None)
+        if token is not None:
+            self._freed.append(token)
         self._closed += 1
         into.append(conn)
 
@@ -452,6 +515,21 @@ class PoolManager:
         self._logger, self._clock = logger, clock
         self._lock = threading.Lock()
         self._pools: OrderedDict[RelayKey, Pool] = OrderedDict()
+        self._slots: Slots | None = None
+
+    def use_slots(self, slots: Slots | None) -> None:
+        """Open connections only in *slots* (every pool, now and later); None: freely."""
+        with self._lock:
+            self._slots = slots
+            for pool in self._pools.values():
+                pool.slots = slots
+
+    def reap(self) -> None:
+        """:meth:`Pool.reap` on every pool."""
+        with self._lock:
+            all_pools = list(self._pools.values())
+        for pool in all_pools:
+            pool.reap()
 
     def get(self, relay: Relay) -> Pool:
         """The pool for *relay*.
@@ -467,7 +545,8 @@ class PoolManager:
             if pool is None:
                 for old_key in [k for k in self._pools if k.name == relay.name]:
                     evicted.append(self._pools.pop(old_key))
-                pool = self._pools[key] = Pool(relay, logger=self._logger, clock=self._clock)
+                pool = self._pools[key] = Pool(relay, logger=self._logger, clock=self._clock,
+                                               slots=self._slots)
                 while len(self._pools) > self.max_pools:
                     evicted.append(self._pools.popitem(last=False)[1])
             else:

@@ -65,10 +65,14 @@ FAMILIES: tuple[Family, ...] = (
            "why the relay is paused (auth, TLS, host backoff); every worker holds its mail"),
     Family("relayfail:<relay>", "string", "store.relays (delivery decides)",
            "1 hour after the last failure", "consecutive host-level failures of the relay"),
-    Family("slots:<relay>", "zset", "store.relays (fleet script)",
+    Family("slots:<relay>", "zset", "store.relays (window, feedback scripts)",
            "1 hour after the last use; each slot expires on its own",
-           "connection slot token -> expiry: the fleet-wide connection limit"),
-    Family("bucket:<relay>", "hash", "store.relays (fleet script)", "1 hour after the last use",
+           "connection slot token -> expiry: the connections open to the relay, fleet-wide"),
+    Family("window:<relay>", "hash", "store.relays (window, feedback, ratelimit scripts)",
+           "1 hour after the last feedback",
+           "size, streak, rate, ...: the adaptive concurrency window and learned rate"),
+    Family("bucket:<relay>", "hash", "store.relays (ratelimit script)",
+           "1 hour after the last use",
            "tokens, ts: the fleet-wide rate limit's token bucket"),
     Family("scheduler:lock", "string", "store (lock script); scheduler",
            "5 x `tick_interval`, renewed by its holder", "which scheduler may tick"),
@@ -130,6 +134,9 @@ class Keys:
 
     def slots(self, relay: str) -> str:
         return self.key("slots", relay)
+
+    def window(self, relay: str) -> str:
+        return self.key("window", relay)
 
     def bucket(self, relay: str) -> str:
         return self.key("bucket", relay)

@@ -362,15 +362,6 @@ class Store:
     def relay_succeeded(self, relay: str) -> None:
         self.relays.succeeded(relay)
 
-    def fleet_acquire(self, relay: str, token: str, *, max_connections: int | None,
-                      rate: float | None, wanted: int, hold_seconds: float) -> tuple[int, float]:
-        """See :meth:`RelayState.acquire`."""
-        return self.relays.acquire(relay, token, max_connections=max_connections, rate=rate,
-                                   wanted=wanted, hold_seconds=hold_seconds)
-
-    def fleet_release(self, relay: str, token: str) -> None:
-        self.relays.release(relay, token)
-
     # -- health ---------------------------------------------------------------------------
     def persistence_warning(self) -> str | None:
         """A warning when Redis would lose accepted mail on restart (AOF off)."""

@@ -4,12 +4,16 @@ connection slots and rate budget.
 Delivery decides (through the policy) when a relay is paused or has failed; this module
 only keeps those facts in Redis, where every worker sees them, and reads them back for
 ``mailworker stats``. The keys are ``pause:<relay>``, ``relayfail:<relay>``,
-``slots:<relay>`` and ``bucket:<relay>`` (see :mod:`mailworker.store.keys`).
+``slots:<relay>``, ``window:<relay>`` and ``bucket:<relay>`` (see
+:mod:`mailworker.store.keys`). The window and rate scripts (window.lua, feedback.lua,
+ratelimit.lua) are the fleet's concurrency window and adaptive rate; mailworker.fleet
+says when to call them.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -17,10 +21,24 @@ import redis
 from mailworker.store.keys import Keys
 from mailworker.store.scripts import Scripts, to_str
 
-__all__ = ["RELAY_FAILURES_QUIET", "RelayState"]
+__all__ = ["RELAY_FAILURES_QUIET", "Feedback", "RelayState"]
 
 #: Consecutive failures are forgotten after this long without one (seconds).
 RELAY_FAILURES_QUIET = 3600
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """What :meth:`RelayState.feedback` did: window sizes before and after, the streak of
+    failed connection attempts, whether that streak is a whole failed cohort, and the
+    learned rate before and after (None: no rate learned)."""
+
+    old_size: float
+    size: float
+    streak: int
+    cohort_failed: bool
+    old_rate: float | None
+    rate: float | None
 
 
 class RelayState:
@@ -67,57 +85,97 @@ class RelayState:
     def succeeded(self, relay: str) -> None:
         self.redis.delete(self.keys.relay_failures(relay))
 
-    # -- fleet-wide limits --
-    def acquire(self, relay: str, token: str, *, max_connections: int | None,
-                rate: float | None, wanted: int, hold_seconds: float) -> tuple[int, float]:
-        """Ask for a connection slot and up to *wanted* messages of rate budget.
+    # -- the fleet-wide window and rate (window.lua, feedback.lua, ratelimit.lua) --
+    def take_slot(self, relay: str, token: str, *, ceiling: int, initial: float,
+                  hold_seconds: float) -> tuple[bool, int, float]:
+        """Take one of the relay's window slots for a new connection, if one is free.
 
-        Returns (messages granted, seconds to wait when none were). The slot is held
-        until :meth:`release` or *hold_seconds* (a dead worker's slot expires).
+        Returns (taken, slots in use, window size). The slot lives *hold_seconds* unless
+        renewed (:meth:`renew_slots`), so a killed worker's slots come back on their own.
         """
-        burst = max(1.0, rate or 0.0)
-        granted, wait = self._scripts.call(
-            "fleet", [self.keys.slots(relay), self.keys.bucket(relay)],
-            [token, time.time(), hold_seconds, max_connections or 0, rate or 0, burst, wanted])
-        return int(granted), float(to_str(wait))
+        taken, used, size = self._scripts.call(
+            "window", [self.keys.slots(relay), self.keys.window(relay)],
+            [token, time.time(), hold_seconds, ceiling, initial])
+        return bool(int(taken)), int(used), float(to_str(size))
 
     def release(self, relay: str, token: str) -> None:
         self.redis.zrem(self.keys.slots(relay), token)
 
     def renew_slot(self, relay: str, token: str, hold_seconds: float) -> None:
-        """Keep a slot we still hold for *hold_seconds* more (the heartbeat, while the batch
-        that took it runs); a slot already expired and reclaimed is not taken back."""
-        self.redis.zadd(self.keys.slots(relay), {token: time.time() + hold_seconds}, xx=True)
+        """Keep a slot we still hold for *hold_seconds* more; a slot already expired and
+        reclaimed is not taken back."""
+        self.renew_slots([(relay, token)], hold_seconds)
+
+    def renew_slots(self, held: list[tuple[str, str]], hold_seconds: float) -> None:
+        """:meth:`renew_slot` for many (relay, token) pairs in one round trip."""
+        if not held:
+            return
+        until = time.time() + hold_seconds
+        pipe = self.redis.pipeline(transaction=False)
+        for relay, token in held:
+            pipe.zadd(self.keys.slots(relay), {token: until}, xx=True)
+        pipe.execute()
+
+    def feedback(self, relay: str, kind: str, *, accepted: int = 0, ceiling: int,
+                 initial: float, regrow_after: float, rate_ceiling: float | None,
+                 rate_floor: float) -> Feedback:
+        """Fold what a chunk told us into the relay's window and rate (see feedback.lua):
+        *kind* is "ok" (*accepted* transactions went through), "fail" (a connection
+        attempt failed at host level) or "slow" (a "slow down" reply)."""
+        old, new, streak, failed, old_rate, new_rate = self._scripts.call(
+            "feedback", [self.keys.slots(relay), self.keys.window(relay),
+                         self.keys.relay_failures(relay)],
+            [kind, time.time(), accepted, ceiling, initial, regrow_after, rate_ceiling or 0,
+             rate_floor])
+        return Feedback(float(to_str(old)), float(to_str(new)), int(streak), bool(int(failed)),
+                        float(to_str(old_rate)) or None, float(to_str(new_rate)) or None)
+
+    def take_rate(self, relay: str, wanted: int, ceiling: float | None
+                  ) -> tuple[int, float, float | None]:
+        """Up to *wanted* messages of the relay's rate budget (the learned rate, capped by
+        *ceiling*): (granted, seconds to wait when none were, rate in force or None)."""
+        granted, wait, rate = self._scripts.call(
+            "ratelimit", [self.keys.bucket(relay), self.keys.window(relay)],
+            [time.time(), ceiling or 0, wanted])
+        return int(granted), float(to_str(wait)), float(to_str(rate)) or None
 
     # -- reading, for the CLI --
     def states(self) -> dict[str, dict[str, Any]]:
-        """Every relay Redis knows of, with its counters and any pause.
+        """Every relay Redis knows of, with its counters, window, rate and any pause.
 
-        ``{relay: {"counters": {...}, "paused": {"reason": str, "seconds_left": float} | None}}``,
-        found by SCAN over the ``stats`` and ``pause`` key families, so an operator sees
-        relays that only the workers (not the calling shell) have configured. Read in one
-        pipeline after the scans; for the CLI, not the delivery path.
+        ``{relay: {"counters": {...}, "paused": {"reason": str, "seconds_left": float} |
+        None, "window": float | None, "slots_in_use": int, "rate": float | None}}``
+        (``window`` None: never used since the last hour; ``rate`` None: none learned),
+        found by SCAN over the ``stats``, ``pause`` and ``window`` key families, so an
+        operator sees relays that only the workers (not the calling shell) have
+        configured. Read in one pipeline after the scans; for the CLI, not the delivery path.
         """
-        names: dict[str, set[str]] = {"stats": set(), "pause": set()}
+        names: dict[str, set[str]] = {"stats": set(), "pause": set(), "window": set()}
         for family, found in names.items():
             head = self.keys.head(family)
             for key in self.redis.scan_iter(match=self.keys.scan_pattern(family), count=1000):
                 found.add(to_str(key)[len(head):])
-        relays = sorted(names["stats"] | names["pause"])
+        relays = sorted(set().union(*names.values()))
+        now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for name in relays:
             pipe.hgetall(self.keys.stats(name))
             pipe.get(self.keys.pause(name))
             pipe.pttl(self.keys.pause(name))
+            pipe.hmget(self.keys.window(name), "size", "rate")
+            pipe.zcount(self.keys.slots(name), now, "+inf")
         replies = pipe.execute()
         out: dict[str, dict[str, Any]] = {}
         for i, name in enumerate(relays):
-            counters, reason, ttl = replies[3 * i:3 * i + 3]
+            counters, reason, ttl, (size, rate), in_use = replies[5 * i:5 * i + 5]
             paused = None
             if reason is not None and ttl is not None and int(ttl) > 0:
                 paused = {"reason": to_str(reason), "seconds_left": int(ttl) / 1000.0}
             out[name] = {"counters": {to_str(k): int(v) for k, v in (counters or {}).items()},
-                         "paused": paused}
+                         "paused": paused,
+                         "window": None if size is None else float(to_str(size)),
+                         "slots_in_use": int(in_use),
+                         "rate": None if rate is None else float(to_str(rate))}
         return out
 
     def counters(self) -> dict[str, dict[str, int]]:

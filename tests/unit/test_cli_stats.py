@@ -26,7 +26,7 @@ def test_relay_states_lists_counters_and_pauses(prefix: str) -> None:
     assert 80 < states["main"]["paused"]["seconds_left"] <= 90
     assert states["paused:only"] == {"counters": {}, "paused": {
         "reason": "certificate not trusted", "seconds_left": states["paused:only"]["paused"][
-            "seconds_left"]}}
+            "seconds_left"]}, "window": None, "slots_in_use": 0, "rate": None}
     store.resume_relay("main")
     assert store.relay_states()["main"]["paused"] is None
     assert Store(fakeredis.FakeRedis(), prefix=prefix).relay_states() == {}

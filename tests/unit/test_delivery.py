@@ -173,31 +173,32 @@ def test_auth_failure_pauses_the_relay_and_keeps_mail_queued(make_local: MakeLoc
         server.stop()
 
 
-def test_connection_refused_backs_the_relay_off_growing_with_failures(
+def test_connection_refused_pauses_the_relay_only_once_a_whole_cohort_failed(
         make_local: MakeLocal) -> None:
     port = free_port()
     local = make_local(f"smtp://127.0.0.1:{port}?connect_timeout=2")
+    window = local.store.keys.window("default")
     mid = local.send(**mail())
     local.run_until_idle()
     rec = local.record(mid)
+    # One refused connection of a cohort of 2 (the initial window): no pause, no attempt.
     assert rec is not None and rec.state is MessageState.DEFERRED and rec.attempts == 0
-    first = rec.next_attempt_at
-    assert first == pytest.approx(local.clock() + 30)
-    assert "default" in pauses(local)
-
-    local.store.resume_relay("default")  # a real Redis would expire it with the clock
-    local.advance(30)
+    assert "default" not in pauses(local)
+    assert local.redis.hget(window, "size") == b"1"
+    local.advance(2.5)  # its short hold: the second of the cohort fails too
     rec = local.record(mid)
     assert rec is not None and rec.attempts == 0
-    assert rec.next_attempt_at == pytest.approx(local.clock() + 60)  # second failure: doubled
+    assert "whole cohort" in pauses(local)["default"]["reason"]
+    assert rec.next_attempt_at == pytest.approx(local.clock() + 30)  # probe_interval
 
     server = SMTPTestServer(port=port)
     server.start()
     try:
-        local.store.resume_relay("default")
-        local.advance(60)
+        local.store.resume_relay("default")  # a real Redis would expire it with the clock
+        local.advance(30)  # the probe: one connection, which works
         assert local.status(mid)["state"] == "delivered"  # type: ignore[index]
-        assert len(server.messages) == 1
+        assert len(server.messages) == 1 and server.connections_opened == 1
+        assert local.redis.hget(window, "streak") == b"0"
     finally:
         server.stop()
 
@@ -259,17 +260,22 @@ def test_a_mid_batch_disconnect_pauses_the_relay_for_the_rest(local: LocalDelive
 
 # -- fleet-wide limits -----------------------------------------------------------------
 
-def test_fleet_max_connections_sends_over_a_connection_of_its_own(
-        make_local: MakeLocal) -> None:
+def test_a_window_slot_keeps_its_connection_until_idle(make_local: MakeLocal) -> None:
     server = SMTPTestServer()
     server.start()
     try:
-        local = make_local(server.dsn(fleet_max_connections=1))
-        ids = local.send_many([mail(f"u{i}@example.com") for i in range(3)])
-        local.run_until_idle()
-        assert {local.status(i)["state"] for i in ids} == {"delivered"}  # type: ignore[index]
-        wait_until(lambda: server.active_connections == 0)  # closed with the slot
-        assert local.redis.zcard(local.store.keys.slots("default")) == 0
+        local = make_local(server.dsn(fleet_max_connections=1, idle_timeout=5))
+        slots = local.store.keys.slots("default")
+        for round_ in range(3):  # three passes, one connection, one slot
+            ids = local.send_many([mail(f"u{round_}-{i}@example.com") for i in range(3)])
+            local.run_until_idle()
+            assert {local.status(i)["state"] for i in ids} == {"delivered"}  # type: ignore[index]
+        assert server.connections_opened == 1
+        assert local.redis.zcard(slots) == 1 and local.deliverer.slots.held() == 1
+        local.clock.advance(6)  # idle past idle_timeout: the heartbeat's reap closes it
+        local.deliverer.slots.renew()
+        wait_until(lambda: server.active_connections == 0)
+        assert local.redis.zcard(slots) == 0 and local.deliverer.slots.held() == 0
     finally:
         server.stop()
 

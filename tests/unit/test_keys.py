@@ -51,6 +51,7 @@ BUILT = {
     "pause:<relay>": lambda k: k.pause("ID"),
     "relayfail:<relay>": lambda k: k.relay_failures("ID"),
     "slots:<relay>": lambda k: k.slots("ID"),
+    "window:<relay>": lambda k: k.window("ID"),
     "bucket:<relay>": lambda k: k.bucket("ID"),
     "scheduler:lock": lambda k: k.scheduler_lock,
 }
@@ -162,7 +163,10 @@ def test_store_writes_only_keys_of_known_families(client: str,
     store.hold_scheduler_lock("me", 5)
     store.relays.pause("main", 5, "test")
     store.relays.failed("main")
-    store.relays.acquire("main", "w", max_connections=1, rate=5, wanted=1, hold_seconds=5)
+    store.relays.take_slot("main", "w", ceiling=2, initial=2, hold_seconds=5)
+    store.relays.feedback("main", "slow", ceiling=2, initial=2, regrow_after=1,
+                          rate_ceiling=None, rate_floor=1)
+    store.relays.take_rate("main", 1, 5)
     written = {k.decode() for k in r.scan_iter(match=store.keys.everything())}
     patterns = [re.compile(re.escape(store.prefix + ":")
                            + re.sub(r"<\w+>", ".+", re.escape(f.pattern).replace(r"\<", "<")

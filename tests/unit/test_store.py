@@ -324,14 +324,13 @@ def test_relay_state_failures_and_fleet_slots(store: Store) -> None:
     assert 0 < store.redis.ttl(store.keys.relay_failures("r")) <= 3600
     relays.succeeded("r")
     assert relays.failed("r") == 1
-    granted, _ = relays.acquire("r", "w1", max_connections=1, rate=None, wanted=5,
-                                hold_seconds=30)
-    assert granted == 5
-    assert relays.acquire("r", "w2", max_connections=1, rate=None, wanted=5,
-                          hold_seconds=30)[0] == 0  # the one slot is taken
+    slot = {"ceiling": 3, "initial": 1, "hold_seconds": 30}
+    assert relays.take_slot("r", "w1", **slot) == (True, 1, 1.0)
+    assert relays.take_slot("r", "w2", **slot) == (False, 1, 1.0)  # the window is 1
     relays.release("r", "w1")
-    assert relays.acquire("r", "w2", max_connections=1, rate=None, wanted=5,
-                          hold_seconds=30)[0] == 5
+    assert relays.take_slot("r", "w2", **slot)[0]
+    relays.renew_slots([("r", "w2"), ("r", "gone")], 60)
+    assert store.redis.zcard(store.keys.slots("r")) == 1  # a slot not held is not made
 
 
 def test_dead_retention_setting_reaches_the_store() -> None:
