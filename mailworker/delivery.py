@@ -175,8 +175,9 @@ class Deliverer:
         self._report = PassReport()
         self._held = HeldLeases(store, [], settings.lease_seconds, 0.0)
         self._paused_until: tuple[float, str] | None = None
-        self.window = Window(store)
-        self.slots = FleetSlots(store, pools, settings.lease_seconds)
+        self.window = Window(store, self.policy.probe_interval)
+        self.slots = FleetSlots(store, pools, settings.lease_seconds,
+                                self.policy.probe_interval)
         pools.use_slots(self.slots)  # connections only inside the relay's fleet window
 
     def policy_for(self, queue: str) -> Policy:

@@ -69,15 +69,15 @@ def ceiling_of(relay: Relay) -> int:
 class Window:
     """The delivery layer's side of one store: feedback and rate for relays, with logs."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, store: Store, probe_interval: float = 30.0) -> None:
+        self.store, self.probe_interval = store, probe_interval
 
     def feedback(self, relay: Relay, kind: str, accepted: int = 0) -> Feedback:
         """Fold one chunk's outcome into the relay's window and rate; log what changed."""
         fb = self.store.relays.feedback(
             relay.name, kind, accepted=accepted, ceiling=ceiling_of(relay),
             initial=INITIAL_WINDOW, regrow_after=REGROW_AFTER, rate_ceiling=relay.fleet_rate,
-            rate_floor=RATE_FLOOR)
+            rate_floor=RATE_FLOOR, probe_interval=self.probe_interval)
         if math.floor(fb.old_size) != math.floor(fb.size):
             log.info("relay.window", relay=relay.name, old=math.floor(fb.old_size),
                      new=math.floor(fb.size), signal=kind, streak=fb.streak,
@@ -105,8 +105,10 @@ class FleetSlots:
     the connections still open, in one round trip.
     """
 
-    def __init__(self, store: Store, pools: PoolManager, hold_seconds: float) -> None:
+    def __init__(self, store: Store, pools: PoolManager, hold_seconds: float,
+                 probe_interval: float = 30.0) -> None:
         self.store, self.pools, self.hold = store, pools, hold_seconds
+        self.probe_interval = probe_interval
         self._held: dict[str, str] = {}  # token -> relay name
         self._lock = threading.Lock()
         self._beat: HeldLeases | None = None
@@ -120,7 +122,7 @@ class FleetSlots:
         token = uuid.uuid4().hex
         taken, _, _ = self.store.relays.take_slot(
             relay.name, token, ceiling=ceiling_of(relay), initial=INITIAL_WINDOW,
-            hold_seconds=self.hold)
+            hold_seconds=self.hold, probe_interval=self.probe_interval)
         if not taken:
             return None
         with self._lock:

@@ -323,12 +323,21 @@ def _snapshot(rt: Any) -> dict[str, Any]:
     # Relays as Redis knows them (every worker's), plus any configured here and idle yet.
     states = rt.store.relay_states()
     for name in rt.settings.relays:
-        states.setdefault(name, {"counters": {}, "paused": None})
+        states.setdefault(name, {"counters": {}, "paused": None, "window": None,
+                                 "slots_in_use": 0, "rate": None})
+    # The fleet-wide window (whole slots; None: not used lately, it starts at
+    # mailworker.fleet.INITIAL_WINDOW), slots in use, and the rate in force (None: none).
     return {"queues": _queue_depths(rt), **rt.store.counts(),
             "relays": {name: st["counters"] for name, st in states.items()},
             "paused": {name: {"reason": st["paused"]["reason"],
                               "seconds_left": round(st["paused"]["seconds_left"], 1)}
-                       for name, st in states.items() if st["paused"]}}
+                       for name, st in states.items() if st["paused"]},
+            "limits": {name: {"window": None if st.get("window") is None
+                              else int(st["window"]),
+                              "slots_in_use": st.get("slots_in_use", 0),
+                              "rate": None if st.get("rate") is None
+                              else round(st["rate"], 1)}
+                       for name, st in states.items()}}
 
 
 def stats(args: argparse.Namespace) -> int:
@@ -349,10 +358,15 @@ def stats(args: argparse.Namespace) -> int:
                 pause = snap["paused"].get(name)
                 note = (f"paused, {_left(pause['seconds_left'])} left: {pause['reason']}"
                         if pause else "")
+                lim = snap["limits"].get(name, {})
+                window = (f"{lim.get('slots_in_use', 0)}/{lim['window']}"
+                          if lim.get("window") is not None else "-")
+                rate = f"{lim['rate']:g}/s" if lim.get("rate") is not None else "-"
                 rows.append((name, c.get("delivered", 0), c.get("deferred", 0),
-                             c.get("failed", 0), c.get("dead", 0), c.get("attempts", 0), note))
+                             c.get("failed", 0), c.get("dead", 0), c.get("attempts", 0),
+                             window, rate, note))
             say(table(["relay", "delivered", "deferred", "failed rcpts", "dead", "attempts",
-                       "note"], rows))
+                       "slots/window", "rate", "note"], rows))
         if not args.watch:
             return 0
         sys.stdout.flush()

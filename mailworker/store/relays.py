@@ -87,15 +87,17 @@ class RelayState:
 
     # -- the fleet-wide window and rate (window.lua, feedback.lua, ratelimit.lua) --
     def take_slot(self, relay: str, token: str, *, ceiling: int, initial: float,
-                  hold_seconds: float) -> tuple[bool, int, float]:
+                  hold_seconds: float, probe_interval: float = 30.0
+                  ) -> tuple[bool, int, float]:
         """Take one of the relay's window slots for a new connection, if one is free.
 
         Returns (taken, slots in use, window size). The slot lives *hold_seconds* unless
         renewed (:meth:`renew_slots`), so a killed worker's slots come back on their own.
+        A dead relay grants one slot (the probe) per *probe_interval*.
         """
         taken, used, size = self._scripts.call(
             "window", [self.keys.slots(relay), self.keys.window(relay)],
-            [token, time.time(), hold_seconds, ceiling, initial])
+            [token, time.time(), hold_seconds, ceiling, initial, probe_interval])
         return bool(int(taken)), int(used), float(to_str(size))
 
     def release(self, relay: str, token: str) -> None:
@@ -118,7 +120,7 @@ class RelayState:
 
     def feedback(self, relay: str, kind: str, *, accepted: int = 0, ceiling: int,
                  initial: float, regrow_after: float, rate_ceiling: float | None,
-                 rate_floor: float) -> Feedback:
+                 rate_floor: float, probe_interval: float = 30.0) -> Feedback:
         """Fold what a chunk told us into the relay's window and rate (see feedback.lua):
         *kind* is "ok" (*accepted* transactions went through), "fail" (a connection
         attempt failed at host level) or "slow" (a "slow down" reply)."""
@@ -126,7 +128,7 @@ class RelayState:
             "feedback", [self.keys.slots(relay), self.keys.window(relay),
                          self.keys.relay_failures(relay)],
             [kind, time.time(), accepted, ceiling, initial, regrow_after, rate_ceiling or 0,
-             rate_floor])
+             rate_floor, probe_interval])
         return Feedback(float(to_str(old)), float(to_str(new)), int(streak), bool(int(failed)),
                         float(to_str(old_rate)) or None, float(to_str(new_rate)) or None)
 

@@ -227,3 +227,20 @@ def test_worker_without_relay_refuses_unless_allowed(
     assert_one_line_error(p, 3, "no relay is configured", "--allow-no-relay")
     w = start_worker("--allow-no-relay", env=env)  # starts, and says ready
     assert w.proc.poll() is None
+
+
+def test_stats_shows_each_relays_window_slots_and_rate(mw: Env) -> None:
+    # A relay only the workers know: two slots held, its window grown to 3, a rate learned.
+    relays = mw.store.relays
+    for token in ("a", "b"):
+        relays.take_slot("elsewhere", token, ceiling=8, initial=2, hold_seconds=60)
+    common = {"ceiling": 8, "initial": 2, "regrow_after": 60, "rate_ceiling": None,
+              "rate_floor": 1}
+    relays.feedback("elsewhere", "ok", accepted=2, **common)
+    relays.feedback("elsewhere", "slow", **common)
+    snap = json.loads(run(mw.env, "stats", "--json").stdout)
+    assert snap["limits"]["elsewhere"] == {"window": 3, "slots_in_use": 2, "rate": 7.0}
+    assert snap["limits"]["default"] == {"window": None, "slots_in_use": 0, "rate": None}
+    line = next(ln for ln in run(mw.env, "stats").stdout.splitlines()
+                if ln.startswith("elsewhere"))
+    assert re.search(r"\b2/3\s+7/s\b", line), line

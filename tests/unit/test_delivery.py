@@ -194,11 +194,14 @@ def test_connection_refused_pauses_the_relay_only_once_a_whole_cohort_failed(
     server = SMTPTestServer(port=port)
     server.start()
     try:
-        local.store.resume_relay("default")  # a real Redis would expire it with the clock
+        # The pause and the probe time run on Redis's clock, not the test's: end them.
+        local.store.resume_relay("default")
+        assert local.redis.hget(window, "dead") == b"1"
+        local.redis.hset(window, "probe_at", 0)
         local.advance(30)  # the probe: one connection, which works
         assert local.status(mid)["state"] == "delivered"  # type: ignore[index]
         assert len(server.messages) == 1 and server.connections_opened == 1
-        assert local.redis.hget(window, "streak") == b"0"
+        assert local.redis.hmget(window, "streak", "dead") == [b"0", b"0"]
     finally:
         server.stop()
 
