@@ -144,9 +144,10 @@ def _certain(exc: redis.RedisError) -> bool:
         marker in str(exc) for marker in _CONNECTING)
 
 
-def _store_call(settings: Settings, doing: str, call: Callable[[], T]) -> T:
+def _store_call(settings: Settings, doing: str, call: Callable[[], T], *,
+                writes: bool = True) -> T:
     """Run a store call; turn any Redis failure into QueueUnavailable / QueueFull, or
-    QueueUncertain when the call may have taken effect all the same."""
+    QueueUncertain when a call that *writes* may have taken effect all the same."""
     try:
         return call()
     except redis.RedisError as exc:
@@ -157,10 +158,10 @@ def _store_call(settings: Settings, doing: str, call: Callable[[], T]) -> T:
                 f"Redis at {where} is out of memory and refused to {doing} ({text}); nothing "
                 "was queued. Workers free memory as they deliver; or give Redis more "
                 "maxmemory, or lower retention") from exc
-        if _certain(exc):
+        if not writes or _certain(exc):
             raise QueueUnavailable(
-                f"cannot {doing}: Redis at {where} refused ({text}); nothing was changed. "
-                "Check that Redis is up (MAILWORKER_REDIS_URL)") from exc
+                f"cannot {doing}: Redis at {where} refused or did not answer ({text}); "
+                "nothing was changed. Check that Redis is up (MAILWORKER_REDIS_URL)") from exc
         raise QueueUncertain(
             f"cannot {doing}: Redis at {where} did not answer in time or dropped the "
             f"connection ({text}) after the request was sent, so it may have been done: "
@@ -348,5 +349,6 @@ def status(message_id: str) -> dict[str, Any] | None:
     if outbox is not None:
         return outbox.status(message_id)  # type: ignore[no-any-return]
     rt = get_runtime()
-    rec = _store_call(rt.settings, "read the message status", lambda: rt.store.get(message_id))
+    rec = _store_call(rt.settings, "read the message status", lambda: rt.store.get(message_id),
+                      writes=False)
     return rec.summary() if rec else None

@@ -80,6 +80,8 @@ def test_hung_redis_fails_within_the_socket_timeout(silent_server: int) -> None:
         assert isinstance(info.value, OSError)
         assert isinstance(info.value.__cause__, redis.TimeoutError)
         assert "s3cret-pw" not in str(info.value) and "127.0.0.1" in str(info.value)
+    # A read that times out changed nothing: no "may have been queued" (review F5).
+    assert not info.value.maybe_queued and "nothing was changed" in str(info.value)
 
 
 def test_closed_port_is_queue_unavailable() -> None:
