@@ -345,6 +345,8 @@ def test_unreadable_and_invalid_records_are_set_aside_alone(local: LocalDelivery
     ("sender", 7, "invalid record: sender"),
     ("recipients", [], "invalid record: no recipient"),
     ("relay", None, "invalid record: relay"),
+    ("attempts", -1, "invalid record: attempts"),
+    ("metadata", [1], "invalid record: history must be a list and metadata an object"),
 ])
 def test_each_invalid_field_is_named(local: LocalDelivery, field: str, value: Any,
                                      reason: str) -> None:
@@ -593,3 +595,55 @@ def test_a_bad_setting_leaves_no_server_running_and_the_runtime_as_it_was() -> N
         before is not None and runtime.current().settings == before.settings)  # type: ignore[union-attr]
     wait_until(lambda: threading.active_count() == threads, 5,
                message="the test server's thread to stop")
+
+
+def test_a_full_fleet_window_holds_mail_without_an_attempt(make_local: MakeLocal) -> None:
+    from mailworker.fleet import INITIAL_WINDOW
+
+    server = SMTPTestServer()
+    server.start()
+    try:
+        local = make_local(server.dsn(fleet_max_connections=1))
+        taken, _, _ = local.store.relays.take_slot(  # another worker holds the only slot
+            "default", "other-worker", ceiling=1, initial=INITIAL_WINDOW, hold_seconds=60)
+        assert taken
+        mid = local.send(**mail())
+        local.run_until_idle()
+        rec = local.record(mid)
+        assert rec is not None and rec.state is MessageState.DEFERRED and rec.attempts == 0
+        assert server.connections_opened == 0 and pauses(local) == {}
+
+        local.store.relays.release("default", "other-worker")
+        local.drain()
+        assert local.status(mid)["state"] == "delivered"  # type: ignore[index]
+        assert server.connections_opened == 1
+    finally:
+        server.stop()
+
+
+def test_without_window_feedback_a_failed_relay_falls_back_on_its_backoff(
+        make_local: MakeLocal, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = make_local(f"smtp://127.0.0.1:{free_port()}?connect_timeout=2")
+    monkeypatch.setattr(local.deliverer.window, "feedback", redis_down)
+    mid = local.send(**mail())
+    local.run_until_idle()
+    rec = local.record(mid)
+    assert rec is not None and rec.state is MessageState.DEFERRED and rec.attempts == 0
+    assert "default" in pauses(local)  # no cohort known: the relay backoff decides
+    assert rec.next_attempt_at == pytest.approx(local.clock() + 30)
+
+
+def test_a_pause_that_cannot_be_written_still_saves_the_outcomes(
+        make_local: MakeLocal, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = SMTPTestServer(auth={"alice": "right"}, require_auth=True)
+    server.start()
+    try:
+        local = make_local(server.dsn(user="alice", password="wrong", allow_plain_auth=True))
+        monkeypatch.setattr(local.store, "pause_relay", redis_down)
+        mid = local.send(**mail())
+        local.run_until_idle()
+        rec = local.record(mid)
+        assert rec is not None and rec.state is MessageState.DEFERRED and rec.attempts == 0
+        assert pauses(local) == {}
+    finally:
+        server.stop()
