@@ -350,6 +350,9 @@ class LocalDelivery:
         if self._closed:
             return
         self._closed = True
+        deliverer = getattr(self, "deliverer", None)
+        if deliverer is not None:
+            deliverer.slots.close()  # the heartbeat stops renewing this harness's window slots
         if self._pools is not None:
             self._pools.close_all()
         if self.server is not None:
