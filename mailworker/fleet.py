@@ -61,6 +61,13 @@ REGROW_AFTER = 60.0
 RATE_FLOOR = 1.0
 
 
+def _notch(rate: float) -> int:
+    """Which notch a rate is at: steps of a tenth of its order of magnitude (..., 9, 10,
+    20, ..., 90, 100, 200...), so the creep back up logs a line per notch, not per chunk."""
+    unit = 10 ** math.floor(math.log10(max(rate, 1.0)))
+    return int(rate // unit * unit)
+
+
 def ceiling_of(relay: Relay) -> int:
     """The most connections the window may grow to for *relay*."""
     return relay.fleet_max_connections or relay.max_connections * ASSUMED_WORKERS
@@ -84,7 +91,7 @@ class Window:
                      cohort_failed=fb.cohort_failed)
         if fb.old_rate != fb.rate and (kind == "slow" or fb.rate is None
                                        or fb.old_rate is None
-                                       or math.floor(fb.rate) != math.floor(fb.old_rate)):
+                                       or _notch(fb.rate) != _notch(fb.old_rate)):
             log.info("relay.rate", relay=relay.name, signal=kind,
                      old=None if fb.old_rate is None else round(fb.old_rate, 2),
                      new=None if fb.rate is None else round(fb.rate, 2),

@@ -4,15 +4,18 @@
 -- ARGV: 1 kind ("ok" | "fail" | "slow"), 2 now, 3 transactions accepted (ok),
 --       4 window ceiling, 5 initial window, 6 seconds without growth after a "fail",
 --       7 rate ceiling (0: none), 8 rate floor, 9 probe interval
--- ok:   the failure streak ends; the window grows by n/size (one per window's worth of
---       transactions) while every slot is in use and no "fail" came lately; a learned rate
+-- (The throughput is measured over periods of 2 s, and a period's first second counts
+-- as a whole second, so that a first burst reads as one second's worth.)
+-- ok:   the failure streak ends; the window grows by n/size, at most 1 (one per window's
+--       worth of transactions) while every slot is in use and no "fail" came lately; a learned rate
 --       creeps up by its step per second (and is forgotten at the ceiling or at twice the
 --       rate it was cut from).
 -- fail: a connection attempt failed (421 at greeting, refused, reset): the window shrinks
 --       to the slots still held (at least one less); the streak grows; when it reaches the
 --       window the streak began with, the whole cohort failed: the window drops to 1.
 -- slow: a "slow down" reply: the rate is cut to 0.7 x (the learned rate, else the measured
---       throughput, else the ceiling, else 10/s), at most once a second.
+--       throughput, else the ceiling, else 10/s), at most once a second; it then
+--       creeps up by 5% of the rate it was cut from per second.
 -- Returns {old size, new size, streak, cohort failed 0|1, old rate, new rate} (sizes and
 -- rates as strings; a rate of "0" means none learned).
 local kind, now, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -35,17 +38,14 @@ if kind == "ok" then
   streak = 0
   redis.call("HSET", KEYS[2], "dead", "0")
   redis.call("DEL", KEYS[3])
-  if not t0 then
-    t0 = now  -- the throughput is measured from here on
-  else
-    sent = sent + n
-  end
+  if not t0 then t0 = now end  -- the throughput is measured from the first chunk on
+  sent = sent + n
   if now - t0 >= 2 then
     measured = sent / (now - t0)
     t0, sent = now, 0
   end
   if now >= hold_until and redis.call("ZCARD", KEYS[1]) >= math.floor(size) then
-    size = math.min(ceiling, size + n / size)
+    size = math.min(ceiling, size + math.min(1, n / size))
   end
   if rate then
     rate = rate + step * math.max(0, now - rate_ts)
@@ -72,8 +72,8 @@ elseif kind == "slow" then
     local base = rate
     if not base then
       base = measured
-      if t0 and now - t0 >= 0.5 then base = math.max(base, sent / (now - t0)) end
-      if base <= 0 then base = rate_ceiling > 0 and rate_ceiling or 10 end
+      if t0 then base = math.max(base, sent / math.max(1, now - t0)) end
+      if base < floor then base = rate_ceiling > 0 and rate_ceiling or 10 end
       if rate_ceiling > 0 then base = math.min(base, rate_ceiling) end
     end
     base = math.max(base, floor)

@@ -110,7 +110,8 @@ def test_a_whole_failed_cohort_kills_the_relay_and_one_probe_per_interval(
 def test_slow_down_cuts_the_rate_and_it_creeps_back_to_the_ceiling(
         store: Store, now: Now) -> None:
     assert store.relays.take_rate("r", 50, None) == (50, 0.0, None)  # no rate in force
-    for _ in range(5):  # 100 msg/s measured over two seconds
+    feed(store, "ok")  # measured from here
+    for _ in range(4):  # 100 msg/s over two seconds
         now.t += 0.5
         feed(store, "ok", accepted=50)
     fb = feed(store, "slow", rate_ceiling=None)
@@ -146,7 +147,8 @@ def test_window_changes_are_logged_once_each(store: Store, now: Now,
         window.feedback(RELAY, "ok", 2)  # -> 3.3
         window.feedback(RELAY, "slow")
     events = [(e["event"], e.get("old"), e.get("new")) for e in logs]
-    assert events == [("relay.window", 2, 3), ("relay.rate", None, 7.0)]  # 0.7 x 10/s
+    # The rate: 0.7 x the 3 transactions of the first second.
+    assert events == [("relay.window", 2, 3), ("relay.rate", None, 2.1)]
 
 
 # -- the policy's side --------------------------------------------------------------------
