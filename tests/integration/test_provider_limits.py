@@ -4,6 +4,7 @@ but the relay's DSN. Timings are scaled down through the [retry] table (probe_in
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -126,7 +127,7 @@ def test_a_relay_down_is_probed_once_per_interval_and_resumes(
     # The first failed cohort (the connections open or opening when it went down) is
     # over within a second; after it, the fleet probes once per probe interval.
     probes = [t for t in tried if t > 1.0]
-    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
     print(f"\ndown {down_for:g}s: {len(tried)} connections tried, {len(probes)} after the "
           f"first second, gaps {[round(g, 2) for g in gaps]}; resumed {resumed:.2f}s after up")
     assert len(probes) <= down_for / PROBE + 1
