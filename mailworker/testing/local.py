@@ -270,13 +270,14 @@ class LocalDelivery:
             if not busy:
                 return passes
         pending = [mid for ids, _ in self._wakeups for mid in ids]
-        due = [str(m) for m in self.redis.zrangebyscore(self.store.keys.inflight, "-inf",
-                                                         self.clock())]
+        due = [_text(m) for m in self.redis.zrangebyscore(self.store.keys.inflight, "-inf",
+                                                           self.clock())]
         raise StillPending(
             f"still busy after {rounds} rounds at t={self.clock():.3f}: "
             f"{len(self._wakeups)} wake-ups pending ({_ids(pending)}), "
-            f"{len(due)} in flight and due ({_ids(due)}); a relay that keeps requeueing "
-            "mail, or raise max_rounds")
+            f"{len(due)} in flight and due ({_ids(due)}). Is there work that makes more "
+            "work, such as a hook that sends mail for every delivery? If not, raise "
+            "max_rounds")
 
     def advance(self, seconds: float) -> None:
         """Move the clock on by *seconds*, then :meth:`run_until_idle`."""
