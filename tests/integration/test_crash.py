@@ -9,10 +9,10 @@ cannot close). Those are counted and reported, with how many pairs were flagged 
 everything was final.
 
 The suite runs a short version; the full one (10,000 messages, 100 kills) is
-``MW_CRASH_TOTAL=10000 MW_CRASH_KILLS=100 MW_CRASH_DOT_DELAY=0.15 pytest
-tests/integration/test_crash.py -s``: the relay's delay after each final dot slows
-delivery to about 40 messages a second, so the kills (one per worker start, about 2 s)
-strike throughout the run rather than after it.
+``MW_CRASH_TOTAL=10000 MW_CRASH_KILLS=100 MW_CRASH_DOT_DELAY=0.15 MW_CRASH_LEASE=15
+MW_CRASH_STUCK_AFTER=10 pytest tests/integration/test_crash.py -s`` (the default leases):
+the relay's delay after each final dot slows delivery to about 40 messages a second, so
+the kills (one per worker start, about 2 s) strike throughout the run rather than after.
 """
 
 from __future__ import annotations
@@ -34,17 +34,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TOTAL = int(os.environ.get("MW_CRASH_TOTAL", "2000"))
 KILLS = int(os.environ.get("MW_CRASH_KILLS", "4"))
 DOT_DELAY = float(os.environ.get("MW_CRASH_DOT_DELAY", "0"))
+# Scaled down in the suite; the full run uses the defaults (15 s and 10 s).
+LEASE = os.environ.get("MW_CRASH_LEASE", "5")
+STUCK_AFTER = os.environ.get("MW_CRASH_STUCK_AFTER", "3")
 
 
 def test_sigkill_loses_nothing_and_flags_every_duplicate(
     mw: Env, start_worker: Callable[..., WorkerProcess], mw_env: dict[str, str]
 ) -> None:
-    # Default leases (15 s) and sweeps: how fast a dead worker's mail moves again is part
-    # of what is measured.
+    # How fast a dead worker's mail moves again is part of what is measured.
     if DOT_DELAY:
         mw.server.add_fault(Fault.delay("DOT", DOT_DELAY))
     mw_env.update(MAILWORKER_RELAY_DEFAULT=mw.server.dsn(deadline=5),
-                  MAILWORKER_BATCH_SIZE="20", MAILWORKER_STUCK_AFTER="10")
+                  MAILWORKER_BATCH_SIZE="20", MAILWORKER_LEASE_SECONDS=LEASE,
+                  MAILWORKER_STUCK_AFTER=STUCK_AFTER)
     steady = start_worker("-c", "4")
     victim = start_worker("-c", "4")
     ids: list[str] = []
