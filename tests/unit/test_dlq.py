@@ -150,6 +150,21 @@ def test_two_operators_retrying_at_once_requeue_it_once(
     assert [a.outcome for a in rec.history].count("operator_retry") == 1
 
 
+def test_a_purge_racing_a_retry_wins_cleanly(
+        dead: Dead, monkeypatch: pytest.MonkeyPatch) -> None:
+    local, ids, _server = dead
+    claim = local.store.claim_many
+
+    def purged_first(*args: Any, **kw: Any) -> Any:
+        dlq.purge([ids["data"]])  # another operator, between our read and our claim
+        return claim(*args, **kw)
+
+    monkeypatch.setattr(local.store, "claim_many", purged_first)
+    assert dlq.retry([ids["data"], ids["late"]]) == [ids["late"]]
+    assert local.record(ids["data"]) is None and local.wakeups == [([ids["late"]],
+                                                                      "transactional")]
+
+
 def test_retry_leaves_a_dead_letter_another_holds(dead: Dead) -> None:
     local, ids, _server = dead
     local.redis.set(local.store.keys.lease(ids["late"]), "someone", px=60_000)
