@@ -97,6 +97,10 @@ class Settings:
     tick_interval: float = 1.0
     task_time_limit: float = 600.0
     visibility_timeout: float = 3600.0
+    # Prometheus /metrics, /healthz and /readyz of `mailworker worker` and `scheduler`
+    # (0: off; --metrics-port overrides). All interfaces by default, for scrapers and probes.
+    metrics_port: int = 0
+    metrics_address: str = "0.0.0.0"  # noqa: S104 - opt-in port, for Kubernetes probes
     # The [retry] table as written. Read into the retry policy a layer up, by
     # mailworker.policy_config.policy_of(settings), so that config imports no policy.
     retry: Mapping[str, Any] = field(default_factory=dict)
@@ -163,6 +167,7 @@ _SCALARS: dict[str, type] = {
     "redis_retries": int, "retention": float, "dead_retention": float,
     "lease_seconds": float, "stuck_after": float, "batch_size": int,
     "tick_interval": float, "task_time_limit": float, "visibility_timeout": float,
+    "metrics_port": int, "metrics_address": str,
 }
 _DURATIONS = {"retention", "dead_retention", "lease_seconds", "stuck_after", "tick_interval",
               "task_time_limit", "visibility_timeout", "redis_connect_timeout",
@@ -171,7 +176,7 @@ _OPTIONAL = {"broker_url", "default_sender"}
 # Whole-number settings: (least, most). Redis refuses values over 512 MiB; past the other
 # ceilings a value is a typo, and would make one record or one task unreasonably big.
 _COUNTS = {"max_message_size": (1, 512 * 1024 * 1024), "max_recipients": (1, 100_000),
-           "batch_size": (1, 10_000), "redis_retries": (0, 10)}
+           "batch_size": (1, 10_000), "redis_retries": (0, 10), "metrics_port": (0, 65535)}
 _DEFAULT_COUNT = (1, 1_000_000_000)
 
 

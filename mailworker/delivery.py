@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from mailworker import metrics
 from mailworker.config import ConfigError, Settings
 from mailworker.fleet import FleetSlots, Window
 from mailworker.hooks import Hooks
@@ -535,6 +536,7 @@ class Deliverer:
         self._effects = []
 
     def _announce(self, record: Record, step: Step) -> None:
+        metrics.saved(record, step, self.clock())  # a no-op unless --metrics-port
         if step.state is MessageState.DELIVERED:
             log.info("delivery.delivered", message_id=record.id,
                      possible_duplicate=record.possible_duplicate)

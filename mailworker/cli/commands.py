@@ -6,11 +6,13 @@ import argparse
 import datetime as dt
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
 import redis
 
+from mailworker.cli import metrics_port
 from mailworker.cli.output import CLIError, clean, print_json, say, table
 from mailworker.config import ConfigError
 
@@ -73,15 +75,19 @@ def worker(args: argparse.Namespace) -> int:
                        "set MAILWORKER_RELAY_DEFAULT=smtp://host:25 (or [relays] in the config "
                        "file, or run it as 'flask mailworker worker' / 'manage.py mailworker "
                        "worker' to use the app's settings); --allow-no-relay starts it anyway", 3)
-    if not args.no_restart:
-        from mailworker.logging import configure_logging
+    stop_metrics = metrics_port.start(rt.settings, args.metrics_port)
+    try:
+        if not args.no_restart:
+            from mailworker.logging import configure_logging
 
-        configure_logging()
-        # Re-run this very command line (console script, python -m, or Django's
-        # manage.py) as the supervised child.
-        return supervise([sys.executable, *sys.orig_argv[1:], "--no-restart"])
-    return run_worker(queues=queues, concurrency=args.concurrency, pool=args.pool,
-                      scheduler=not args.no_scheduler, loglevel=args.loglevel)
+            configure_logging()
+            # Re-run this very command line (console script, python -m, or Django's
+            # manage.py) as the supervised child.
+            return supervise([sys.executable, *sys.orig_argv[1:], "--no-restart"])
+        return run_worker(queues=queues, concurrency=args.concurrency, pool=args.pool,
+                          scheduler=not args.no_scheduler, loglevel=args.loglevel)
+    finally:
+        stop_metrics()
 
 
 def scheduler(args: argparse.Namespace) -> int:
@@ -91,13 +97,19 @@ def scheduler(args: argparse.Namespace) -> int:
     configure_logging()
     rt = _runtime()
     sched = Scheduler(rt.settings, rt.store)
+    running = threading.Event()
+    stop_metrics = metrics_port.start(rt.settings, args.metrics_port, ready=running.is_set)
 
     def _stop(_signum: int, _frame: object) -> None:
         sched.stop()  # finish the current tick, then return: a clean exit on SIGTERM
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    sched.run()
+    running.set()
+    try:
+        sched.run()
+    finally:
+        stop_metrics()
     return 0
 
 

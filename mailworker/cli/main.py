@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("scheduler", help="run only the scheduler/sweeper (one tick per second)")
     s.set_defaults(func=commands.scheduler)
+    for parser in (w, s):
+        parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                            help="serve Prometheus /metrics, /healthz and /readyz on PORT "
+                                 "(default: metrics_port, 0 = off)")
 
     snd = sub.add_parser("send", help="enqueue one message")
     snd.add_argument("--from", dest="sender", default=None)

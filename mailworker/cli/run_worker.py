@@ -23,6 +23,7 @@ from typing import Any
 
 from celery import signals
 
+from mailworker import metrics
 from mailworker.logging import configure_logging
 
 __all__ = ["run_worker", "supervise"]
@@ -90,6 +91,13 @@ def run_worker(queues: list[str], concurrency: int | None = None, pool: str = "t
         # Started once the pool is up (after any forking), stopped on warm shutdown.
         signals.worker_ready.connect(_start, weak=False)
         signals.worker_shutdown.connect(_stop, weak=False)
+
+    if metrics.enabled():
+        from mailworker.metrics_http import mark_ready
+
+        # /readyz of the process serving the port: this consumer is up (or going).
+        signals.worker_ready.connect(lambda **_: mark_ready(True), weak=False)
+        signals.worker_shutdown.connect(lambda **_: mark_ready(False), weak=False)
 
     argv = [
         "worker", "-Q", ",".join(queues), "-P", pool, "-l", loglevel,

@@ -20,7 +20,8 @@ again (defence in depth; the check costs one slice per reply).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import structlog
 
@@ -46,12 +47,19 @@ def _info_enabled(logger: Any) -> bool:
 class ReplyLog:
     """Per-connection emitter of ``smtp.reply``, ``smtp.connect`` and ``smtp.close`` events."""
 
-    __slots__ = ("_log", "enabled")
+    __slots__ = ("_log", "_logs", "_relay", "enabled")
+
+    #: Called with (relay, command, code) for every reply, logged or not; installed by
+    #: :func:`mailworker.metrics.enable` so this layer imports nothing of Prometheus.
+    on_reply: ClassVar[Callable[[str, str, int], None] | None] = None
 
     def __init__(self, relay: str, conn_id: str, logger: Any | None = None) -> None:
         base = logger if logger is not None else structlog.get_logger(LOGGER_NAME)
         self._log = base.bind(relay=relay, conn_id=conn_id)
-        self.enabled = _info_enabled(self._log)
+        self._relay = relay
+        self._logs = _info_enabled(self._log)
+        # Callers skip reply() when this is False: with a hook it must still be called.
+        self.enabled = self._logs or ReplyLog.on_reply is not None
 
     def reply(
         self,
@@ -66,7 +74,10 @@ class ReplyLog:
     ) -> None:
         """Log one reply (its text already decoded); *started* is when the command group it
         answers was written."""
-        if not self.enabled:
+        hook = ReplyLog.on_reply
+        if hook is not None:
+            hook(self._relay, command, code)
+        if not self._logs:
             return
         if command[:4].upper() == "AUTH":
             command = redact_command(command)
@@ -85,12 +96,12 @@ class ReplyLog:
 
     def connect(self, **facts: Any) -> None:
         """``smtp.connect``: the session is ready (after greeting, EHLO, TLS and AUTH)."""
-        if self.enabled:
+        if self._logs:
             self._log.info("smtp.connect", **facts)
 
     def close(self, **facts: Any) -> None:
         """``smtp.close``: the socket is gone, with why and how much it carried."""
-        if self.enabled:
+        if self._logs:
             self._log.info("smtp.close", **facts)
 
     def failure(self, event: str, exc: BaseException, **facts: Any) -> None:
