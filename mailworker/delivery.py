@@ -21,7 +21,8 @@ import structlog
 
 from mailworker import metrics
 from mailworker.config import ConfigError, Settings
-from mailworker.fleet import FleetSlots, Window
+from mailworker.fleet import Window
+from mailworker.fleet import install as install_slots
 from mailworker.hooks import Hooks
 from mailworker.leases import HeldLeases, heartbeat
 from mailworker.outcome import (
@@ -177,9 +178,9 @@ class Deliverer:
         self._held = HeldLeases(store, [], settings.lease_seconds, 0.0)
         self._paused_until: tuple[float, str] | None = None
         self.window = Window(store, self.policy.probe_interval)
-        self.slots = FleetSlots(store, pools, settings.lease_seconds,
-                                self.policy.probe_interval)
-        pools.use_slots(self.slots)  # connections only inside the relay's fleet window
+        # Connections only inside the relay's fleet window; one FleetSlots per pools.
+        self.slots = install_slots(store, pools, settings.lease_seconds,
+                                   self.policy.probe_interval)
 
     def policy_for(self, queue: str) -> Policy:
         if queue not in self._policies:

@@ -34,6 +34,7 @@ import math
 import os
 import threading
 import uuid
+import weakref
 
 import structlog
 
@@ -44,7 +45,7 @@ from mailworker.store import Store
 from mailworker.store.relays import Feedback
 
 __all__ = ["ASSUMED_WORKERS", "INITIAL_WINDOW", "RATE_FLOOR", "REGROW_AFTER", "FleetSlots",
-           "Window", "ceiling_of"]
+           "Window", "ceiling_of", "install"]
 
 log = structlog.get_logger("mailworker.fleet")
 
@@ -170,3 +171,27 @@ class FleetSlots:
             beat, self._beat = self._beat, None
         if beat is not None:
             heartbeat.unregister(beat)
+
+
+_installed: weakref.WeakKeyDictionary[PoolManager, FleetSlots] = weakref.WeakKeyDictionary()
+_installed_lock = threading.Lock()
+
+
+def install(store: Store, pools: PoolManager, hold_seconds: float,
+            probe_interval: float) -> FleetSlots:
+    """The :class:`FleetSlots` of *pools*, made and installed once per (pools, store).
+
+    A ``Deliverer`` is made per task; its pools' slots must outlive it (a kept connection
+    keeps its slot, renewed by one heartbeat registration per process, not one per task).
+    Installing for another store closes the previous one (its slots lapse on their own).
+    """
+    with _installed_lock:
+        slots = _installed.get(pools)
+        if (slots is not None and slots.store is store and slots.hold == hold_seconds
+                and slots.probe_interval == probe_interval):
+            return slots
+        if slots is not None:
+            slots.close()
+        slots = _installed[pools] = FleetSlots(store, pools, hold_seconds, probe_interval)
+    pools.use_slots(slots)
+    return slots

@@ -18,9 +18,9 @@ from mailworker.testing import Persona, wait_until
 from tests.conftest import WorkerProcess
 from tests.integration.conftest import Env
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-PROBE = 2.0  # probe_interval, scaled down from 30 s
+PROBE = 1.5  # probe_interval, scaled down from 30 s
 
 
 def _retry_option(mw_env: dict[str, str], line: str) -> None:
@@ -82,7 +82,7 @@ def test_rate_cap_100_per_second_adapts_without_spending_attempts(
     mw.server.set_persona(Persona(rate=100))  # beyond it: 451 4.7.1 at MAIL
     start_worker("-c", "4")
     start_worker("-c", "4")
-    n = 800
+    n = 500
     ids = _send(n)
     arrivals: list[tuple[float, int]] = []
     _, took = _watch_pauses(mw, ids, 120, arrivals)
@@ -101,7 +101,7 @@ def test_rate_cap_100_per_second_adapts_without_spending_attempts(
 
 def test_a_relay_down_is_probed_once_per_interval_and_resumes(
         mw: Env, mw_env: dict[str, str], start_worker: Callable[..., WorkerProcess]) -> None:
-    down_for = 10.0  # scaled down from 30 s
+    down_for = 6.0  # scaled down from 30 s
     _retry_option(mw_env, f'probe_interval = "{PROBE:g}s"')
     start_worker("-c", "4")
     start_worker("-c", "4")

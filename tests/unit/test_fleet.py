@@ -189,3 +189,17 @@ def test_a_rule_can_say_what_text_is_a_slow_down() -> None:
     assert policy.decide(f).action is Action.SLOW_DOWN
     with pytest.raises(ValueError, match="not a valid regular expression"):
         policy_from_table({"rules": [{"name": "bad", "text": "("}]})
+
+
+def test_one_fleet_slots_per_pools_however_many_deliverers(store: Store) -> None:
+    from mailworker.config import Settings
+    from mailworker.delivery import Deliverer
+    from mailworker.smtp import PoolManager
+
+    pools = PoolManager()
+    first = Deliverer(Settings(default_sender="a@example.com"), store, pools)
+    second = Deliverer(Settings(default_sender="a@example.com"), store, pools)
+    assert first.slots is second.slots  # a Deliverer per task: the slots outlive it
+    other = Deliverer(Settings(default_sender="a@example.com"),
+                      Store(fakeredis.FakeRedis(), prefix="other"), pools)
+    assert other.slots is not first.slots
