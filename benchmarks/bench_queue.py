@@ -328,7 +328,8 @@ class Bench:
         self.sinks: dict[int, Any] = {}
         cfg = tmp / "mailworker.toml"
         self.queues = ["mwq_enq", "mwq_lat"] + [
-            f"mwq_{p}_{lat}_{m}" for p in ("threads", "prefork", "solo") for lat in (0, 10)
+            f"{s}_{p}_{lat}_{m}" for s in ("mwq", "mwm") for p in ("threads", "prefork", "solo")
+            for lat in (0, 10)
             for m in ("e2e", "backlog")]
         cfg.write_text('default_queue = "mwq_enq"\n'
                        + "".join(f'[queues.{q}]\nlifetime = "1h"\n' for q in self.queues))
@@ -453,12 +454,14 @@ class Bench:
         log = self.tmp / f"{system}-{queue}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAILWORKER_")}
         env["PYTHONPATH"] = str(ROOT)
-        if system == "mailworker":
+        if system.startswith("mailworker"):
             env.update(self._mw_env(sink_port))
             if os.environ.get("MAILWORKER_LOG_LEVEL"):
                 env["MAILWORKER_LOG_LEVEL"] = os.environ["MAILWORKER_LOG_LEVEL"]
             argv = [PY, "-m", "mailworker.cli.main", "worker", "-Q", queue, "-c", c, "-P", pool,
                     "-l", self.args.loglevel]
+            if system == "mailworker+metrics":  # the metrics cost: same run, port on
+                argv += ["--metrics-port", str(free_port())]
         else:
             env.update({"BASELINE_BROKER_URL": self.redis.url, "BASELINE_SMTP_HOST": "127.0.0.1",
                         "BASELINE_SMTP_PORT": str(sink_port)})
@@ -483,10 +486,11 @@ class Bench:
         """One delivery run; *mode* ``e2e`` (enqueue while the workers run) or ``backlog``
         (enqueue first, then start the workers and time the drain at the sink)."""
         sink = self.sink(latency_ms)
-        queue = f"{'mwq' if system == 'mailworker' else 'blq'}_{pool}_{latency_ms}_{mode}"
+        short = {"mailworker": "mwq", "mailworker+metrics": "mwm"}.get(system, "blq")
+        queue = f"{short}_{pool}_{latency_ms}_{mode}"
         run = DeliveryRun(system, pool, latency_ms, n, self.args.concurrency, mode=mode)
         items = self.inputs(n, f"{system}{pool}{latency_ms}{mode}")
-        enqueue = self.mw_enqueue if system == "mailworker" else self.bl_enqueue
+        enqueue = self.mw_enqueue if system.startswith("mailworker") else self.bl_enqueue
         base = sink.count()
         worker: Child | None = None
         try:
@@ -525,7 +529,7 @@ class Bench:
                     run.extra["error"] = str(exc)
                 t1 = time.perf_counter()
                 run.delivered = sink.count() - base
-                if system == "mailworker":
+                if system.startswith("mailworker"):
                     from mailworker.runtime import get_runtime
 
                     store = get_runtime().store
@@ -712,6 +716,22 @@ def machine() -> dict[str, Any]:
             "commit": git("rev-parse", "--short", "HEAD"), "package_changes": dirty}
 
 
+def metrics_cost(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Worker CPU per message of mailworker and mailworker+metrics, per configuration."""
+    runs: dict[tuple[str, int, str], dict[str, float]] = {}
+    for r in res.get("delivery", []):
+        if r["system"] in ("mailworker", "mailworker+metrics"):
+            key = (r["pool"], r["latency_ms"], r["mode"])
+            runs.setdefault(key, {})[r["system"]] = r["worker_cpu_ms_per_msg"]
+    out = []
+    for (pool, lat, mode), got in runs.items():
+        if len(got) == 2 and got["mailworker"] > 0:
+            off, on = got["mailworker"], got["mailworker+metrics"]
+            out.append({"pool": pool, "latency_ms": lat, "mode": mode, "off": off, "on": on,
+                        "more_pct": round((on - off) / off * 100.0, 1)})
+    return out
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-n", "--n", type=int, default=10_000, help="messages per 0 ms run")
@@ -720,7 +740,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("-c", "--concurrency", type=int, default=4)
     p.add_argument("--pools", default="threads,prefork", help="comma-separated Celery pools")
     p.add_argument("--latencies", default="0,10", help="sink reply latencies in ms (0 and/or 10)")
-    p.add_argument("--systems", default="mailworker,baseline")
+    p.add_argument("--systems", default="mailworker,baseline",
+                   help="mailworker, baseline and/or mailworker+metrics (--metrics-port on)")
+    p.add_argument("--metrics", action="store_true",
+                   help="also run mailworker+metrics and print worker CPU per message with "
+                        "metrics on vs off side by side")
     p.add_argument("--modes", default="e2e,backlog",
                    help="e2e (enqueue while workers run) and/or backlog (drain a full queue)")
     p.add_argument("--batch", type=int, default=500, help="send_many batch size")
@@ -739,6 +763,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     lats = [int(x) for x in args.latencies.split(",") if x]
     systems = [x for x in args.systems.split(",") if x]
     modes = [x for x in args.modes.split(",") if x]
+    if args.metrics and "mailworker+metrics" not in systems:
+        systems.append("mailworker+metrics")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-queue-"))
     bench = Bench(args, tmp)
@@ -775,6 +801,13 @@ def main(argv: Iterable[str] | None = None) -> int:
     res["pool_choice"] = pool_choice(res)
     print()
     print(report(res))
+    cost = metrics_cost(res)
+    if cost:
+        res["metrics_cost"] = cost
+        print("\nmetrics cost (worker CPU ms/msg, --metrics-port off vs on):")
+        for row in cost:
+            print(f"  {row['pool']:8} {row['latency_ms']:>3} ms {row['mode']:8} "
+                  f"off {row['off']:.3f}  on {row['on']:.3f}  {row['more_pct']:+.1f}%")
     print(f"\n(total {res['elapsed_s']} s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

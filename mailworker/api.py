@@ -14,6 +14,7 @@ lost (a timeout, a reset mid-call), the batch may have been written:
 from __future__ import annotations
 
 import difflib
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,8 +37,9 @@ from mailworker.message import (
 )
 from mailworker.publish import Publisher, wake
 from mailworker.record import MessageState, RecipientState, Record
-from mailworker.routing import When, check_metadata, check_name, delay_until, epoch
+from mailworker.routing import MAX_KEY, When, check_metadata, check_name, delay_until, epoch
 from mailworker.routing import idempotency_key as check_key
+from mailworker.routing_rules import split
 from mailworker.runtime import get_runtime
 
 __all__ = ["enqueue_prepared", "prepare_many", "send", "send_many", "send_message", "status"]
@@ -178,6 +180,15 @@ outbox: Any = None
 
 
 def _enqueue(items: list[tuple[Record, bytes]], publish: Publisher | None = None) -> list[str]:
+    if any(len(rec.parts) == 1 for rec, _ in items):  # split by the routing rules
+        items, first = _split(items, get_runtime().settings)
+        ids = _enqueue_records(items, publish)
+        return [ids[i] for i in first]
+    return _enqueue_records(items, publish)
+
+
+def _enqueue_records(items: list[tuple[Record, bytes]], publish: Publisher | None = None
+                     ) -> list[str]:
     if outbox is not None:
         return list(outbox.accept(items))
     rt = get_runtime()
@@ -287,7 +298,68 @@ def _prepare(item: object, s: Settings, now: float) -> Prepared:
                     "Django settings, MAILWORKER_DEFAULT_SENDER in Flask's app.config)")
         args["date"] = _when_from(args.get("date"))
         built = build_message(max_size=s.max_message_size, **args)
-    return _record(built, s, now=now, **routing), built.data
+    return _routed(built, s, now, routing)
+
+
+def _part_key(key: str | None, relay: str) -> str | None:
+    """The idempotency key of a split message's later part: derived from the caller's,
+    so a retry with the same key finds every part (the split is the same each time)."""
+    if key is None:
+        return None
+    derived = f"{key}#{relay}"
+    if len(derived.encode("utf-8")) > MAX_KEY:
+        derived = "route:" + hashlib.sha256(derived.encode("utf-8")).hexdigest()
+    return derived
+
+
+def _routed(built: BuiltMessage, s: Settings, now: float, routing: dict[str, Any]
+            ) -> Prepared:
+    """The message's record, its relay chosen by the routing rules unless relay= names
+    one (mailworker.routing_rules). A message whose recipients the rules send to several
+    relays is marked (``parts == [its id]``) and split at enqueue (:func:`_split`): a
+    prepared item stays one per message, as framework integrations count them."""
+    if routing["relay"] is not None or not s.routes:
+        return _record(built, s, now=now, **routing), built.data
+    groups = split(s.routes, s.default_relay, sender=built.sender,
+                   recipients=built.recipients,
+                   queue=s.queue(check_name(routing["queue"], "queue")).name,
+                   metadata=check_metadata(routing["metadata"]))
+    rec = _record(built, s, now=now, **{**routing, "relay": next(iter(groups))})
+    if len(groups) > 1:
+        rec.parts = [rec.id]
+    return rec, built.data
+
+
+def _split(items: list[Prepared], s: Settings) -> tuple[list[Prepared], list[int]]:
+    """Records marked by :func:`_routed` as one record per relay; with, per item, the
+    index of its first part (whose id send() returns).
+
+    The parts share the bytes (every header as written) and each lists the ids of all
+    parts (``Record.parts``), so ``status()`` of any shows every recipient's relay.
+    """
+    out: list[Prepared] = []
+    first: list[int] = []
+    for rec, raw in items:
+        first.append(len(out))
+        if len(rec.parts) != 1:
+            out.append((rec, raw))
+            continue
+        groups = split(s.routes, s.default_relay, sender=rec.sender,
+                       recipients=[r.address for r in rec.recipients], queue=rec.queue,
+                       metadata=rec.metadata)
+        parts = []
+        for n, (relay, rcpts) in enumerate(groups.items()):
+            part = rec if n == 0 else Record.from_json(rec.to_json())
+            if n:
+                part.id = uuid.uuid4().hex
+                part.idempotency_key = _part_key(rec.idempotency_key, relay)
+            part.relay = relay
+            part.recipients = [RecipientState(a) for a in rcpts]
+            parts.append(part)
+        for part in parts:
+            part.parts = [p.id for p in parts]
+            out.append((part, raw))
+    return out, first
 
 
 def prepare_many(messages: Iterable[Mapping[str, Any] | Message]) -> list[Prepared]:
@@ -351,4 +423,19 @@ def status(message_id: str) -> dict[str, Any] | None:
     rt = get_runtime()
     rec = _store_call(rt.settings, "read the message status", lambda: rt.store.get(message_id),
                       writes=False)
-    return rec.summary() if rec else None
+    if rec is None:
+        return None
+    out = rec.summary()
+    if len(rec.parts) > 1:
+        # Split by the routing rules: every part, each recipient with its relay and state.
+        found = _store_call(rt.settings, "read the message status",
+                            lambda: rt.store.get_many(rec.parts), writes=False)
+        out["parts"] = [part_summary(p) for p in found if p is not None]
+    return out
+
+
+def part_summary(rec: Record) -> dict[str, Any]:
+    """One part of a split message, for ``status()`` of any of its parts."""
+    return {"id": rec.id, "relay": rec.relay, "state": rec.state.value,
+            "recipients": [{"address": r.address, "state": r.state.value, "relay": rec.relay}
+                           for r in rec.recipients]}

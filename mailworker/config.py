@@ -20,6 +20,7 @@ from urllib.parse import urlencode
 from mailworker.backoff import parse_duration
 from mailworker.errors import MailworkerError, shown
 from mailworker.relay import InvalidRelayError, Relay, parse_relay
+from mailworker.routing_rules import Route, RouteError, parse_routes
 
 __all__ = ["MAX_DURATION", "ConfigError", "QueueSettings", "Settings", "check_settings",
            "load_settings", "queue_from_spec", "redact_url", "relay_from_spec"]
@@ -104,6 +105,8 @@ class Settings:
     # The [retry] table as written. Read into the retry policy a layer up, by
     # mailworker.policy_config.policy_of(settings), so that config imports no policy.
     retry: Mapping[str, Any] = field(default_factory=dict)
+    # The [[routes]] rules (mailworker.routing_rules): first match picks the relay.
+    routes: tuple[Route, ...] = ()
 
     def __post_init__(self) -> None:
         # Settings built in code (configure(**overrides), frameworks) get the same range
@@ -243,7 +246,7 @@ def load_settings(
     for key, value in top.items():
         if key in _SCALARS:
             values[key] = _coerce(key, value)
-        elif key not in {"relays", "queues", "retry"}:
+        elif key not in {"relays", "queues", "retry", "routes"}:
             raise ConfigError(f"config file: unknown setting {key!r}; see config/README.md")
     for key in _SCALARS:
         var = f"MAILWORKER_{key.upper()}"
@@ -271,6 +274,10 @@ def load_settings(
     if not isinstance(retry, Mapping):
         raise ConfigError("config file: [retry] must be a table; see config/README.md")
     values["retry"] = retry
+    try:
+        values["routes"] = parse_routes(top.get("routes"))
+    except RouteError as exc:
+        raise ConfigError(f"config file: {exc}; see config/README.md") from None
 
     return check_settings(Settings(**values))
 
@@ -333,6 +340,20 @@ def _check_urls(settings: Settings) -> None:
                           "to use redis_url")
 
 
+def _check_routes(settings: Settings) -> None:
+    """Each rule's relay and queues exist (relays only where any are configured: a
+    producer may leave relays to its workers, as for relay= in send())."""
+    for i, rule in enumerate(settings.routes):
+        where = f"[[routes]] rule {i + 1} ({rule.describe()})"
+        if settings.relays and rule.relay not in settings.relays:
+            raise ConfigError(f"{where}: unknown relay {rule.relay!r} (known: "
+                              f"{', '.join(sorted(settings.relays))}); define it under [relays]")
+        for q in rule.queue:
+            if q not in settings.queues:
+                raise ConfigError(f"{where}: unknown queue {q!r} (known: "
+                                  f"{', '.join(sorted(settings.queues))})")
+
+
 def check_settings(settings: Settings) -> Settings:
     """Checks across settings, for every way of building them (file, env, frameworks)."""
     if settings.default_queue not in settings.queues:
@@ -344,6 +365,7 @@ def check_settings(settings: Settings) -> Settings:
             raise ConfigError(f"{where}={shown(seconds)} is not a duration above zero and at "
                               "most 10 years")
     _check_urls(settings)
+    _check_routes(settings)
     if settings.lease_seconds < 3:
         # The heartbeat renews every lease_seconds / 3: below a second, a Redis hiccup
         # would lose leases of live batches.

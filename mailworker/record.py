@@ -133,6 +133,9 @@ class Record:
     sending_since: float | None = None
     history: list[Attempt] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # A message split by routing rules (one record per relay): the ids of all its parts,
+    # in order, this one included; empty for a message that was not split.
+    parts: list[str] = field(default_factory=list)
 
     @property
     def open_recipients(self) -> list[RecipientState]:

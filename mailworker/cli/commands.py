@@ -158,6 +158,15 @@ def _print_record(rec: Any, history: bool) -> None:
              r.reply.enhanced_code if r.reply else "", _last_word(r)[:60],
              r.attempts) for r in rec.recipients]
     say(table(["recipient", "state", "code", "enhanced", "last reply", "attempts"], rows))
+    if len(rec.parts) > 1:
+        from mailworker.runtime import get_runtime
+
+        parts = [p for p in get_runtime().store.get_many(rec.parts) if p is not None]
+        say(f"\nsplit by routing rules into {len(rec.parts)} parts, one per relay")
+        say(table(["recipient", "relay", "state", "part"],
+                  [(r.address, p.relay, r.state.value, p.id + (" (this)" if p.id == rec.id
+                                                              else ""))
+                   for p in parts for r in p.recipients]))
     if history:
         say("\nhistory")
         hrows = [(a.number, _ts(a.started_at), a.outcome, a.relay,

@@ -22,7 +22,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from mailworker.cli import commands
+from mailworker.cli import commands, route
 from mailworker.cli.output import CLIError, clean
 
 __all__ = ["build_parser", "main"]
@@ -113,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--watch", type=float, nargs="?", const=2.0, default=None,
                        metavar="SECONDS", help="refresh every SECONDS (default 2) until Ctrl-C")
     stats.set_defaults(func=commands.stats)
+
+    rt = sub.add_parser("route", help="which relay mail to each address would use, and why")
+    rt.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    rt.add_argument("--from", dest="sender", default=None, help="sender (default: default_sender)")
+    rt.add_argument("--queue", default=None)
+    rt.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    rt.add_argument("--relay", default=None, help="as send(relay=...): wins over the rules")
+    rt.add_argument("--json", action="store_true")
+    rt.set_defaults(func=route.route)
 
     chk = sub.add_parser("check", help="connect to a relay: EHLO, TLS, AUTH; print the transcript")
     chk.add_argument("relay", nargs="?", default=None, help="relay name or DSN")
