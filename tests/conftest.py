@@ -132,6 +132,7 @@ def mw_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
         f'[queues.bulk{tag}]\nlifetime = "1h"\n'
         '[retry]\nbackoff = { initial = "1s", factor = 1, maximum = "1s", jitter = 0 }\n'
         'relay_backoff = { initial = "1s", factor = 1, maximum = "1s", jitter = 0 }\n'
+        'probe_interval = "1s"\n'
     )
     env["MAILWORKER_CONFIG"] = str(cfg)
     env["MW_TEST_QUEUES"] = f"tx{tag},bulk{tag}"

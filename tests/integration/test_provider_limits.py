@@ -23,10 +23,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PROBE = 1.5  # probe_interval, scaled down from 30 s
 
 
-def _retry_option(mw_env: dict[str, str], line: str) -> None:
-    """Append a line to the test config's [retry] table (its last table)."""
+def _retry_option(mw_env: dict[str, str], key: str, value: str) -> None:
+    """Set a key of the test config's [retry] table (its last table)."""
     cfg = Path(mw_env["MAILWORKER_CONFIG"])
-    cfg.write_text(cfg.read_text() + line + "\n")
+    lines = [ln for ln in cfg.read_text().splitlines() if not ln.startswith(f"{key} =")]
+    cfg.write_text("\n".join([*lines, f"{key} = {value}"]) + "\n")
 
 
 def _send(n: int, tag: str = "") -> list[str]:
@@ -102,7 +103,7 @@ def test_rate_cap_100_per_second_adapts_without_spending_attempts(
 def test_a_relay_down_is_probed_once_per_interval_and_resumes(
         mw: Env, mw_env: dict[str, str], start_worker: Callable[..., WorkerProcess]) -> None:
     down_for = 6.0  # scaled down from 30 s
-    _retry_option(mw_env, f'probe_interval = "{PROBE:g}s"')
+    _retry_option(mw_env, "probe_interval", f'"{PROBE:g}s"')
     start_worker("-c", "4")
     start_worker("-c", "4")
     warm = _send(100, "warm")
