@@ -62,7 +62,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("stats:<relay>", "hash", "store (commit script)", "none",
            "counters per relay: delivered, failed, dead, deferred, attempts, ..."),
     Family("pause:<relay>", "string", "store.relays (delivery decides)", "the pause's length",
-           "why the relay is paused (auth, TLS, host backoff); every worker holds its mail"),
+           "why the relay is paused (auth, TLS, a failed cohort of connections); every worker "
+           "holds its mail"),
     Family("relayfail:<relay>", "string", "store.relays (delivery decides)",
            "1 hour after the last failure", "consecutive host-level failures of the relay"),
     Family("slots:<relay>", "zset", "store.relays (window, feedback scripts)",
