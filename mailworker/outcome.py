@@ -48,6 +48,16 @@ def uncertain_spent(record: Record) -> int:
     return spent
 
 
+def slowed_down(record: Record) -> int:
+    """The record's latest attempts in a row that were held for a "slow down" reply."""
+    held = 0
+    for attempt in reversed(record.history):
+        if not attempt.decision or attempt.decision.get("action") != Action.SLOW_DOWN.value:
+            break
+        held += 1
+    return held
+
+
 class _Attempt:
     """The bookkeeping of one attempt while its result is folded into the record."""
 
@@ -167,7 +177,8 @@ def apply_result(
     state = AttemptState(
         attempt=record.attempts + 1, uncertain=uncertain, relay_failures=max(1, relay_failures),
         age=now - record.created_at, lifetime=record.expires_at - record.created_at,
-        delivered=_delivered_in(partial), cohort_failed=cohort_failed)
+        delivered=_delivered_in(partial), cohort_failed=cohort_failed,
+        slowed=slowed_down(record))
     att = _Attempt(record, policy, now, state, rng)
     open_addrs = {r.address for r in record.open_recipients}
     error_info: dict[str, Any] | None = None

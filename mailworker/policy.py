@@ -109,7 +109,8 @@ class AttemptState:
     loop); ``cohort_failed`` whether the relay's failed connection attempts make a whole
     failed cohort (mailworker.fleet): True pauses the relay for ``probe_interval``, False
     only holds the message (the relay's other connections work), None (no window known)
-    pauses for ``relay_backoff``.
+    pauses for ``relay_backoff``; ``slowed`` the message's latest attempts in a row that
+    were held for a "slow down" reply.
     """
 
     attempt: int = 1
@@ -119,6 +120,7 @@ class AttemptState:
     lifetime: float | None = None
     delivered: int = 0
     cohort_failed: bool | None = None
+    slowed: int = 0
 
     def __post_init__(self) -> None:
         if self.attempt < 1 or self.relay_failures < 1 or self.uncertain < 0:
@@ -360,10 +362,11 @@ class Policy:
     config_pause: float = 300.0
     probe_interval: float = 30.0
     slow_down_wait: float = 1.0
+    max_slow_downs: int = 30
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
-        for name, least in (("max_attempts", 1), ("max_uncertain", 0)):
+        for name, least in (("max_attempts", 1), ("max_uncertain", 0), ("max_slow_downs", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name}={value!r} is not a whole number >= {least}")
@@ -392,6 +395,12 @@ class Policy:
             action, counts = Action.RETRY, True
             reason = f"{reason}; none was accepted, so backing off"
         scope = rule.scope
+        if action is Action.SLOW_DOWN and state.slowed >= self.max_slow_downs:
+            # Held that often in a row: maybe not a rate at all (a block phrased as 4.7.x);
+            # this one counts, so max_attempts and the backoff bound it.
+            action, counts = Action.RETRY, True
+            reason = (f"{reason}; held {state.slowed} times in a row "
+                      f"(max_slow_downs={self.max_slow_downs}): counted as an attempt")
         if action in (Action.FAIL, Action.RETRY_NOW):
             delay = 0.0
         elif action is Action.PAUSE_RELAY:

@@ -33,7 +33,7 @@ from mailworker.smtp.errors import Stage
 __all__ = ["RETRY_KEYS", "policy_from_table", "policy_of"]
 
 RETRY_KEYS = ("max_attempts", "lifetime", "max_uncertain", "config_pause", "probe_interval",
-              "slow_down_wait", "backoff", "relay_backoff", "rules")
+              "slow_down_wait", "max_slow_downs", "backoff", "relay_backoff", "rules")
 """Keys of the ``[retry]`` table (documented in config/README.md, "Retry policy")."""
 
 
@@ -44,7 +44,7 @@ def policy_from_table(table: Mapping[str, Any]) -> Policy:
     """
     _check_keys("retry", table, RETRY_KEYS)
     kwargs: dict[str, Any] = {}
-    for key in ("max_attempts", "max_uncertain"):
+    for key in ("max_attempts", "max_uncertain", "max_slow_downs"):
         if key in table:
             kwargs[key] = table[key]
     for key in ("lifetime", "config_pause", "probe_interval", "slow_down_wait"):

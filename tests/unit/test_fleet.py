@@ -203,3 +203,24 @@ def test_one_fleet_slots_per_pools_however_many_deliverers(store: Store) -> None
     other = Deliverer(Settings(default_sender="a@example.com"),
                       Store(fakeredis.FakeRedis(), prefix="other"), pools)
     assert other.slots is not first.slots
+
+
+def test_a_slow_down_that_never_ends_starts_counting_attempts() -> None:
+    import smtplib
+
+    from mailworker.outcome import apply_result
+    from mailworker.smtp.errors import annotate
+    from tests.unit.test_outcome import record
+
+    policy = Policy(max_slow_downs=3, max_attempts=2)
+    rec = record("a@x.org")
+    steps = []
+    for i in range(5):
+        exc = annotate(smtplib.SMTPSenderRefused(451, b"4.7.1 slow down", "f@x"), Stage.MAIL)
+        steps.append(apply_result(rec, exc, policy=policy, now=1000.0 + i, started_at=999.0,
+                                  relay="r", rng=random.Random(1)))
+    # Three holds without an attempt, then the 4th counts (backoff), the 5th is held again.
+    assert [h.decision["action"] for h in rec.history if h.decision] == [
+        "slow_down", "slow_down", "slow_down", "retry", "slow_down"]
+    assert rec.attempts == 1
+    assert "max_slow_downs=3" in rec.history[3].decision["reason"]  # type: ignore[index]
