@@ -10,7 +10,7 @@ limits) is :class:`mailworker.store.relays.RelayState`, reached as ``store.relay
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,19 +202,33 @@ class Store:
         return [bool(v) for v in self._run(calls)]
 
     def renew_many(self, claims: Sequence[Claim], lease_seconds: float) -> list[bool]:
-        """Extend our leases, one round trip; False for each one lost (do not send it)."""
-        ms, script = int(lease_seconds * 1000), self.scripts["renew"]
-        done = self._run([(script, [self.keys.lease(c.record.id)], [c.token, ms])
-                          for c in claims])
-        return [int(v) == 1 for v in done]
+        """Extend our leases, one script call per token; False for each one lost."""
+        return self._per_token(claims, "renew", lambda c: [self.keys.lease(c.record.id)],
+                               [int(lease_seconds * 1000)])
 
     def mark_sending(self, claims: Sequence[Claim], lease_seconds: float) -> list[bool]:
         """Renew the leases of a window of transactions about to start and mark the
-        records as being sent (see mark.lua); False for each one whose lease is lost."""
-        ms, now, k, script = int(lease_seconds * 1000), time.time(), self.keys, self.scripts["mark"]
-        done = self._run([(script, [k.record(c.record.id), k.lease(c.record.id)],
-                           [c.token, ms, now]) for c in claims])
-        return [int(v) == 1 for v in done]
+        records as being sent (see mark.lua); False for each one whose lease is lost.
+        One script call for the window, not one per record."""
+        k = self.keys
+        return self._per_token(claims, "mark",
+                               lambda c: [k.record(c.record.id), k.lease(c.record.id)],
+                               [int(lease_seconds * 1000), time.time()])
+
+    def _per_token(self, claims: Sequence[Claim], name: str,
+                   keys_of: Callable[[Claim], list[str]], args: list[Any]) -> list[bool]:
+        """One call of a multi-record script per lease token (one round trip in all)."""
+        groups: dict[str, list[int]] = {}
+        for i, c in enumerate(claims):
+            groups.setdefault(c.token, []).append(i)
+        script = self.scripts[name]
+        calls: list[Call] = [(script, [key for i in idx for key in keys_of(claims[i])],
+                              [token, *args]) for token, idx in groups.items()]
+        out = [False] * len(claims)
+        for idx, done in zip(groups.values(), self._run(calls), strict=True):
+            for i, v in zip(idx, done, strict=True):
+                out[i] = int(v) == 1
+        return out
 
     def release_many(self, claims: Sequence[Claim]) -> None:
         """Give up leases without writing (e.g. the records were not due)."""

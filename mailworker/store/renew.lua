@@ -1,5 +1,13 @@
--- Extend a lease we still hold (between chunks of a long batch).
--- KEYS: 1 lease.  ARGV: 1 token, 2 ttl ms.  Returns 1 if renewed, 0 if lost.
-if redis.call("GET", KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call("PEXPIRE", KEYS[1], ARGV[2])
-return 1
+-- Extend leases we still hold (the heartbeat, while a batch runs); one call for all of a
+-- pass's leases (they share its token).
+-- KEYS: leases.  ARGV: 1 token, 2 ttl ms.  Returns one 1 (renewed) or 0 (lost) per lease.
+local out = {}
+for i = 1, #KEYS do
+  if redis.call("GET", KEYS[i]) == ARGV[1] then
+    redis.call("PEXPIRE", KEYS[i], ARGV[2])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
