@@ -81,7 +81,7 @@ def _when_from(value: datetime | float | None) -> float | None:
 def _record(built: BuiltMessage, settings: Settings, *, relay: str | None, queue: str | None,
             idempotency_key: str | None, send_at: When, delay: timedelta | float | None,
             expires_at: When, metadata: Mapping[str, Any] | None, now: float) -> Record:
-    relay_name = settings.relay(check_name(relay, "relay")).name  # ConfigError if unknown
+    relay_name = settings.target(check_name(relay, "relay"))  # ConfigError if unknown
     q = settings.queue(check_name(queue, "queue"))
     key = check_key(idempotency_key)
     meta = check_metadata(metadata)

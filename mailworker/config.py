@@ -20,6 +20,14 @@ from urllib.parse import urlencode
 from mailworker.backoff import parse_duration
 from mailworker.errors import MailworkerError, shown
 from mailworker.relay import InvalidRelayError, Relay, parse_relay
+from mailworker.relay_groups import (
+    GroupError,
+    RelayGroup,
+    check_groups,
+    group_from_env,
+    group_from_spec,
+    is_group_spec,
+)
 from mailworker.routing_rules import Route, RouteError, parse_routes
 
 __all__ = ["MAX_DURATION", "ConfigError", "QueueSettings", "Settings", "check_settings",
@@ -75,6 +83,8 @@ class Settings:
     broker_url: str | None = None
     key_prefix: str = "mw"
     relays: Mapping[str, Relay] = field(default_factory=dict)
+    # Relay groups (mailworker.relay_groups): a name send() and rules may use like a relay.
+    groups: Mapping[str, RelayGroup] = field(default_factory=dict)
     default_relay: str = "default"
     queues: Mapping[str, QueueSettings] = field(
         default_factory=lambda: {q: QueueSettings(q) for q in DEFAULT_QUEUES}
@@ -137,6 +147,12 @@ class Settings:
                 f"unknown relay {name!r} (known: {known}); define it with "
                 f"MAILWORKER_RELAY_{name.upper()}=smtp://host:port or [relays] in the config file"
             ) from None
+
+    def target(self, name: str | None = None) -> str:
+        """The name of a relay or relay group a message may name (default relay when
+        None); the same clear error as :meth:`relay` for a name that is neither."""
+        name = name or self.default_relay
+        return name if name in self.groups else self.relay(name).name
 
     def queue(self, name: str | None = None) -> QueueSettings:
         name = name or self.default_queue
@@ -254,16 +270,26 @@ def load_settings(
             values[key] = _coerce(key, env[var])
 
     relays: dict[str, Relay] = {}
+    groups: dict[str, RelayGroup] = {}
     try:
         for name, spec in (top.get("relays") or {}).items():
-            relays[name] = relay_from_spec(name, spec, env)
+            if is_group_spec(spec):
+                groups[name] = group_from_spec(name, spec)
+            else:
+                relays[name] = relay_from_spec(name, spec, env)
         for var, dsn in env.items():
             if var.startswith("MAILWORKER_RELAY_") and dsn:
                 name = var.removeprefix("MAILWORKER_RELAY_").lower()
-                relays[name] = parse_relay(name, dsn, dict(env))
-    except InvalidRelayError as exc:
+                group = group_from_env(name, dsn)
+                (relays if group else groups).pop(name, None)  # the environment wins
+                if group is not None:
+                    groups[name] = group
+                else:
+                    relays[name] = parse_relay(name, dsn, dict(env))
+    except (InvalidRelayError, GroupError) as exc:
         raise ConfigError(str(exc)) from None
     values["relays"] = relays
+    values["groups"] = groups
 
     queues = {q: QueueSettings(q) for q in DEFAULT_QUEUES}
     for name, spec in (top.get("queues") or {}).items():
@@ -345,9 +371,10 @@ def _check_routes(settings: Settings) -> None:
     producer may leave relays to its workers, as for relay= in send())."""
     for i, rule in enumerate(settings.routes):
         where = f"[[routes]] rule {i + 1} ({rule.describe()})"
-        if settings.relays and rule.relay not in settings.relays:
+        targets = {*settings.relays, *settings.groups}
+        if settings.relays and rule.relay not in targets:
             raise ConfigError(f"{where}: unknown relay {rule.relay!r} (known: "
-                              f"{', '.join(sorted(settings.relays))}); define it under [relays]")
+                              f"{', '.join(sorted(targets))}); define it under [relays]")
         for q in rule.queue:
             if q not in settings.queues:
                 raise ConfigError(f"{where}: unknown queue {q!r} (known: "
@@ -365,6 +392,11 @@ def check_settings(settings: Settings) -> Settings:
             raise ConfigError(f"{where}={shown(seconds)} is not a duration above zero and at "
                               "most 10 years")
     _check_urls(settings)
+    if settings.groups:
+        try:
+            check_groups(settings.groups, set(settings.relays))
+        except GroupError as exc:
+            raise ConfigError(f"{exc}; see config/README.md") from None
     _check_routes(settings)
     if settings.lease_seconds < 3:
         # The heartbeat renews every lease_seconds / 3: below a second, a Redis hiccup

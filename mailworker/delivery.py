@@ -23,6 +23,7 @@ from mailworker import metrics
 from mailworker.config import ConfigError, Settings
 from mailworker.fleet import Window
 from mailworker.fleet import install as install_slots
+from mailworker.groups import Groups, forget
 from mailworker.hooks import Hooks
 from mailworker.leases import HeldLeases, heartbeat
 from mailworker.outcome import (
@@ -178,6 +179,7 @@ class Deliverer:
         self._held = HeldLeases(store, [], settings.lease_seconds, 0.0)
         self._paused_until: tuple[float, str] | None = None
         self.window = Window(store, self.policy.probe_interval)
+        self.groups = Groups(settings, store, clock)
         # Connections only inside the relay's fleet window; one FleetSlots per pools.
         self.slots = install_slots(store, pools, settings.lease_seconds,
                                    self.policy.probe_interval)
@@ -247,6 +249,7 @@ class Deliverer:
         self.store.release_many(release)
         self._save(saves)  # expired: dead at once, not after a long pass without a lease
         saves = []
+        ready = self._resolve_groups(ready)
         report.claimed = sum(len(v) for v in ready.values())
 
         self._effects = []
@@ -269,6 +272,19 @@ class Deliverer:
 
         self._save(saves)
         return report
+
+    def _resolve_groups(self, ready: dict[str, list[Claim]]) -> dict[str, list[Claim]]:
+        """Claims sent to a relay group regrouped by the member that carries each one
+        this time (mailworker.groups: one cached health read per batch). The record keeps
+        the group's name; its attempt is the member's."""
+        if not any(self.groups.is_group(name) for name in ready):
+            return ready
+        health = self.groups.health()
+        out: dict[str, list[Claim]] = defaultdict(list)
+        for name, claims in ready.items():
+            for c in claims:
+                out[self.groups.pick(name, health)].append(c)
+        return out
 
     def _save(self, saves: Sequence[tuple[Claim, Step]]) -> None:
         """Commit outcomes (one round trip), then relay effects, then announce them."""
@@ -529,6 +545,7 @@ class Deliverer:
                 if decision.action is not Action.PAUSE_RELAY:  # host trouble, not config
                     self.store.relay_failed(name)
                 self.store.pause_relay(name, decision.relay_pause, decision.reason)
+                forget(self.store)  # relay groups read the members' health afresh
                 log.error("relay.paused", relay=name,
                           seconds=round(decision.relay_pause, 1), reason=decision.reason,
                           rule=decision.rule)

@@ -343,13 +343,16 @@ def _left(seconds: float) -> str:
 def _snapshot(rt: Any) -> dict[str, Any]:
     # Relays as Redis knows them (every worker's), plus any configured here and idle yet.
     states = rt.store.relay_states()
-    for name in rt.settings.relays:
+    # Relay groups configured here: their counters (a group's mail is counted under its
+    # name), and what they stand for; pauses and windows are their members'.
+    for name in (*rt.settings.relays, *rt.settings.groups):
         states.setdefault(name, {"counters": {}, "paused": None, "window": None,
                                  "slots_in_use": 0, "rate": None})
     # The fleet-wide window (whole slots; None: not used lately, it starts at
     # mailworker.fleet.INITIAL_WINDOW), slots in use, and the rate in force (None: none).
     return {"queues": _queue_depths(rt), **rt.store.counts(),
             "relays": {name: st["counters"] for name, st in states.items()},
+            "groups": {name: g.describe() for name, g in rt.settings.groups.items()},
             "paused": {name: {"reason": st["paused"]["reason"],
                               "seconds_left": round(st["paused"]["seconds_left"], 1)}
                        for name, st in states.items() if st["paused"]},
@@ -378,7 +381,8 @@ def stats(args: argparse.Namespace) -> int:
             for name, c in sorted(snap["relays"].items()):
                 pause = snap["paused"].get(name)
                 note = (f"paused, {_left(pause['seconds_left'])} left: {pause['reason']}"
-                        if pause else "")
+                        if pause else f"group: {snap['groups'][name]}"
+                        if name in snap["groups"] else "")
                 lim = snap["limits"].get(name, {})
                 window = (f"{lim.get('slots_in_use', 0)}/{lim['window']}"
                           if lim.get("window") is not None else "-")

@@ -52,7 +52,9 @@ def route(args: argparse.Namespace) -> int:
                        else "no routing rules: the default relay")
             else:
                 relay, why = found[1].relay, f"rule {found[0] + 1}: {found[1].describe()}"
-        note = "" if relay in s.relays else "not configured in this process"
+        group = s.groups.get(relay)
+        note = (f"group: {group.describe()}, a member per attempt" if group
+                else "" if relay in s.relays else "not configured in this process")
         rows.append({"address": address, "relay": relay, "why": why, "note": note})
     if args.json:
         print_json(rows)

@@ -108,7 +108,7 @@ def _read_config(config: Mapping[str, Any]) -> _AppState:
         if defaults["default_queue"]:
             settings.queue(defaults["default_queue"])
         if defaults["default_relay"]:
-            settings.relay(defaults["default_relay"])
+            settings.target(defaults["default_relay"])  # a relay or a relay group
     return _AppState(settings, sender, defaults["default_queue"], defaults["default_relay"])
 
 
@@ -130,7 +130,7 @@ def _with_mail_relay(settings: Settings, config: Mapping[str, Any],
     from mailworker.config import check_settings
 
     name = default_relay or settings.default_relay
-    if name in settings.relays:
+    if name in settings.relays or name in settings.groups:
         return settings  # MAILWORKER_RELAY_*, MAILWORKER_RELAYS, the environment or file win
     relay = mail_relay(config, name, os.environ)
     if relay is None:

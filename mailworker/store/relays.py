@@ -141,6 +141,33 @@ class RelayState:
             [time.time(), ceiling or 0, wanted])
         return int(granted), float(to_str(wait)), float(to_str(rate)) or None
 
+    # -- health, for relay groups --
+    def health(self, relays: list[str]) -> dict[str, str | None]:
+        """Why each relay should be skipped by a relay group now, or None (healthy).
+
+        "paused" while its pause key lives; "dead" while a whole cohort of its connection
+        attempts failed and its next probe is not due yet (once it is due the relay is
+        healthy again, so the group's next batch carries the probe). One round trip for
+        all of them.
+        """
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for name in relays:
+            pipe.pttl(self.keys.pause(name))
+            pipe.hmget(self.keys.window(name), "dead", "probe_at")
+        replies = pipe.execute()
+        out: dict[str, str | None] = {}
+        for i, name in enumerate(relays):
+            ttl, (dead, probe_at) = replies[2 * i:2 * i + 2]
+            if ttl is not None and int(ttl) > 0:
+                out[name] = "paused"
+            elif dead is not None and to_str(dead) == "1" and \
+                    now < float(to_str(probe_at or b"0")):
+                out[name] = "dead"
+            else:
+                out[name] = None
+        return out
+
     # -- reading, for the CLI --
     def states(self) -> dict[str, dict[str, Any]]:
         """Every relay Redis knows of, with its counters, window, rate and any pause.

@@ -64,12 +64,15 @@ def test_every_setting_is_documented() -> None:
             assert "`[retry]`" in text
             continue
         assert f"`{f.name}`" in text, f"setting {f.name} is missing from config/README.md"
-        if f.name not in ("relays", "queues", "routes"):  # file-only tables
+        if f.name not in ("relays", "queues", "routes", "groups"):  # tables (groups: below)
             var = f"MAILWORKER_{f.name.upper()}"
             assert f"`{var}`" in text, f"{var} is missing from config/README.md"
     for var in ("MAILWORKER_CONFIG", "MAILWORKER_LOG_FORMAT", "MAILWORKER_LOG_LEVEL",
                 "MAILWORKER_DEBUG", "MAILWORKER_RELAY_<NAME>"):
         assert f"`{var}`" in text, f"{var} is missing from config/README.md"
+    for form in ('group = "failover"', 'group = "roundrobin"', '="failover(',
+                 '="roundrobin('):  # relay groups: file and environment forms
+        assert form in text, f"relay group form {form} is missing from config/README.md"
 
 
 def test_every_relay_option_is_documented() -> None:

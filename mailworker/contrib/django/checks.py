@@ -100,7 +100,7 @@ def check_mailworker_setting(app_configs: Any = None, **_: Any) -> list[Any]:
         errors.append(_error(4, f"DEFAULT_QUEUE {queue!r} is not a configured queue",
                              f"known queues: {', '.join(sorted(built.queues))}; add it with "
                              f"'QUEUES': {{{str(queue)!r}: {{'lifetime': '24h'}}}}"))
-    if relay and str(relay) not in built.relays:
+    if relay and str(relay) not in {*built.relays, *built.groups}:
         errors.append(_error(5, f"DEFAULT_RELAY {relay!r} is not a configured relay",
                              f"known relays: {', '.join(sorted(built.relays)) or 'none'}; add it "
                              f"with 'RELAYS': {{{str(relay)!r}: 'smtp://host:25'}}"))
