@@ -91,7 +91,13 @@ def _resolve(target: str | None) -> Relay:
             raise CLIError(str(exc), "see config/README.md, 'Relays'", 3) from None
     from mailworker.config import load_settings
 
-    return load_settings().relay(target)
+    settings = load_settings()
+    group = settings.groups.get(target or settings.default_relay)
+    if group is not None:
+        raise CLIError(f"{group.name!r} is a relay group: {group.describe()}",
+                       "check its members one by one, e.g. mailworker check "
+                       f"{group.members[0]}", 3)
+    return settings.relay(target)
 
 
 def run_check(target: str | None) -> int:

@@ -90,6 +90,19 @@ def test_the_environment_may_turn_a_relay_into_a_group(tmp_path: Path) -> None:
     assert "third" in s.groups and "third" not in s.relays
 
 
+def test_check_names_a_groups_members(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailworker.cli.check import run_check
+    from mailworker.cli.output import CLIError
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(RELAYS + '[relays.main]\ngroup = "failover"\nmembers = ["primary", "backup"]\n')
+    monkeypatch.setenv("MAILWORKER_CONFIG", str(cfg))
+    with pytest.raises(CLIError) as err:
+        run_check("main")
+    assert "'main' is a relay group: failover(primary, backup)" in str(err.value)
+    assert "mailworker check primary" in str(err.value.hint)
+
+
 def test_a_rule_may_route_to_a_group(tmp_path: Path) -> None:
     s = load(tmp_path, '[relays.main]\ngroup = "failover"\nmembers = ["primary", "backup"]\n'
                        '[[routes]]\nrecipient_domain = "example.org"\nrelay = "main"\n')
