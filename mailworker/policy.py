@@ -8,10 +8,10 @@ The first :class:`Rule` that matches picks the :class:`Action` and :class:`Scope
 policy computes the delay and checks the budgets. The :class:`Decision` says everything the
 delivery code applies: retry (whom, when), retry now (a 452 split), fail, dead-letter,
 pause the relay (how long, why), hold without spending an attempt. Delivery and outcome
-code never compute a delay (DESIGN.md principle 6). No I/O, no clock, no global
+code never compute a delay (docs/architecture.md). No I/O, no clock, no global
 randomness when an ``rng`` is given.
 
-Decisions worth knowing (see DESIGN.md, "Retry policy"):
+Decisions worth knowing (see config/README.md, "Retry policy"):
 
 * ``smtplib.SMTPException`` subclasses ``OSError``, so "an ``OSError``" would also match
   every SMTP reply error. Network failures are therefore matched with

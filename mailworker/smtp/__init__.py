@@ -1,6 +1,6 @@
 """The SMTP layer: pooled, pipelined connections on smtplib, and a log line per reply.
 
-Nothing here knows about Celery or Redis (see DESIGN.md, "The SMTP layer").
+Nothing here knows about Celery or Redis (see docs/architecture.md, "Layers").
 """
 
 from mailworker.smtp.connection import Connection
