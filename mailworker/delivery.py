@@ -7,7 +7,6 @@ costs one round trip per message and the per-task overhead is paid once per batc
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import socket
@@ -39,6 +38,7 @@ from mailworker.outcome import (
 )
 from mailworker.policy import Action, Decision, Policy, Scope
 from mailworker.policy_config import policy_of
+from mailworker.record import invalid_reason
 from mailworker.relay import Relay
 from mailworker.smtp import (
     DeliveryUncertain,
@@ -79,46 +79,6 @@ class PassReport:
     states: dict[str, int] = field(default_factory=dict)
     lost_leases: int = 0
     quarantined: int = 0
-
-
-def _finite(value: object) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, int | float)
-            and math.isfinite(value))
-
-
-def _count(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= 0
-
-
-def invalid_reason(rec: Record) -> str | None:
-    """Why a stored record cannot be delivered as it is, or None.
-
-    Checked before any SMTP, field by field for everything the delivery path reads, so
-    that one bad record (written by another version, edited by hand) is set aside
-    instead of failing every batch it is in, before or after its mail was sent.
-    """
-    for name in ("created_at", "expires_at"):
-        if not _finite(getattr(rec, name)):
-            return f"{name} is {getattr(rec, name)!r}, not a finite time"
-    for name in ("next_attempt_at", "send_at", "updated_at", "dead_at", "sending_since"):
-        value = getattr(rec, name)
-        if value is not None and not _finite(value):
-            return f"{name} is {value!r}, not a finite time or null"
-    for name in ("id", "queue", "relay", "sender"):
-        if not isinstance(getattr(rec, name), str):
-            return f"{name} is {type(getattr(rec, name)).__name__}, not a string"
-    if not _count(rec.attempts) or not _count(rec.size):
-        return "attempts and size must be whole numbers"
-    if not isinstance(rec.history, list) or not isinstance(rec.metadata, dict):
-        return "history must be a list and metadata an object"
-    if not isinstance(rec.recipients, list) or not rec.recipients:
-        return "no recipient list"
-    for r in rec.recipients:
-        if not isinstance(r.address, str) or not _count(r.attempts):
-            return f"recipient {r.address!r}: address must be a string, attempts a count"
-        if r.reply is not None and not (r.reply.code is None or _count(r.reply.code)):
-            return f"recipient {r.address!r}: reply code {r.reply.code!r} is not a number"
-    return None
 
 
 def _batch_failure(exc: Exception, relay: str) -> BaseException:

@@ -7,13 +7,15 @@ truth about a message (docs/architecture.md); a broker message only says "look a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, TypeVar
 
 import orjson
 
-__all__ = ["Attempt", "MessageState", "RcptState", "RecipientState", "Record", "Reply"]
+__all__ = ["Attempt", "MessageState", "RcptState", "RecipientState", "Record", "Reply",
+           "invalid_reason"]
 
 #: History entries that record an operator's action, not a delivery attempt.
 _NOT_ATTEMPTS = frozenset({"operator_retry"})
@@ -223,3 +225,43 @@ class Record:
         d["attempts"] = self.attempts_made
         d["reason"] = self.reason()
         return d
+
+
+def _finite(value: object) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, int | float)
+            and math.isfinite(value))
+
+
+def _count(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 0
+
+
+def invalid_reason(rec: Record) -> str | None:
+    """Why a stored record cannot be delivered as it is, or None.
+
+    Checked before any SMTP, field by field for everything the delivery path reads, so
+    that one bad record (written by another version, edited by hand) is set aside
+    instead of failing every batch it is in, before or after its mail was sent.
+    """
+    for name in ("created_at", "expires_at"):
+        if not _finite(getattr(rec, name)):
+            return f"{name} is {getattr(rec, name)!r}, not a finite time"
+    for name in ("next_attempt_at", "send_at", "updated_at", "dead_at", "sending_since"):
+        value = getattr(rec, name)
+        if value is not None and not _finite(value):
+            return f"{name} is {value!r}, not a finite time or null"
+    for name in ("id", "queue", "relay", "sender"):
+        if not isinstance(getattr(rec, name), str):
+            return f"{name} is {type(getattr(rec, name)).__name__}, not a string"
+    if not _count(rec.attempts) or not _count(rec.size):
+        return "attempts and size must be whole numbers"
+    if not isinstance(rec.history, list) or not isinstance(rec.metadata, dict):
+        return "history must be a list and metadata an object"
+    if not isinstance(rec.recipients, list) or not rec.recipients:
+        return "no recipient list"
+    for r in rec.recipients:
+        if not isinstance(r.address, str) or not _count(r.attempts):
+            return f"recipient {r.address!r}: address must be a string, attempts a count"
+        if r.reply is not None and not (r.reply.code is None or _count(r.reply.code)):
+            return f"recipient {r.address!r}: reply code {r.reply.code!r} is not a number"
+    return None
