@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ import mailworker  # noqa: E402
 from mailworker.config import load_settings  # noqa: E402
 from mailworker.runtime import configure, reset_runtime  # noqa: E402
 from mailworker.testing import Persona, SMTPTestServer  # noqa: E402
+from mailworker.testing.polling import stop_group, wait_until  # noqa: E402
 
 
 def _env(redis_url: str, dsn: str, tmp: Path) -> dict[str, str]:
@@ -70,22 +70,11 @@ def _start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         [sys.executable, "-m", "mailworker.cli.main", "worker", "-Q", env["MW_QUEUE"],
          "-c", "4"], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
         start_new_session=True)
-    deadline = time.monotonic() + 60
-    while b"ready." not in log.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"worker did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.1)
+    wait_until(lambda: b"ready." in log.read_bytes() or proc.poll() is not None, 60,
+               message="a worker to start")
+    if proc.poll() is not None:
+        raise SystemExit(f"worker did not start: {log.read_text()[-2000:]}")
     return proc
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def run(name: str, persona: Persona | None, options: str, n: int, redis_url: str,
@@ -136,7 +125,7 @@ def run(name: str, persona: Persona | None, options: str, n: int, redis_url: str
         }
     finally:
         for w in workers:
-            _stop(w)
+            stop_group(w)
         keys = list(rt.redis.scan_iter(match=env["MAILWORKER_KEY_PREFIX"] + ":*"))
         if keys:
             rt.redis.delete(*keys)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mailworker.testing.polling import free_port, wait_until
+from mailworker.testing.polling import free_port, stop_group, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,12 +102,7 @@ class WorkerProcess:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_group(self.proc)
         self._fh.close()
 
 

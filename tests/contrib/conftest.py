@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ import pytest
 
 from mailworker.runtime import get_runtime, reset_runtime
 from mailworker.testing import SMTPTestServer
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT, stop_group, wait_until
 
 # The example projects are what the tests drive: make them importable (mailshop, flaskshop).
 EXAMPLES = ROOT / "examples"
@@ -79,10 +77,4 @@ def framework_worker(argv: list[str], env: dict[str, str], log: Path,
         assert proc.poll() is None, log.read_text()[-3000:]
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_group(proc)

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from mailworker.testing import Fault, SMTPTestServer
-from tests.conftest import ROOT, RedisServer, WorkerProcess, wait_until
+from tests.conftest import ROOT, RedisServer, WorkerProcess, stop_group, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -133,13 +133,7 @@ class Shop:
 
     def stop(self) -> None:
         for w in self.workers:
-            if w.poll() is None:
-                os.killpg(w.pid, 15)
-                try:
-                    w.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(w.pid, 9)
-                    w.wait(10)
+            stop_group(w)
 
 
 @pytest.fixture
@@ -247,8 +241,7 @@ def test_celery_command_on_mailworker_app_logs_json(
         assert delivered[0]["level"] == "info" and "timestamp" in delivered[0]
         assert any(e.get("event") == "smtp.reply" for e in events())
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(20)
+        stop_group(proc)
 
 
 def test_install_registers_on_that_app_only_with_delivery_guarantees() -> None:

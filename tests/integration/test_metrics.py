@@ -3,8 +3,6 @@ processes: the counters match the records exactly; health follows Redis."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -20,7 +18,7 @@ from mailworker.metrics import metric_names
 from mailworker.store import MessageState
 from mailworker.testing import Fault
 from mailworker.testing.polling import free_port
-from tests.conftest import ROOT, RedisServer, WorkerProcess, wait_until
+from tests.conftest import ROOT, RedisServer, WorkerProcess, stop_group, wait_until
 
 from .conftest import Env
 
@@ -68,9 +66,7 @@ def start_scheduler(mw_env: dict[str, str], tmp_path: Path
 
     yield start
     for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(20)
+        stop_group(p)
 
 
 def test_metrics_match_the_records(mw: Env, start_worker: Callable[..., WorkerProcess],
