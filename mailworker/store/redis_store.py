@@ -10,7 +10,7 @@ limits) is :class:`mailworker.store.relays.RelayState`, reached as ``store.relay
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,27 +203,26 @@ class Store:
 
     def renew_many(self, claims: Sequence[Claim], lease_seconds: float) -> list[bool]:
         """Extend our leases, one script call per token; False for each one lost."""
-        return self._per_token(claims, "renew", lambda c: [self.keys.lease(c.record.id)],
-                               [int(lease_seconds * 1000)])
+        return self._per_token(claims, lease_seconds, "")
 
     def mark_sending(self, claims: Sequence[Claim], lease_seconds: float) -> list[bool]:
         """Renew the leases of a window of transactions about to start and mark the
         records as being sent (see mark.lua); False for each one whose lease is lost.
         One script call for the window, not one per record."""
-        k = self.keys
-        return self._per_token(claims, "mark",
-                               lambda c: [k.record(c.record.id), k.lease(c.record.id)],
-                               [int(lease_seconds * 1000), time.time()])
+        return self._per_token(claims, lease_seconds, time.time())
 
-    def _per_token(self, claims: Sequence[Claim], name: str,
-                   keys_of: Callable[[Claim], list[str]], args: list[Any]) -> list[bool]:
-        """One call of a multi-record script per lease token (one round trip in all)."""
+    def _per_token(self, claims: Sequence[Claim], lease_seconds: float,
+                   now: float | str) -> list[bool]:
+        """mark.lua once per lease token (one round trip in all): renew, and mark as being
+        sent unless *now* is ""."""
         groups: dict[str, list[int]] = {}
         for i, c in enumerate(claims):
             groups.setdefault(c.token, []).append(i)
-        script = self.scripts[name]
-        calls: list[Call] = [(script, [key for i in idx for key in keys_of(claims[i])],
-                              [token, *args]) for token, idx in groups.items()]
+        k, script, ms = self.keys, self.scripts["mark"], int(lease_seconds * 1000)
+        calls: list[Call] = [
+            (script, [key for i in idx for key in (k.record(claims[i].record.id),
+                                                    k.lease(claims[i].record.id))],
+             [token, ms, now]) for token, idx in groups.items()]
         out = [False] * len(claims)
         for idx, done in zip(groups.values(), self._run(calls), strict=True):
             for i, v in zip(idx, done, strict=True):
