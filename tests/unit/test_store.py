@@ -238,9 +238,9 @@ def test_s2_07_unreadable_record_is_quarantined_alone(store: Store) -> None:
     assert store.get_many([good.id])[0] == good
 
 
-def test_s2_08_enqueue_batch_is_one_script_call(store: Store) -> None:
-    # All or nothing: the batch is written by one script, so a Redis refusing the write
-    # (maxmemory) refuses all of it. Shown here by a failing script: nothing is left.
+def test_one_enqueue_script_honours_idempotency_keys_inside_its_batch(store: Store) -> None:
+    # The batch is one script call (all or nothing under maxmemory: shown with a real
+    # full Redis in tests/unit/test_api_redis.py); keys repeated inside it still dedupe.
     recs = [make_record() for _ in range(5)]
     items = [(r, b"x") for r in recs]
     items.append((make_record(id=recs[0].id, idempotency_key="k"), b"y"))
