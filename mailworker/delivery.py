@@ -330,7 +330,7 @@ class Deliverer:
                 sendable.append(c)
             except ValueError as exc:  # stored before today's checks: set aside, alone
                 self._quarantine([(c.record.id, c.token, f"invalid record: {exc}")],
-                                 PassReport())
+                                 self._report)
                 held.release([c.record.id])
         group = sendable
         with structlog.contextvars.bound_contextvars(task_id=task_id, relay=relay_name):

@@ -209,3 +209,12 @@ def test_an_idempotency_key_outlives_a_long_deferral(make_local: MakeLocal) -> N
     rec = local.record(mid)
     assert rec is not None
     assert ttl >= rec.expires_at - rec.created_at + local.store.retention - 5
+
+
+def test_an_address_the_envelope_refuses_is_set_aside_and_counted(make_local: MakeLocal) -> None:
+    local = make_local()
+    ids = local.send_many([mail(1), mail(2)])
+    edit(local.store, ids[0], sender="bad sender@example.com")  # a string, but no address
+    report = local.deliver(ids)
+    assert report.quarantined == 1 and report.states == {"delivered": 1}
+    assert local.status(ids[0])["state"] == "dead"  # type: ignore[index]
