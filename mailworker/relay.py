@@ -40,6 +40,9 @@ allow_plain_auth       false     allow AUTH over an unencrypted channel (implies
 allow_unverified_auth  false     allow AUTH over TLS whose certificate was not verified
 local_hostname                   name sent in EHLO (default: the machine's FQDN)
 pipelining             true      use RFC 2920 PIPELINING when the server offers it
+chunking               true      with PIPELINING, send BDAT (RFC 3030 CHUNKING) when offered,
+                                 whole transactions pipelined (false: DATA, as before)
+pipeline_window        8         BDAT transactions in flight per connection, 1-100
 max_connections        10        per worker process
 max_messages           100       messages per connection before it is retired
 max_age                300       seconds a connection may live
@@ -117,6 +120,8 @@ class RelayKey:
     allow_unverified_auth: bool
     pipelining: bool
     credentials: str = field(repr=False)
+    chunking: bool = True
+    pipeline_window: int = 8
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,8 @@ class Relay:
     allow_unverified_auth: bool = False
     local_hostname: str | None = None
     pipelining: bool = True
+    chunking: bool = True
+    pipeline_window: int = 8
     max_connections: int = 10
     max_messages: int = 100
     max_age: float = 300.0
@@ -171,7 +178,8 @@ class Relay:
         return RelayKey(self.name, self.host.lower(), self.port, self.security, self.level,
                         self.ca_file, self.username, self.local_hostname,
                         self.allow_plain_auth, self.allow_unverified_auth, self.pipelining,
-                        hmac.new(_SECRET_KEY, secret, hashlib.sha256).hexdigest())
+                        hmac.new(_SECRET_KEY, secret, hashlib.sha256).hexdigest(),
+                        self.chunking, self.pipeline_window)
 
     @property
     def address(self) -> str:
@@ -249,7 +257,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "setup_timeout": (0.001, _HOUR), "max_age": (0.001, 7 * _DAY),
     "idle_timeout": (0.001, _DAY), "noop_after": (0.001, _DAY), "fleet_rate": (0.001, 1e6),
     "max_connections": (1, 1000), "max_messages": (1, 1_000_000),
-    "fleet_max_connections": (1, 100_000),
+    "fleet_max_connections": (1, 100_000), "pipeline_window": (1, 100),
 }
 
 

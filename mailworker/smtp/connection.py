@@ -3,7 +3,8 @@
 The session set-up (EHLO, STARTTLS, ``login()``) is smtplib's own code. We subclass
 ``smtplib.SMTP`` / ``smtplib.SMTP_SSL`` only to put our reply reader and reply log under
 it (:class:`~mailworker.smtp.replylog.ReplyWire`); the mail transactions themselves are
-:mod:`mailworker.smtp.pipeline`'s.
+:mod:`mailworker.smtp.pipeline`'s, or :mod:`mailworker.smtp.chunking`'s (BDAT) when the
+server offers PIPELINING and CHUNKING.
 
 The TCP connect and the TLS handshake are done here rather than in ``smtplib.connect`` so
 that a failure is annotated with the right stage (connect vs tls). TLS follows the
@@ -32,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mailworker.relay import Relay
+from mailworker.smtp.chunking import ChunkingSession
 from mailworker.smtp.dial import dial, local_name
 from mailworker.smtp.errors import (
     CleartextAuthRefused,
@@ -59,19 +61,24 @@ def _fqdn() -> str:
     return local_name()
 
 
-def prepare(envelope: Envelope, capabilities: dict[str, str]) -> Prepared:
+def prepare(envelope: Envelope, capabilities: dict[str, str], *, chunking: bool = False
+            ) -> Prepared:
     """Check SIZE and SMTPUTF8 against the server and build the wire bytes.
 
     Raises before anything is sent: ``SMTPDataError(552)`` when the server's advertised
     SIZE is too small, ``SMTPNotSupportedError`` when an address needs SMTPUTF8 and the
     server lacks it. Line endings become CRLF and leading dots are doubled, each by a
     single C-level pass (no per-line Python loop); the common already-CRLF case is only
-    counted, not copied.
+    counted, not copied. With *chunking* (BDAT) the content is only CRLF-normalised: no
+    dot-stuffing and no terminator, since BDAT frames it by its length; SIZE is then the
+    exact octet count BDAT announces.
     """
     data = envelope.data
     lf = data.count(b"\n")
     if data.count(b"\r") != lf or data.count(b"\r\n") != lf:
         data = _EOL.sub(b"\r\n", data)
+    if data and data[-2:] != b"\r\n":
+        data += b"\r\n"
     size = len(data)  # RFC 1870: CRLF line ends, before dot-stuffing
     params: list[str] = []
     if "size" in capabilities:
@@ -88,13 +95,13 @@ def prepare(envelope: Envelope, capabilities: dict[str, str]) -> Prepared:
         params.append("BODY=8BITMIME")
     if utf8:
         params.append("SMTPUTF8")
-    if data[:1] == b"." or b"\n." in data:
-        data = _LEADING_DOT.sub(b"..", data)
-    if data and data[-2:] != b"\r\n":
-        data += b"\r\n"
     cmd = f"MAIL FROM:<{envelope.sender}>"
     if params:
         cmd = f"{cmd} {' '.join(params)}"
+    if chunking:
+        return Prepared(envelope.sender, cmd.encode() + b"\r\n", cmd, data)
+    if data[:1] == b"." or b"\n." in data:
+        data = _LEADING_DOT.sub(b"..", data)
     return Prepared(envelope.sender, cmd.encode() + b"\r\n", cmd, data + b".\r\n")
 
 
@@ -182,11 +189,17 @@ class Connection:
         self.encrypted = isinstance(client.sock, ssl.SSLSocket)
         self.verified = self.encrypted and verifies(relay)
         self.last_used_at = self._clock()
-        self._session = Session(client, self._log, relay=relay.name, deadline=relay.deadline,
-                                pipelining=self.supports_pipelining, clock=self._clock)
+        if self.supports_chunking:
+            self._session = ChunkingSession(client, self._log, relay=relay.name,
+                                            deadline=relay.deadline,
+                                            window=relay.pipeline_window, clock=self._clock)
+        else:
+            self._session = Session(client, self._log, relay=relay.name,
+                                    deadline=relay.deadline,
+                                    pipelining=self.supports_pipelining, clock=self._clock)
         self._log.connect(address=relay.address, security=relay.security, tls=self.encrypted,
                           tls_level=relay.level, verified=self.verified,
-                          pipelining=self.supports_pipelining,
+                          pipelining=self.supports_pipelining, chunking=self.supports_chunking,
                           latency_ms=round((self.last_used_at - self.opened_at) * 1000, 3))
         return None
 
@@ -271,10 +284,11 @@ class Connection:
             return [annotate(NotAttempted("the connection is not open"), Stage.CONNECT,
                              self.relay.name) for _ in envelopes]
         caps = self._client.esmtp_features if self._client is not None else {}
+        chunking = isinstance(session, ChunkingSession)
         prepared: list[Prepared | BaseException] = []
         for env in envelopes:
             try:
-                prepared.append(prepare(env, caps))
+                prepared.append(prepare(env, caps, chunking=chunking))
             except (ValueError, smtplib.SMTPException) as exc:
                 prepared.append(annotate(exc, Stage.MAIL, self.relay.name))
         try:
@@ -379,6 +393,13 @@ class Connection:
     def supports_pipelining(self) -> bool:
         features = self._client.esmtp_features if self._client is not None else {}
         return self.relay.pipelining and "pipelining" in features
+
+    @property
+    def supports_chunking(self) -> bool:
+        """BDAT pipelining (:mod:`~mailworker.smtp.chunking`): the server offers PIPELINING
+        and CHUNKING, and the relay's ``pipelining`` and ``chunking`` options allow it."""
+        features = self._client.esmtp_features if self._client is not None else {}
+        return self.supports_pipelining and self.relay.chunking and "chunking" in features
 
     @property
     def max_size(self) -> int | None:

@@ -6,6 +6,10 @@ Here MAIL, every RCPT and DATA go out in one write; and in a batch the next mess
 commands ride in the same write as the previous message's content and final dot, as
 Postfix does, so a busy connection costs one round trip per message.
 
+When the server also offers CHUNKING, :mod:`mailworker.smtp.chunking` pipelines whole
+transactions with BDAT instead (a window of messages in flight), with the reply handlers
+of this module.
+
 Replies are read strictly in order and each is checked against the command it answers.
 Anything that can put replies out of step (a 421, a lost connection, a malformed line)
 closes the connection; it is never reused.
@@ -57,7 +61,7 @@ class Prepared:
     sender: str
     mail: bytes  # "MAIL FROM:<...> params\r\n"
     mail_cmd: str  # the same, for the log
-    content: bytes  # CRLF, dot-stuffed, ending in CRLF.CRLF
+    content: bytes  # DATA: CRLF, dot-stuffed, ending in CRLF.CRLF; BDAT: CRLF line ends only
 
 
 def rcpt_lines(recipients: Iterable[str]) -> list[tuple[bytes, str]]:
@@ -127,6 +131,8 @@ class _Txn:
     refused: dict[str, Reply] = field(default_factory=dict)
     retry: list[str] = field(default_factory=list)
     first: bool = True  # False for the part of an envelope a 452 pushed to a new transaction
+    sent_at: float = 0.0  # BDAT: when the write carrying it started (the reply log's latency)
+    rset: bool = False  # BDAT: an RSET went out in front of its MAIL
 
     @property
     def commands(self) -> bytes:
@@ -151,6 +157,10 @@ class _Outcome:
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
             self.error = exc
+
+
+def _not_attempted(abort: _Abort) -> NotAttempted:
+    return NotAttempted(f"not attempted: the connection failed on an earlier message ({abort.exc})")
 
 
 class Session:
@@ -336,7 +346,10 @@ class Session:
         return t.prep.content
 
     def _final(self, t: _Txn, started: float) -> None:
-        reply = self._read(t, Stage.AFTER_DOT, "<dot>", started)
+        self._after_dot(t, self._read(t, Stage.AFTER_DOT, "<dot>", started))
+
+    def _after_dot(self, t: _Txn, reply: Reply) -> None:
+        """The reply to the end of the content (the dot, or BDAT LAST) decides *t*."""
         self.dots += 1
         oc = self._outcomes[t.index]
         oc.decide(t.accepted, *reply, Stage.AFTER_DOT)
@@ -427,12 +440,17 @@ class Session:
                     uncertain.__cause__ = exc
                     exc = uncertain
             else:
-                exc, stage = NotAttempted("not attempted: the connection failed on an earlier "
-                                          f"message ({abort.exc})"), Stage.MAIL
-            oc.error, oc.fatal = annotate(exc, stage, self.relay), True
-            failure = failure_of(exc)
-            undecided = [r for r in t.recipients if r not in oc.decided]
-            oc.decide(undecided, failure.code, failure.text, stage)
+                exc, stage = _not_attempted(abort), Stage.MAIL
+            self._fail_on(t, exc, stage)
+
+    def _fail_on(self, t: _Txn, exc: BaseException, stage: Stage) -> None:
+        """The connection failed on *t*: *exc* is its envelope's error; undecided recipients
+        get its code and text."""
+        oc = self._outcomes[t.index]
+        oc.error, oc.fatal = annotate(exc, stage, self.relay), True
+        failure = failure_of(exc)
+        undecided = [r for r in t.recipients if r not in oc.decided]
+        oc.decide(undecided, failure.code, failure.text, stage)
 
     def _entry(self, oc: _Outcome) -> SendResult | BaseException:
         env = oc.envelope
