@@ -38,10 +38,11 @@ FaultKind = Literal[
 HOSTILE: tuple[FaultKind, ...] = ("hang", "trickle", "endless")
 
 #: Where a reply, disconnect or delay fault can act: a command verb, or ``"DOT"`` for the
-#: reply after the message content's final dot.
+#: reply at the end of a message: after DATA's final dot, or after the chunk of a
+#: ``BDAT ... LAST`` (RFC 3030) has been read.
 COMMANDS = frozenset(
-    {"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "DOT", "RSET", "NOOP",
-     "QUIT", "VRFY", "HELP"}
+    {"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "DOT", "RSET",
+     "NOOP", "QUIT", "VRFY", "HELP"}
 )
 #: A delay can also hold back the greeting, to test connect timeouts.
 _DELAYABLE = COMMANDS | {"GREETING"}
@@ -52,9 +53,17 @@ class Fault:
     """One misbehaviour of the test server; build it with the class methods below.
 
     ``times=None`` means the fault fires every time it applies; an int means it fires that
-    many times and is then spent. ``match`` (case-insensitive substring) narrows a fault to
-    the sender for MAIL, the recipient for RCPT, the sender or any recipient for DATA, DOT
-    and the drop faults, and the command's argument for other commands.
+    many times and is then spent. ``nth=k`` lets the fault pass the first k-1 times it
+    applies and fire from the k-th on (``nth=3, times=1``: only the third). ``match``
+    (case-insensitive substring) narrows a fault to the sender for MAIL, the recipient for
+    RCPT, the sender or any recipient for DATA, BDAT and the drop faults, those or the
+    Message-ID for DOT, and the command's argument for other commands.
+
+    BDAT (RFC 3030) takes the same faults as DATA: ``delay``, ``disconnect`` and the
+    hostile ones act on the ``BDAT`` command before its chunk is read; a ``reply`` on
+    ``BDAT`` answers after the chunk was read (and discarded); ``drop_during_data`` closes
+    in the middle of a chunk; the end of the message (``BDAT ... LAST``) is ``DOT``, where
+    ``drop_after_dot`` and DOT replies act as after DATA's final dot.
     """
 
     kind: FaultKind
@@ -64,10 +73,13 @@ class Fault:
     match: str | None = None
     times: int | None = None
     seconds: float = 0.0
+    nth: int = 1
 
     def __post_init__(self) -> None:
         if self.times is not None and self.times < 1:
             raise ValueError(f"times must be None (forever) or at least 1, not {self.times}")
+        if self.nth < 1:
+            raise ValueError(f"nth must be at least 1 (the first time it applies), not {self.nth}")
         if self.code is not None and not 200 <= self.code <= 599:
             raise ValueError(f"code must be an SMTP reply code from 200 to 599, not {self.code}")
         if self.seconds < 0:
@@ -75,21 +87,26 @@ class Fault:
         allowed = _DELAYABLE if self.kind in ("delay", *HOSTILE) else COMMANDS
         if self.kind in ("reply", "disconnect", "delay", *HOSTILE) and self.on not in allowed:
             raise ValueError(f"on must be one of {sorted(allowed)}, not {self.on!r}")
-        if self.kind == "reply" and self.on == "DATA" and self.code is not None \
-                and 300 <= self.code < 400:
-            # The server would not then read content the client goes on to send.
-            raise ValueError("a DATA reply fault refuses DATA; use a 4xx or 5xx code, not 3xx")
+        if self.kind == "reply" and self.code is not None and (
+                (self.on == "DATA" and 300 <= self.code < 400)
+                or (self.on == "BDAT" and not 400 <= self.code < 600)):
+            # DATA: the server would not then read content the client goes on to send;
+            # BDAT: its chunk is read either way, and 250 is the server's own answer.
+            raise ValueError(f"a {self.on} reply fault refuses {self.on}; use a 4xx or 5xx "
+                             f"code, not {self.code // 100}xx")
 
     @classmethod
     def reply(
-        cls, on: str, code: int, text: str, match: str | None = None, times: int | None = None
+        cls, on: str, code: int, text: str, match: str | None = None, times: int | None = None,
+        nth: int = 1,
     ) -> Fault:
         """Answer ``on`` (MAIL, RCPT, DATA, DOT or another verb) with this reply instead.
 
         A 2xx reply to MAIL, RCPT or DOT still accepts (only the text changes); any other
         code refuses, and a refused DOT leaves the message unrecorded.
         """
-        return cls("reply", on=on.upper(), code=code, text=text, match=match, times=times)
+        return cls("reply", on=on.upper(), code=code, text=text, match=match, times=times,
+                   nth=nth)
 
     @classmethod
     def greeting(
@@ -106,19 +123,28 @@ class Fault:
         code: int | None = 421,
         text: str = "4.3.2 Service shutting down, closing transmission channel",
         match: str | None = None,
+        nth: int = 1,
     ) -> Fault:
-        """At command ``on``, reply ``code`` (unless None) and close: "421 mid-session"."""
-        return cls("disconnect", on=on.upper(), code=code, text=text, match=match, times=times)
+        """At command ``on``, reply ``code`` (unless None) and close: "421 mid-session".
+
+        On ``BDAT`` this happens before the chunk is read; on ``DOT`` after the message
+        was read in full (unrecorded: the server refused it by going away)."""
+        return cls("disconnect", on=on.upper(), code=code, text=text, match=match, times=times,
+                   nth=nth)
 
     @classmethod
-    def drop_during_data(cls, times: int | None = None, match: str | None = None) -> Fault:
-        """After the 354, close as soon as message content arrives; nothing is recorded."""
-        return cls("drop_during_data", match=match, times=times)
+    def drop_during_data(cls, times: int | None = None, match: str | None = None,
+                         nth: int = 1) -> Fault:
+        """After the 354, close as soon as message content arrives; on BDAT, close after
+        reading about half of the chunk. Nothing is recorded."""
+        return cls("drop_during_data", match=match, times=times, nth=nth)
 
     @classmethod
-    def drop_after_dot(cls, times: int | None = None, match: str | None = None) -> Fault:
-        """Read the whole message, record it unacknowledged, close without a reply."""
-        return cls("drop_after_dot", match=match, times=times)
+    def drop_after_dot(cls, times: int | None = None, match: str | None = None,
+                       nth: int = 1) -> Fault:
+        """Read the whole message (up to the final dot, or the whole ``BDAT ... LAST``
+        chunk), record it unacknowledged, close without a reply: the uncertain window."""
+        return cls("drop_after_dot", match=match, times=times, nth=nth)
 
     @classmethod
     def idle_disconnect(
@@ -137,10 +163,12 @@ class Fault:
 
     @classmethod
     def delay(
-        cls, on: str, seconds: float, times: int | None = None, match: str | None = None
+        cls, on: str, seconds: float, times: int | None = None, match: str | None = None,
+        nth: int = 1,
     ) -> Fault:
-        """Hold back the reply to ``on`` (or the greeting, ``"GREETING"``) by ``seconds``."""
-        return cls("delay", on=on.upper(), seconds=seconds, match=match, times=times)
+        """Hold back the reply to ``on`` (or the greeting, ``"GREETING"``) by ``seconds``
+        (on ``BDAT``: before its chunk is read)."""
+        return cls("delay", on=on.upper(), seconds=seconds, match=match, times=times, nth=nth)
 
     @classmethod
     def hang(cls, on: str, times: int | None = None, match: str | None = None) -> Fault:
@@ -193,6 +221,8 @@ class _Armed:
     fault: Fault
     remaining: int | None
     added_at: float = field(default_factory=time.monotonic)
+    #: Times it still lets pass before it fires (``nth - 1`` at first).
+    skip: int = 0
 
 
 class FaultBook:
@@ -205,7 +235,7 @@ class FaultBook:
 
     def add(self, fault: Fault) -> None:
         with self._lock:
-            self._armed.append(_Armed(fault, fault.times))
+            self._armed.append(_Armed(fault, fault.times, skip=fault.nth - 1))
 
     def clear(self) -> None:
         with self._lock:
@@ -237,6 +267,9 @@ class FaultBook:
             for armed in self._armed:
                 fault = armed.fault
                 if fault.kind == kind and fault.on == on and fault.applies_to(subjects):
+                    if armed.skip:
+                        armed.skip -= 1
+                        continue
                     self._fire(armed, connection_id)
                     return fault
         return None

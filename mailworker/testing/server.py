@@ -8,6 +8,11 @@ Celery workers under test) can talk to it with any SMTP client::
         deliver(relay=server.dsn(user="u", password="p"))
         assert server.wait_for_messages(1)[0].recipients == ("good@example.test",)
 
+``chunking=True`` offers CHUNKING and accepts ``BDAT`` (RFC 3030) besides DATA. It is off
+by default so that clients which use BDAT whenever it is offered keep taking the DATA path
+in tests written before it existed; see :meth:`FaultySMTP.smtp_BDAT
+<mailworker.testing.session.FaultySMTP.smtp_BDAT>` for the replies and faults.
+
 ``latency`` puts a :class:`~mailworker.testing.latency.LatencyProxy` in front of the
 server to model a network round trip (see that module for the model). ``persona`` gives
 it a provider's standing limits (a connection cap, a rate cap, dropping after the dot),
@@ -78,6 +83,7 @@ class SMTPTestServer:
         size_limit: int | None = None,
         smtputf8: bool = True,
         pipelining: bool = True,
+        chunking: bool = False,
         hostname: str = "mx.test",
         persona: Persona | None = None,
     ) -> None:
@@ -113,6 +119,7 @@ class SMTPTestServer:
             size_limit=size_limit,
             smtputf8=smtputf8,
             pipelining=pipelining,
+            chunking=chunking,
             starttls_context=context if tls == "starttls" else None,
             implicit_tls=tls == "implicit",
             provider=Provider(persona),

@@ -12,6 +12,14 @@ aiosmtpd parses and validates the protocol; this subclass adds four things:
   message in ``server.messages``;
 * :meth:`FaultySMTP.smtp_DATA` reads the content in bulk (:mod:`.content`) instead of
   aiosmtpd's line at a time, with the same replies, limits and hook call;
+* :meth:`FaultySMTP.smtp_BDAT` adds RFC 3030 CHUNKING, which aiosmtpd lacks (offered
+  only with ``chunking=True``): each chunk is read from the same stream right after its
+  command line, and ``BDAT ... LAST`` ends the message through the same hook as DATA's
+  final dot. Errors follow Postfix's smtpd (3.7, checked against it): a refused chunk is
+  still read, so the commands pipelined behind it stay in step, and later chunks of the
+  same failed transaction are read and discarded (``551 5.0.0``), as RFC 3030 section 2
+  asks of a server ("accept and discard additional BDAT chunks already in the pipeline
+  after the failed BDAT");
 * :meth:`FaultySMTP.push` is the single exit: it applies greeting faults (and the
   persona's connection cap and outages, :mod:`.personas`) and swallows
   writes to a connection the fault code (or the client) already closed, so client
@@ -39,6 +47,7 @@ from aiosmtpd.smtp import (
     LoginPassword,
     Session,
     TLSSetupException,
+    syntax,
 )
 
 from .content import LINE_TOO_LONG, has_long_line, read_content, unstuff
@@ -53,6 +62,13 @@ log = logging.getLogger("mailworker.testing")
 _Command = Callable[[str | None], Awaitable[None]]
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+#: BDAT replies; the error texts are Postfix smtpd's (3.7), where it has one.
+CHUNK_TOO_BIG = "552 5.3.4 Chunk exceeds message size limit"
+BDAT_SYNTAX = "521 5.5.4 Syntax: BDAT count [LAST]"
+BDAT_NO_MAIL = "503 5.5.1 Error: need MAIL command"
+BDAT_NO_RCPT = "554 5.5.1 Error: no valid recipients"
+DATA_AFTER_BDAT = "503 5.5.1 Error: DATA after BDAT"
+_PIECE = 64 * 1024  # a chunk is read (and kept or discarded) this much at a time
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,8 @@ class SessionConfig:
     provider: Provider = field(default_factory=Provider)
     #: Live connections, touched only on the server's loop (idle re-arming, stop()).
     sessions: set[FaultySMTP] = field(default_factory=set)
+    #: Offer CHUNKING (RFC 3030) and accept BDAT.
+    chunking: bool = False
 
 
 class _QuietSession(Session):
@@ -110,6 +128,12 @@ class FaultySMTP(SMTP):
         self._hung_up = False
         self._greeted = False
         self._queued = 0
+        #: The chunks of the current BDAT transaction (None: no BDAT in it yet).
+        self._chunks: list[bytes] | None = None
+        self._chunked = 0  # their total size
+        #: A BDAT of this transaction failed: later chunks are read and discarded.
+        self._bdat_failed = False
+        self.chunking = config.chunking  # HELP lists BDAT only then (@syntax's ``when``)
         self._last_input = time.monotonic()
         self._idle_timer: asyncio.TimerHandle | None = None
         # aiosmtpd warns about AUTH without TLS; testing clients against that is the point.
@@ -246,6 +270,12 @@ class FaultySMTP(SMTP):
     def _guard(self, verb: str, method: _Command) -> _Command:
         @functools.wraps(method)  # keeps aiosmtpd's HELP syntax attributes
         async def guarded(arg: str | None) -> None:
+            if self._hung_up:
+                # drop() cancels the command loop, but the cancellation only lands when
+                # the loop next waits; commands pipelined behind the one that hung up are
+                # already buffered and would be run (a whole BDAT transaction, recorded)
+                # without a client to answer. End the loop here instead.
+                raise asyncio.CancelledError
             self._cfg.recorder.command(self._conn_id, command_line(verb, arg))
             if self._cfg.faults.active and await self._inject(verb, arg):
                 return
@@ -267,8 +297,10 @@ class FaultySMTP(SMTP):
             return True
         if await self._hostile(verb, subjects):
             return True
-        if verb in ("MAIL", "RCPT"):
-            return False  # their reply faults apply in the hooks, once aiosmtpd parsed them
+        if verb in ("MAIL", "RCPT", "BDAT"):
+            # MAIL/RCPT: their reply faults apply in the hooks, once aiosmtpd parsed them;
+            # BDAT: its chunk must be read first (smtp_BDAT).
+            return False
         if verb == "DATA":
             # Only a DATA that would be accepted can be refused or dropped by a fault.
             if arg or not self.envelope or not self.envelope.rcpt_tos:
@@ -301,11 +333,14 @@ class FaultySMTP(SMTP):
         """What a fault's ``match`` is tested against for this command."""
         if verb in ("MAIL", "RCPT"):
             return (address_in(arg),)
-        if verb in ("DATA", "DOT"):
+        if verb in ("DATA", "BDAT", "DOT"):
             envelope = self.envelope
             if envelope is None:
                 return ()
-            return (envelope.mail_from or "", *envelope.rcpt_tos)
+            subjects = (envelope.mail_from or "", *envelope.rcpt_tos)
+            if verb == "DOT" and envelope.original_content:
+                subjects += (message_id_of(envelope.original_content) or "",)
+            return subjects
         return (arg or "",)
 
     @_help_of(SMTP.smtp_DATA)
@@ -322,6 +357,9 @@ class FaultySMTP(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        if self._chunks is not None:  # RFC 3030: not in a transaction that used BDAT
+            await self.push(DATA_AFTER_BDAT)
+            return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
             raw = await read_content(self._reader)
@@ -335,8 +373,109 @@ class FaultySMTP(SMTP):
             envelope.content = envelope.original_content = unstuff(raw)
             hooked = await self._call_handler_hook("DATA")  # -> on_dot()
             status = "250 OK" if hooked is MISSING else hooked
-        self._set_post_data_state()  # type: ignore[no-untyped-call] # a fresh envelope
+        self._set_post_data_state()  # a fresh envelope
         await self.push(status)
+
+    @syntax("BDAT size [LAST]", when="chunking")
+    async def smtp_BDAT(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's name
+        """RFC 3030 BDAT: read exactly ``size`` octets, add them to the message; LAST ends
+        it through the same hook as DATA's final dot (no dot-unstuffing: BDAT content is
+        sent as it is).
+
+        The chunk is read before any refusal is sent, so a pipelining client's next
+        commands, queued behind the chunk, are read as commands and not as content.
+        """
+        if not self.chunking:
+            await self.push('500 Error: command "BDAT" not recognized')
+            return
+        words = (arg or "").split()
+        if not (1 <= len(words) <= 2 and words[0].isdigit() and words[0].isascii()
+                and (len(words) == 1 or words[1].upper() == "LAST")):
+            # Without a size the chunk's end is unknown: hang up, as Postfix does, rather
+            # than read content as commands.
+            await self.push(BDAT_SYNTAX)
+            self.drop()
+            return
+        size, last = int(words[0]), len(words) == 2
+        faults, cid = self._cfg.faults, self._conn_id
+        if faults.active and faults.take(
+                "drop_during_data", None, self._subjects("BDAT", arg), cid) is not None:
+            await self._read_chunk(min(size, max(1, size // 2)), keep=False)
+            self.drop()
+            return
+        refusal = await self._bdat_refusal(size, arg)
+        chunk = await self._read_chunk(size, keep=refusal is None)
+        if refusal is None and faults.active and (fault := faults.take(
+                "reply", "BDAT", self._subjects("BDAT", arg), cid)) is not None:
+            refusal = fault.reply_line
+        if refusal is not None:
+            self._bdat_failed = True
+            if last:  # the end of the failed message: the next one starts afresh
+                self._end_transaction()
+            await self.push(refusal)
+            return
+        assert self.envelope is not None
+        if self._chunks is None:
+            self._chunks = []
+        self._chunks.append(chunk)
+        self._chunked += size
+        if not last:
+            await self.push(f"250 2.0.0 {size} octets received")
+            return
+        content = b"".join(self._chunks)
+        self.envelope.content = self.envelope.original_content = content
+        hooked = await self._call_handler_hook("DATA")  # -> on_dot()
+        status = "250 OK" if hooked is MISSING else hooked
+        self._end_transaction()
+        await self.push(status)
+
+    async def _bdat_refusal(self, size: int, arg: str | None) -> str | None:
+        """Why this BDAT's chunk will be discarded (the reply), or None to keep it."""
+        if self._bdat_failed:
+            return f"551 5.0.0 Discarded {size} bytes after earlier error"
+        if not self.session or not self.session.host_name:
+            return "503 Error: send HELO first"
+        if self._auth_required and not self.session.authenticated:
+            return "530 5.7.0 Authentication required"
+        envelope = self.envelope
+        if envelope is None or not envelope.mail_from:
+            return BDAT_NO_MAIL
+        if not envelope.rcpt_tos:
+            return BDAT_NO_RCPT
+        limit = self._cfg.size_limit
+        if limit is not None and self._chunked + size > limit:
+            return CHUNK_TOO_BIG
+        return None
+
+    async def _read_chunk(self, size: int, keep: bool) -> bytes:
+        """Read exactly *size* octets of the stream; return them, or b"" when not kept
+        (then at most one piece is held at a time, whatever the size announced)."""
+        pieces: list[bytes] = []
+        remaining = size
+        try:
+            while remaining:
+                piece = await self._reader.read(min(remaining, _PIECE))
+                if not piece:  # the client went away mid-chunk
+                    self.drop()
+                    raise asyncio.CancelledError
+                remaining -= len(piece)
+                if keep:
+                    pieces.append(piece)
+        except asyncio.CancelledError:  # the connection went away (or drop()) mid-chunk
+            self._writer.close()
+            raise
+        return b"".join(pieces) if keep else b""
+
+    def _end_transaction(self) -> None:
+        """Forget the message and its BDAT state: a fresh envelope, as after DATA."""
+        self._set_post_data_state()
+
+    def _set_post_data_state(self) -> None:
+        """aiosmtpd's reset after DATA, RSET, EHLO and HELO; the BDAT state goes with it."""
+        self._chunks = None
+        self._chunked = 0
+        self._bdat_failed = False
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
 
     def ehlo_lines(self, hostname: str, offered: list[str]) -> list[str]:
         """The EHLO reply: our own extension list, keeping aiosmtpd's STARTTLS/AUTH lines
@@ -347,6 +486,8 @@ class FaultySMTP(SMTP):
         lines = [cfg.hostname]
         if cfg.pipelining:
             lines.append("PIPELINING")
+        if cfg.chunking:
+            lines.append("CHUNKING")
         if cfg.size_limit:
             lines.append(f"SIZE {cfg.size_limit}")
         if cfg.smtputf8:
@@ -378,6 +519,7 @@ class FaultySMTP(SMTP):
                     return TOO_BIG
         self.envelope.mail_from = address
         self.envelope.mail_options.extend(options)
+        self._chunks, self._chunked, self._bdat_failed = None, 0, False  # a new transaction
         return status
 
     async def on_rcpt(self, address: str, options: list[str]) -> str:
