@@ -68,6 +68,7 @@ BDAT_SYNTAX = "521 5.5.4 Syntax: BDAT count [LAST]"
 BDAT_NO_MAIL = "503 5.5.1 Error: need MAIL command"
 BDAT_NO_RCPT = "554 5.5.1 Error: no valid recipients"
 DATA_AFTER_BDAT = "503 5.5.1 Error: DATA after BDAT"
+BDAT_NULL = "551 5.7.1 Null BDAT request"
 _PIECE = 64 * 1024  # a chunk is read (and kept or discarded) this much at a time
 
 
@@ -403,7 +404,7 @@ class FaultySMTP(SMTP):
             await self._read_chunk(min(size, max(1, size // 2)), keep=False)
             self.drop()
             return
-        refusal = await self._bdat_refusal(size, arg)
+        refusal = await self._bdat_refusal(size, last)
         chunk = await self._read_chunk(size, keep=refusal is None)
         if refusal is None and faults.active and (fault := faults.take(
                 "reply", "BDAT", self._subjects("BDAT", arg), cid)) is not None:
@@ -429,7 +430,7 @@ class FaultySMTP(SMTP):
         self._end_transaction()
         await self.push(status)
 
-    async def _bdat_refusal(self, size: int, arg: str | None) -> str | None:
+    async def _bdat_refusal(self, size: int, last: bool) -> str | None:
         """Why this BDAT's chunk will be discarded (the reply), or None to keep it."""
         if self._bdat_failed:
             return f"551 5.0.0 Discarded {size} bytes after earlier error"
@@ -442,6 +443,8 @@ class FaultySMTP(SMTP):
             return BDAT_NO_MAIL
         if not envelope.rcpt_tos:
             return BDAT_NO_RCPT
+        if not size and not last:  # only the last chunk may be empty (Postfix's rule)
+            return BDAT_NULL
         limit = self._cfg.size_limit
         if limit is not None and self._chunked + size > limit:
             return CHUNK_TOO_BIG

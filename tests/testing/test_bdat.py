@@ -187,6 +187,16 @@ def test_data_after_bdat_is_refused_and_the_transaction_goes_on(
     assert [m.data for m in server.messages] == [b"helloabc"]
 
 
+def test_only_the_last_chunk_may_be_empty(server: SMTPTestServer, raw: Raw) -> None:
+    raw.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 0\r\nBDAT 1 LAST\r\nz"
+             b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 0 LAST\r\n")
+    replies = raw.replies(7)
+    assert replies[2:4] == [(551, "5.7.1 Null BDAT request"),
+                            (551, "5.0.0 Discarded 1 bytes after earlier error")]
+    assert codes(replies[4:]) == [250, 250, 250]
+    assert [m.data for m in server.messages] == [b""]
+
+
 def test_a_malformed_bdat_hangs_up(server: SMTPTestServer, raw: Raw) -> None:
     raw.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 5x\r\nhello"
              + bdat_transaction("never"))
