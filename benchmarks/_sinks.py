@@ -123,7 +123,7 @@ _LATENCY_SERVER = r"""
 import sys
 from mailworker.testing import SMTPTestServer
 
-server = SMTPTestServer(latency=float(sys.argv[1]))
+server = SMTPTestServer(latency=float(sys.argv[1]), chunking=sys.argv[2:] == ["chunking"])
 server.start()
 print("port", server.port, flush=True)
 try:
@@ -146,12 +146,15 @@ class LatencySink(_Child):
     ``reset``; closing stdin stops it.
     """
 
-    def __init__(self, latency: float, log_path: Path | None = None) -> None:
+    def __init__(self, latency: float, log_path: Path | None = None, *,
+                 chunking: bool = False) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+        argv = [sys.executable, "-c", _LATENCY_SERVER, str(latency)]
+        if chunking:  # offers CHUNKING and takes BDAT (and DATA, for a client that says no)
+            argv.append("chunking")
         err = log_path.open("ab") if log_path else None
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", _LATENCY_SERVER, str(latency)],
-                                         cwd=ROOT, env=env, stdin=subprocess.PIPE,
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE,
                                          stderr=err or subprocess.DEVNULL)
         finally:

@@ -12,6 +12,11 @@ processes, so their CPU is not counted):
                       envelopes per call over one connection: the next message's commands
                       ride in the same write as the previous message's dot (RFC 2920), so
                       ``batch`` messages cost ``batch + 1`` round trips.
+* ``mw bdat``       (10 ms only) the same batches with BDAT (RFC 3030 CHUNKING): whole
+                      transactions pipelined, ``pipeline_window`` (8) of them in flight.
+                      The other mailworker clients run with ``chunking=false``, i.e. today's
+                      DATA pipelining, so their rows stay comparable with earlier runs and
+                      ``mw bdat`` / ``mw batch`` is BDAT against DATA on the same client.
 * ``mw batch, log off`` (0 ms only; a diagnostic, no target): the same with the reply log
   switched off (level WARNING), to show what the log costs.
 
@@ -22,8 +27,9 @@ mailworker's ``Envelope`` objects are built inside the timed loop (its address c
 stand where ``sendmail()`` quotes the addresses). Every reply is checked: a refused
 message stops the run.
 
-Sinks: at 0 ms Postfix's ``smtp-sink`` (C, so the server is not what gets measured); at
-10 ms ``mailworker.testing.SMTPTestServer(latency=0.010)`` in a process of its own.
+Sinks: at 0 ms Postfix's ``smtp-sink`` (C, so the server is not what gets measured; it
+does not offer CHUNKING, so every client sends DATA there); at 10 ms
+``mailworker.testing.SMTPTestServer(latency=0.010, chunking=True)`` in a process of its own.
 
 Cases: latency {0, 10 ms} x recipients {1, 5} x size {2 KB, 100 KB}. For each, msgs/s
 (wall clock) and client CPU ms per 1,000 messages (``time.process_time()``). Connection
@@ -75,7 +81,7 @@ SENDER = "orders@shop.example.com"
 LOCAL_HOSTNAME = socket.getfqdn()  # given to smtplib too: no DNS lookup per connection
 WARMUP = 5
 
-CLIENTS = ("smtplib new", "smtplib reused", "mw send()", "mw batch")
+CLIENTS = ("smtplib new", "smtplib reused", "mw send()", "mw batch", "mw bdat")
 DIAG = "mw batch, log off"
 
 # (latency ms, recipients, what, mailworker client, baseline client, minimum ratio)
@@ -84,7 +90,9 @@ TARGETS: list[tuple[int, int | None, str, str, float]] = [
     (10, 5, "mw batch", "smtplib reused", 6.0),
     (10, None, "mw batch", "smtplib new", 6.0),
     (0, None, "mw batch", "smtplib reused", 1.5),
+    (10, 1, "mw bdat", "mw batch", 2.5),
 ]
+BDAT_TARGET = 250.0  # msg/s on one connection at 10 ms, 1 recipient, 2 KB (issue 12)
 
 
 # -- messages ------------------------------------------------------------------------------
@@ -159,10 +167,11 @@ def smtplib_reused(port: int, rcpts: tuple[str, ...], data: bytes, n: int) -> Ti
         s.quit()
 
 
-def _pool(port: int) -> Pool:
+def _pool(port: int, chunking: bool = False) -> Pool:
     # Every message of a run on one connection: no retirement by count or age.
     relay = parse_relay("bench", f"smtp://127.0.0.1:{port}?max_messages=1000000&max_age=3600"
-                                 "&idle_timeout=3600&noop_after=3600&timeout=30")
+                                 "&idle_timeout=3600&noop_after=3600&timeout=30"
+                                 f"&chunking={'true' if chunking else 'false'}")
     return Pool(relay)
 
 
@@ -189,9 +198,10 @@ def mw_send(port: int, rcpts: tuple[str, ...], data: bytes, n: int) -> Timing:
         pool.close()
 
 
-def make_mw_batch(batch: int) -> Callable[[int, tuple[str, ...], bytes, int], Timing]:
+def make_mw_batch(batch: int, chunking: bool = False
+                  ) -> Callable[[int, tuple[str, ...], bytes, int], Timing]:
     def mw_batch(port: int, rcpts: tuple[str, ...], data: bytes, n: int) -> Timing:
-        pool = _pool(port)
+        pool = _pool(port, chunking)
         try:
             _check_mw(pool.send_many([Envelope(SENDER, rcpts, data, message_id=f"w{i}")
                                       for i in range(WARMUP)]), len(rcpts))
@@ -273,7 +283,7 @@ def counts_for(args: argparse.Namespace, latency_ms: int) -> dict[str, int]:
     if latency_ms == 0:
         return dict.fromkeys((*CLIENTS, DIAG), args.n0)
     return {"smtplib new": args.n10_new, "smtplib reused": args.n10_reused,
-            "mw send()": args.n10_send, "mw batch": args.n10_batch}
+            "mw send()": args.n10_send, "mw batch": args.n10_batch, "mw bdat": args.n10_bdat}
 
 
 def run_case(args: argparse.Namespace, sink: SmtpSink | LatencySink, log: LogFile,
@@ -282,6 +292,8 @@ def run_case(args: argparse.Namespace, sink: SmtpSink | LatencySink, log: LogFil
     clients: dict[str, Callable[..., Timing]] = {
         "smtplib new": smtplib_new, "smtplib reused": smtplib_reused,
         "mw send()": mw_send, "mw batch": make_mw_batch(args.batch)}
+    if latency_ms:
+        clients["mw bdat"] = make_mw_batch(args.batch, chunking=True)
     if latency_ms == 0 and args.diagnostic:
         clients[DIAG] = make_mw_batch(args.batch)
     counts = counts_for(args, latency_ms)
@@ -363,10 +375,10 @@ def paired_ratio(a: Run, b: Run) -> tuple[float, float, float]:
 def ratios(runs: list[Run]) -> tuple[str, list[dict[str, Any]]]:
     by = {(r.latency_ms, r.rcpts, r.size, r.client): r for r in runs}
     rows: list[dict[str, Any]] = []
-    for latency, n_rcpts, _mw, base, want in TARGETS:
+    for latency, n_rcpts, mw, base, want in TARGETS:
         for key, mw_run in sorted(by.items()):
             lat, rc, size, client = key
-            if lat != latency or client not in ("mw batch", "mw send()"):
+            if lat != latency or client not in (mw, "mw send()" if mw == "mw batch" else mw):
                 continue
             if n_rcpts is not None and rc != n_rcpts:
                 continue
@@ -378,7 +390,7 @@ def ratios(runs: list[Run]) -> tuple[str, list[dict[str, Any]]]:
                 "case": case_label(mw_run), "client": client, "vs": base, "ratio": ratio,
                 "ratio_min": low, "ratio_max": high,
                 "cpu_ratio": other.cpu_ms_per_1000 / mw_run.cpu_ms_per_1000,
-                "target": want, "headline": client == "mw batch",
+                "target": want, "headline": client in ("mw batch", "mw bdat"),
                 "verdict": "PASS" if ratio >= want else "MISS"})
     lines = ["| case | mailworker | vs | msg/s ratio | (rounds: min-max) | target | | "
              "CPU/msg: baseline / mw |",
@@ -456,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n10-reused", type=int, default=160, help="messages, smtplib reused, 10 ms")
     p.add_argument("--n10-send", type=int, default=250, help="messages, mw send(), 10 ms")
     p.add_argument("--n10-batch", type=int, default=500, help="messages, mw batch, 10 ms")
+    p.add_argument("--n10-bdat", type=int, default=2000, help="messages, mw bdat, 10 ms")
     p.add_argument("--no-diagnostic", dest="diagnostic", action="store_false",
                    help=f"skip the {DIAG!r} client at 0 ms")
     p.add_argument("--profile", action="store_true",
@@ -465,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.n0 = 2, 200
         args.n10_new, args.n10_reused, args.n10_send, args.n10_batch = 30, 40, 60, 200
+        args.n10_bdat = 500
     latencies = [int(x) for x in args.latencies.split(",")]
     rcpt_counts = [int(x) for x in args.rcpts.split(",")]
     sizes = [int(x) * 1024 for x in args.sizes.split(",")]
@@ -481,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for latency in latencies:
             sink = sinks[latency] = (SmtpSink(tmp / "smtp-sink.log") if latency == 0 else
-                                     LatencySink(latency / 1000.0, tmp / "latency-sink.log"))
+                                     LatencySink(latency / 1000.0, tmp / "latency-sink.log",
+                                                 chunking=True))
             print(f"sink for {latency} ms: pid {sink.pid}, port {sink.port}", flush=True)
             for n_rcpts in rcpt_counts:
                 for size in sizes:
@@ -518,6 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\nratios (msg/s, mailworker / baseline); PASS/MISS for the batch client, "
           "send() rows for information:\n")
     print(ratio_text)
+    for r in runs:
+        if r.client == "mw bdat" and r.rcpts == 1 and r.size == 2048:
+            verdict = "PASS" if r.rate >= BDAT_TARGET else "MISS"
+            print(f"\nmw bdat, {case_label(r)}: {r.rate:,.0f} msg/s on one connection "
+                  f"(target >= {BDAT_TARGET:g}): {verdict}")
     lines_per_msg = {f"{r.client} | {case_label(r)}": round(r.log_lines / (r.n * len(r.rounds)), 2)
                      for r in runs if r.client.startswith("mw")}
     print("\nreply-log lines per timed message (mailworker; the count includes the warm-up "

@@ -23,9 +23,11 @@ relay that stalls or trickles costs a thread at most that long.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import smtplib
+import socket
 import ssl
 import time
 import uuid
@@ -59,6 +61,15 @@ def _fqdn() -> str:
     """smtplib would call ``socket.getfqdn()`` (a DNS lookup) for every connection; this
     looks it up once, bounded (see :func:`mailworker.smtp.dial.local_name`)."""
     return local_name()
+
+
+def _no_delay(sock: socket.socket) -> None:
+    """Turn Nagle's algorithm off: every write is a whole command group or transaction,
+    so holding a write back until the previous one is acknowledged only adds latency (with
+    the peer's delayed ACK, up to 40 ms). With BDAT's transactions in flight it halved the
+    rate at 10 ms (bench_smtp.py)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def prepare(envelope: Envelope, capabilities: dict[str, str], *, chunking: bool = False
@@ -157,6 +168,7 @@ class Connection:
         try:
             self.opened_at = client._sent_at = self._clock()
             sock = dial(relay.host, relay.port, relay.connect_timeout)  # DNS included
+            _no_delay(sock)
             client.sock, client._timeout_now = sock, relay.connect_timeout
             client.set_deadline(self._clock() + relay.setup_timeout,
                                 f"setup_timeout={relay.setup_timeout:g}s")
