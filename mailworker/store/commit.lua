@@ -3,7 +3,8 @@
 -- ARGV: 1 token, 2 id, 3 doc json, 4 state, 5 score (for "dead": the dead-lettered time),
 --       6 retention seconds of a delivered record, 7 retention seconds of a dead letter
 --       (0 = keep), 8.. stats field/increment pairs
--- A record that is live again (a dead letter retried) loses any expiry it had.
+-- A record that is live again (a dead letter retried) loses any expiry it had. A delivered
+-- record loses its body (raw, zraw): nothing sends it again, and it was most of its memory.
 -- Returns 1 when saved, 0 when another worker has claimed the record since.
 -- The lease may have expired during a long attempt; the outcome still stands if nobody
 -- claimed the record since (the "sending" marker is still ours).
@@ -30,6 +31,9 @@ if state ~= "dead" then
   redis.call("ZREM", KEYS[5], id)
 end
 local dead_ttl = tonumber(ARGV[7])
+if state == "delivered" then
+  redis.call("HDEL", KEYS[1], "raw", "zraw")
+end
 if state == "delivered" and tonumber(ARGV[6]) > 0 then
   redis.call("EXPIRE", KEYS[1], ARGV[6])
 elseif state == "dead" and dead_ttl > 0 then

@@ -34,7 +34,9 @@ class Family:
 #: Fields of the record hash ``m:<id>``.
 RECORD_FIELDS = {
     "doc": "the Record as JSON (mailworker.record)",
-    "raw": "the MIME bytes, as sent",
+    "raw": "the MIME bytes, as sent (dropped once delivered)",
+    "zraw": "instead of raw: the MIME bytes compressed with zlib (large bodies; "
+            "mailworker.store.body)",
     "route": '"<queue> <relay>", read without parsing the document',
     "sending": '"<token> <time>" while a lease holder sends it (mark.lua)',
     "poison": "why the record was quarantined (unreadable or invalid)",

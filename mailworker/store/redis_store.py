@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from mailworker.record import MessageState, Record
+from mailworker.store.body import body_of, compact_json, pack
 from mailworker.store.keys import Keys
 from mailworker.store.relays import RelayState
 from mailworker.store.scripts import Call, Scripts
@@ -107,13 +108,15 @@ class Store:
         keys: list[str] = []
         args: list[Any] = []
         now = time.time()
+        packed: dict[int, tuple[str, bytes]] = {}  # the parts of a split message share bytes
         for record, raw in items:
             due = record.send_at if record.send_at and record.send_at > now else None
             rec_key = k.record(record.id)
             idem = k.idem(record.idempotency_key) if record.idempotency_key else rec_key
             keys += [rec_key, k.deferred if due else k.inflight, idem]
             idem_ttl = max(0.0, record.expires_at - now) + self.retention
-            args += [record.id, record.to_json(), raw, due or watchdog,
+            field, body = packed.get(id(raw)) or packed.setdefault(id(raw), pack(raw))
+            args += [record.id, compact_json(record), field, body, due or watchdog,
                      f"{record.queue} {record.relay}", int(min(idem_ttl, 2**31))]
         return [_str(v) for v in self.scripts.call("enqueue", keys, args)]
 
@@ -130,7 +133,8 @@ class Store:
             for mid in ids
         ]
         out: dict[str, Claim | Unreadable | str] = {}
-        for mid, (raw_status, doc, raw, sending) in zip(ids, self._run(calls), strict=True):
+        for mid, (raw_status, doc, raw, zraw, sending) in zip(ids, self._run(calls),
+                                                               strict=True):
             status = _str(raw_status)
             if status != "ok":
                 out[mid] = status
@@ -140,13 +144,16 @@ class Store:
                 record = Record.from_json(doc)
                 if record.id != mid:  # every key the holder builds comes from record.id
                     raise ValueError(f"the document's id {record.id!r} is not its key's")
+                body = body_of(raw, zraw)
             except Exception as exc:  # one bad record must never fail its batch-mates
                 out[mid] = Unreadable(mid, token, f"{type(exc).__name__}: {exc}"[:500])
                 continue
-            if raw is None:  # never send an empty message in its place
-                out[mid] = Unreadable(mid, token, "the record has no message bytes (raw)")
-                continue
-            out[mid] = Claim(record, bytes(raw), token, interrupted)
+            if body is None:
+                if record.state is not MessageState.DELIVERED:  # never send an empty message
+                    out[mid] = Unreadable(mid, token, "the record has no message bytes (raw)")
+                    continue
+                body = b""  # delivered: its body was dropped (commit.lua); nothing to send
+            out[mid] = Claim(record, body, token, interrupted)
         return out
 
     def quarantine_many(self, items: Sequence[tuple[str, str, str]]) -> list[bool]:
@@ -183,7 +190,10 @@ class Store:
         Returns False for a record whose lease was lost (it took longer than the lease):
         its outcome is not written, and the record's new owner decides. A delivered
         record expires after ``retention``, a dead one after ``dead_retention``; any
-        other state (a dead letter retried) lives until it finishes.
+        other state (a dead letter retried) lives until it finishes. A delivered record
+        keeps its document (status, history) but not its body: nothing sends or retries
+        it again, and the body was most of its memory (a dead letter keeps it, for
+        ``dlq retry`` and ``dlq show --raw``).
         """
         k, script = self.keys, self.scripts["commit"]
         calls: list[Call] = []
@@ -196,7 +206,7 @@ class Store:
                 script,
                 [k.record(rec.id), k.lease(rec.id), k.inflight, k.deferred, k.dead,
                  k.stats(rec.relay), k.sweeps],
-                [claim.token, rec.id, rec.to_json(), rec.state.value, score, self.retention,
+                [claim.token, rec.id, compact_json(rec), rec.state.value, score, self.retention,
                  self.dead_retention, *flat],
             ))
         return [bool(v) for v in self._run(calls)]
@@ -300,10 +310,10 @@ class Store:
         return out
 
     def raw(self, mid: str) -> bytes | None:
-        v = self.redis.hget(self.keys.record(mid), "raw")
-        if v is None:
-            return None
-        return v if isinstance(v, bytes) else str(v).encode()
+        """The message's MIME bytes as accepted (uncompressed); None when none are stored
+        (gone, or delivered: a delivered record keeps its document, not its body)."""
+        raw, zraw = self.redis.hmget(self.keys.record(mid), "raw", "zraw")
+        return body_of(raw, zraw)
 
     def document(self, mid: str) -> str | None:
         """The record's stored JSON document as text (undecodable bytes replaced), for an
