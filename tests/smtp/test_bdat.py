@@ -445,3 +445,21 @@ def test_relay_options_are_validated() -> None:
                 "chunking=maybe"):
         with pytest.raises(InvalidRelayError, match=bad.split("=")[0]):
             parse_relay("r", f"smtp://h?{bad}")
+
+
+def test_prepare_fast_checks_agree_with_the_plain_rules() -> None:
+    """Every body over a small alphabet of troublemakers, up to 7 bytes: the fast checks
+    in prepare() give exactly what the plain regex rules give."""
+    import itertools
+    import re
+
+    eol, dot = re.compile(rb"\r\n|\r|\n"), re.compile(rb"(?m)^\.")
+    for n in range(8):
+        for chars in itertools.product(b"a\r\n.", repeat=n):
+            raw = bytes(chars)
+            crlf = eol.sub(b"\r\n", raw)
+            if crlf and not crlf.endswith(b"\r\n"):
+                crlf += b"\r\n"
+            env = Envelope("s@example.test", ("r@example.test",), raw)
+            assert prepare(env, {}, chunking=True).content == crlf, raw
+            assert prepare(env, {}).content == dot.sub(b"..", crlf) + b".\r\n", raw
