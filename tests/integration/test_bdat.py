@@ -1,0 +1,88 @@
+"""BDAT pipelining end to end: a real worker, real Redis, and a relay (SMTPTestServer with
+CHUNKING) that drops the connection in the middle of a pipelined window.
+
+The fault: after reading the k-th ``BDAT ... LAST`` of the run, the server records that
+message (unacknowledged) and closes the connection without a reply. At that moment the
+client has up to ``pipeline_window`` transactions in flight: the earlier ones' final
+replies were written (and may or may not have been read before the close), the k-th got
+none, and the later ones were never read by the server. What must hold:
+
+* nothing is lost: every message ends up delivered;
+* no message reaches the relay more often than ``1 + (1 if flagged possible_duplicate)``;
+* the flagged ones are exactly those in flight whose final reply was not read: the k-th
+  is flagged, every unflagged message reached the relay exactly once, and the flagged
+  ones are no more than one window and were all sent on the dropped connection.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import mailworker
+from mailworker.config import load_settings
+from mailworker.runtime import configure, reset_runtime
+from mailworker.store import MessageState
+from mailworker.testing import Fault, SMTPTestServer
+from tests.conftest import WorkerProcess
+from tests.integration.conftest import Env
+
+pytestmark = pytest.mark.integration
+
+WINDOW = 8
+
+
+@pytest.fixture
+def chunking_mw(mw_env: dict[str, str]) -> Iterator[Env]:
+    """Like the ``mw`` fixture, with a relay that offers CHUNKING (and PIPELINING)."""
+    server = SMTPTestServer(chunking=True)
+    server.start()
+    mw_env["MAILWORKER_RELAY_DEFAULT"] = server.dsn(pipeline_window=WINDOW)
+    settings = load_settings(environ=mw_env)
+    rt = configure(settings)
+    try:
+        yield Env(server, mw_env, settings, rt.store)
+    finally:
+        server.stop()
+        rt.pools.close_all()
+        reset_runtime()
+
+
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_a_connection_dropped_mid_window_loses_nothing_and_flags_the_unread(
+        chunking_mw: Env, start_worker: Callable[..., WorkerProcess], k: int) -> None:
+    mw = chunking_mw
+    mw.server.add_fault(Fault.drop_after_dot(nth=k, times=1))
+    ids = mailworker.send_many([{"to": f"user{i}@example.com", "subject": f"s{i}",
+                                 "text": f"message {i}\n" * 50} for i in range(40)])
+    start_worker()
+    records = mw.final(ids, timeout=90)
+
+    assert all(r.state is MessageState.DELIVERED for r in records), \
+        [(r.id, r.state) for r in records if r.state is not MessageState.DELIVERED]
+    (dropped_conn,) = [c for c, f in mw.server.faults_triggered
+                       if f.kind == "drop_after_dot"]
+    messages = mw.server.messages
+    copies = Counter(m.message_id for m in messages)
+    acked = mw.server.deliveries()
+    on_dropped = {m.message_id for m in messages if m.connection_id == dropped_conn}
+    (unanswered,) = [m.message_id for m in messages if not m.acknowledged]
+    flagged = {r.message_id for r in records if r.possible_duplicate}
+
+    assert any("BDAT" in line for _, line in mw.server.commands), "the worker used BDAT"
+    for rec in records:
+        mid = rec.message_id
+        assert acked[(mid, rec.recipients[0].address)] >= 1, f"{mid} was never delivered"
+        assert copies[mid] <= 1 + (1 if rec.possible_duplicate else 0), (
+            f"{mid}: {copies[mid]} copies, possible_duplicate={rec.possible_duplicate}")
+        if not rec.possible_duplicate:
+            assert copies[mid] == 1
+    assert unanswered in flagged, "the message whose reply never came is flagged"
+    assert len(flagged) <= WINDOW, "only transactions in flight can be flagged"
+    # A flagged message was in flight on the dropped connection: either the server read
+    # it there (its reply lost with the connection) or it never got to read it, and the
+    # only copy is the retry's.
+    for mid in flagged:
+        assert mid in on_dropped or copies[mid] == 1, mid
