@@ -16,6 +16,9 @@ from email.parser import BytesHeaderParser
 __all__ = ["ReceivedMessage", "Recorder", "address_in", "command_line", "message_id_of"]
 
 _ANGLE_ADDRESS = re.compile(r"<([^>]*)>")
+#: A Message-ID header on one line (not followed by a folded continuation line).
+_MESSAGE_ID = re.compile(rb"(?im)^message-id:([^\r\n]*)\r?\n(?![ \t])")
+_MAYBE_MESSAGE_ID = re.compile(rb"(?i)message-id")
 
 
 @dataclass(frozen=True)
@@ -42,11 +45,22 @@ class ReceivedMessage:
 
 
 def message_id_of(data: bytes) -> str | None:
-    """The Message-ID header value of raw message bytes, or None; parses the headers only."""
+    """The Message-ID header value of raw message bytes, or None; parses the headers only.
+
+    The common case (one unfolded ASCII line) is found with a regular expression, about
+    20 times cheaper than the email parser, which a pipelining benchmark would otherwise
+    pay per message on the server's side of the machine; anything else goes to the parser.
+    """
     end = data.find(b"\r\n\r\n")
     if end < 0:
         end = data.find(b"\n\n")
     head = data if end < 0 else data[: end + 2]
+    found = _MESSAGE_ID.search(head)
+    if found is None and not _MAYBE_MESSAGE_ID.search(head):
+        return None
+    if found is not None and found.group(1).isascii() and \
+            _MESSAGE_ID.search(head, found.end()) is None:
+        return found.group(1).strip().decode()
     value = BytesHeaderParser().parsebytes(head).get("Message-ID")
     return None if value is None else str(value).strip()
 

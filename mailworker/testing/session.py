@@ -543,7 +543,7 @@ class FaultySMTP(SMTP):
     async def on_dot(self) -> str:
         """Decide the reply after the final dot, recording the message before replying."""
         faults, cid = self._cfg.faults, self._conn_id
-        subjects = self._subjects("DOT", None)
+        subjects = self._subjects("DOT", None) if faults.active else ()  # parses a header
         if (delay := faults.take("delay", "DOT", subjects, cid)) is not None:
             await asyncio.sleep(delay.seconds)
         if (fault := faults.take("disconnect", "DOT", subjects, cid)) is not None:

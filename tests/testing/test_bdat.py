@@ -347,3 +347,24 @@ def test_nth_lets_the_first_matches_pass() -> None:
         Fault.drop_after_dot(nth=0)
     with pytest.raises(ValueError, match="4xx or 5xx"):
         Fault.reply("BDAT", 250, "fine")
+
+
+@pytest.mark.parametrize("data", [
+    b"Message-ID: <a@b>\r\n\r\nx", b"message-id:<a@b>  \r\nSubject: x\r\n\r\n",
+    b"Subject: x\r\n\r\nMessage-ID: <in-body>\r\n", b"Message-ID:\r\n <folded@x>\r\n\r\n",
+    b"X-Message-ID: <x>\r\nMessage-ID: <y>\r\n\r\n", b"Message-ID: <a@b>\n\nbody", b"",
+    b"Message-ID: <a@b>", b"Message-ID: <one>\r\nMessage-ID: <two>\r\n\r\n",
+    b"Message-ID: <\xc3\xa9@x>\r\n\r\n", b"Subject: Message-ID\r\n\r\n",
+    b"Message-ID: <a@b>\r\n\tcomment\r\n\r\n", b"From: a\r\n  Message-ID: <x>\r\n\r\n",
+])
+def test_message_id_of_agrees_with_the_email_parser(data: bytes) -> None:
+    """The server reads each message's Message-ID with a regular expression when it can
+    (the email parser costs more than the rest of a small message's handling)."""
+    from email.parser import BytesHeaderParser
+
+    from mailworker.testing.records import message_id_of
+
+    end = data.find(b"\r\n\r\n") if b"\r\n\r\n" in data else data.find(b"\n\n")
+    value = BytesHeaderParser().parsebytes(data if end < 0 else data[:end + 2]).get(
+        "Message-ID")
+    assert message_id_of(data) == (None if value is None else str(value).strip())
