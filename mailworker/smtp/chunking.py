@@ -42,8 +42,10 @@ unless a refusal read earlier already decided it (MAIL refused, or every RCPT re
 it keeps that refusal. The transaction a 421 answered (to MAIL or a RCPT) gets the 421,
 as on the DATA path. Transactions never written are
 :class:`~mailworker.smtp.errors.NotAttempted`. A failed write is judged conservatively:
-it may have carried any part of its bytes, so every transaction in that write is
-uncertain, as are those written before it.
+it may have carried any part of its bytes, so every transaction in that write counts as
+written. After a failed write nothing more is written, but the replies the server sent
+before it went away are still read, in order, until the connection gives out: the
+transactions they answer are decided by them, the rest in flight are uncertain.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import smtplib
 from collections import deque
 from collections.abc import Callable
 
-from mailworker.smtp.errors import DeliveryUncertain, Stage
+from mailworker.smtp.errors import DeliveryUncertain, ReplyTimeout, Stage
 from mailworker.smtp.pipeline import Reply, Session, Wire, _Abort, _not_attempted, _Txn
 from mailworker.smtp.replylog import ReplyLog
 
@@ -79,9 +81,10 @@ class ChunkingSession(Session):
     def _pipelined(self, todo: deque[_Txn]) -> None:
         inflight = self._inflight
         inflight.clear()
+        broken: smtplib.SMTPServerDisconnected | None = None  # a write failed
         while True:
             parts: list[bytes] = []
-            while len(inflight) < self.window:
+            while broken is None and len(inflight) < self.window:
                 cur = self._cur = self._next(todo)  # asks the gate
                 if cur is None:
                     break
@@ -96,12 +99,34 @@ class ChunkingSession(Session):
             if parts:
                 # A write is bounded by the oldest deadline in flight: its reply waits on it.
                 self.wire.set_deadline(inflight[0].deadline, self._deadline_label)
-                started = self._write(b"".join(parts), None, None, stage=Stage.AFTER_DOT)
-                for t in inflight:
-                    t.sent_at = t.sent_at or started
+                broken = self._send(b"".join(parts))
             if not inflight:
+                if broken is not None:
+                    raise _Abort(broken, Stage.AFTER_DOT, None)
                 return
             self._replies(inflight[0], todo)
+
+    def _send(self, data: bytes) -> smtplib.SMTPServerDisconnected | None:
+        """Write; a failed write is returned, not raised, unless it timed out.
+
+        The server may have answered earlier transactions before it went away: their
+        replies are still to be read (in order, until the connection says no more), so
+        they are decided by what the server said rather than all left uncertain. A write
+        that timed out (the server stopped reading) closes the connection at once.
+        """
+        started = self.clock()
+        try:
+            self.wire.write(data, keep_open=True)
+        except ReplyTimeout as err:
+            raise _Abort(err, Stage.AFTER_DOT, None) from err
+        except (OSError, smtplib.SMTPServerDisconnected) as err:
+            if isinstance(err, smtplib.SMTPServerDisconnected):
+                return err
+            return smtplib.SMTPServerDisconnected(f"write failed: {err}")
+        finally:
+            for t in self._inflight:
+                t.sent_at = t.sent_at or started
+        return None
 
     def _replies(self, t: _Txn, todo: deque[_Txn]) -> None:
         """Read one transaction's replies, in order, and settle its envelope."""

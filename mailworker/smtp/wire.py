@@ -138,8 +138,12 @@ class ReplyWire:
             self.sock.settimeout(wait)
             self._timeout_now = wait
 
-    def write(self, data: bytes) -> None:
-        """Send *data* within the same bound as a reply; close the connection if not."""
+    def write(self, data: bytes, *, keep_open: bool = False) -> None:
+        """Send *data* within the same bound as a reply; close the connection if not.
+
+        *keep_open*: after a failed send (not a timeout) leave the socket open, so that
+        replies the server sent before it went away can still be read (BDAT pipelining).
+        """
         if self.sock is None:
             raise smtplib.SMTPServerDisconnected("not connected")
         self._sent_at = now = self.clock()
@@ -158,7 +162,8 @@ class ReplyWire:
             raise ReplyTimeout(f"could not write {self._last_cmd} within {self._bound(limit)}; "
                                "the server stopped reading") from err
         except OSError as err:
-            self.close()
+            if not keep_open:
+                self.close()
             raise smtplib.SMTPServerDisconnected(f"write failed: {err}") from err
 
     def read_reply(self, command: str | None = None) -> tuple[int, bytes]:

@@ -463,3 +463,44 @@ def test_prepare_fast_checks_agree_with_the_plain_rules() -> None:
             env = Envelope("s@example.test", ("r@example.test",), raw)
             assert prepare(env, {}, chunking=True).content == crlf, raw
             assert prepare(env, {}).content == dot.sub(b"..", crlf) + b".\r\n", raw
+
+
+# -- against the test server (mailworker.testing, BDAT and its faults) -----------------------
+
+def test_test_server_receives_bdat_byte_exact(make_server: Any) -> None:
+    from .helpers import relay_for
+
+    server = make_server(chunking=True)
+    envs = [envelope(i, body=body(i)) for i in range(30)]
+    conn = Connection(relay_for(server, pipeline_window=5))
+    conn.open()
+    try:
+        entries = conn.send_many(envs)
+    finally:
+        conn.close()
+    assert all(kind(e) == "ok" for e in entries)
+    assert [m.data for m in server.messages] == [e.data for e in envs]
+    assert sum(c.startswith("BDAT") for _, c in server.commands) == 30
+
+
+def test_replies_sent_before_a_drop_are_read_after_a_failed_write(make_server: Any) -> None:
+    """The server answers 0-3, then hangs up after reading 4's content: the client's next
+    write fails, but the replies already sent still decide 0-3; only what was in flight
+    from 4 on is uncertain, at most a window of it."""
+    from mailworker.testing import Fault
+
+    from .helpers import relay_for
+
+    server = make_server(chunking=True)
+    server.add_fault(Fault.drop_after_dot(nth=5, times=1))
+    envs = [envelope(i, body=b"body line\r\n" * 300) for i in range(40)]
+    conn = Connection(relay_for(server, pipeline_window=8))
+    conn.open()
+    entries = conn.send_many(envs)
+    kinds = [kind(e) for e in entries]
+    assert kinds[:5] == ["ok"] * 4 + ["uncertain"]
+    uncertain = kinds.count("uncertain")
+    assert uncertain <= 8
+    assert kinds[4:] == ["uncertain"] * uncertain + ["not-attempted"] * (36 - uncertain)
+    acknowledged = [m.message_id for m in server.messages if m.acknowledged]
+    assert acknowledged == [f"<m{i}@example.test>" for i in range(4)]
