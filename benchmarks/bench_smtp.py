@@ -90,7 +90,7 @@ TARGETS: list[tuple[int, int | None, str, str, float]] = [
     (10, 5, "mw batch", "smtplib reused", 6.0),
     (10, None, "mw batch", "smtplib new", 6.0),
     (0, None, "mw batch", "smtplib reused", 1.5),
-    (10, 1, "mw bdat", "mw batch", 2.5),
+    (10, None, "mw bdat", "mw batch", 2.5),
 ]
 BDAT_TARGET = 250.0  # msg/s on one connection at 10 ms, 1 recipient, 2 KB (issue 12)
 

@@ -84,7 +84,9 @@ class ChunkingSession(Session):
         broken: smtplib.SMTPServerDisconnected | None = None  # a write failed
         while True:
             parts: list[bytes] = []
-            while broken is None and len(inflight) < self.window:
+            # Refill once the replies already received are read: one write for many.
+            while broken is None and len(inflight) < self.window and not (
+                    inflight and self.wire.buffered()):
                 cur = self._cur = self._next(todo)  # asks the gate
                 if cur is None:
                     break

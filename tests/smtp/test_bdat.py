@@ -358,8 +358,12 @@ def test_421_mid_window(bdat_server: Any) -> None:
     entries, conn = send(server, [envelope(i) for i in range(8)], pipeline_window=4)
     kinds = [kind(e) for e in entries]
     assert kinds[:3] == ["ok", "ok", "mail 421"]
-    # 3 and (after reading 0 and 1) 4 and 5 were written with no final reply read
-    assert kinds[3:] == ["uncertain"] * 3 + ["not-attempted"] * 2
+    # 3 was written with 0-2 and never answered; 4 and 5 may have been written after 0 and
+    # 1 were read (the client refills once it has read what already arrived), 6 and 7 not
+    uncertain = kinds.count("uncertain")
+    assert 1 <= uncertain <= 3
+    assert kinds[3:] == ["uncertain"] * uncertain + ["not-attempted"] * (5 - uncertain)
+    assert len(server.txns) == 3 + uncertain
     assert conn.is_closed
 
 
