@@ -10,8 +10,10 @@ none, and the later ones were never read by the server. What must hold:
 * nothing is lost: every message ends up delivered;
 * no message reaches the relay more often than ``1 + (1 if flagged possible_duplicate)``;
 * the flagged ones are exactly those in flight whose final reply was not read: the k-th
-  is flagged, every unflagged message reached the relay exactly once, and the flagged
-  ones are no more than one window and were all sent on the dropped connection.
+  is flagged; the others flagged (at most a window) were never read by the server, so
+  their one copy is the retry's; a message the server answered on the dropped connection
+  before hanging up is not flagged (its reply was sent, and the client reads it); every
+  unflagged message reached the relay exactly once.
 """
 
 from __future__ import annotations
@@ -81,8 +83,8 @@ def test_a_connection_dropped_mid_window_loses_nothing_and_flags_the_unread(
             assert copies[mid] == 1
     assert unanswered in flagged, "the message whose reply never came is flagged"
     assert len(flagged) <= WINDOW, "only transactions in flight can be flagged"
-    # A flagged message was in flight on the dropped connection: either the server read
-    # it there (its reply lost with the connection) or it never got to read it, and the
-    # only copy is the retry's.
-    for mid in flagged:
-        assert mid in on_dropped or copies[mid] == 1, mid
+    # Every other flagged message was in flight and never read by the server: its only
+    # copy is the retry's. A message the server answered before it hung up is not flagged
+    # (the client reads the replies that arrived before the connection went away).
+    for mid in flagged - {unanswered}:
+        assert mid not in on_dropped and copies[mid] == 1, mid
