@@ -138,6 +138,8 @@ class Deliverer:
         self._report = PassReport()
         self._held = HeldLeases(store, [], settings.lease_seconds, 0.0)
         self._paused_until: tuple[float, str] | None = None
+        # "sending" marks made ahead, riding in an earlier round trip: id -> usable
+        self._premarked: dict[str, bool] = {}
         self.window = Window(store, self.policy.probe_interval)
         self.groups = Groups(settings, store, clock)
         # Connections only inside the relay's fleet window; one FleetSlots per pools.
@@ -213,6 +215,7 @@ class Deliverer:
         report.claimed = sum(len(v) for v in ready.values())
 
         self._effects = []
+        self._premarked = {}
         self._claimed_at = now
         held = self._held = HeldLeases(self.store, [c for g in ready.values() for c in g],
                                        s.lease_seconds, leased_at)
@@ -246,15 +249,22 @@ class Deliverer:
                 out[self.groups.pick(name, health)].append(c)
         return out
 
-    def _save(self, saves: Sequence[tuple[Claim, Step]]) -> None:
-        """Commit outcomes (one round trip), then relay effects, then announce them."""
+    def _save(self, saves: Sequence[tuple[Claim, Step]], premark: Sequence[Claim] = ()
+              ) -> None:
+        """Commit outcomes, the relays' window and rate feedback, and the "sending" marks
+        of *premark* (the next chunk's first window) in one round trip; then the other
+        relay effects; then announce the outcomes."""
         if not saves:
             return
         report = self._report
         # Decided: the heartbeat stops renewing them (the commit ends their leases).
         self._held.release([c.record.id for c, _ in saves])
-        ok = self.store.commit_many((c, st.score, st.counters) for c, st in saves)
-        self._apply_relay_effects()
+        riders = [self.window.feedback_rider(e.relay, e.feedback, e.accepted)
+                  for e in self._effects if e.feedback is not None]
+        if premark:
+            riders.append(self._held.mark_rider(premark, self._premarked))
+        ok = self.store.commit_many(((c, st.score, st.counters) for c, st in saves), riders)
+        self._apply_relay_effects(fed=True)
         for (claim, step), saved in zip(saves, ok, strict=True):
             if not saved:
                 report.lost_leases += 1
@@ -287,25 +297,29 @@ class Deliverer:
             # (an operator fixes config) rather than fail it.
             hold = self.policy.unknown_relay(str(exc))
             return [(c, apply_hold(c.record, now, hold)) for c in group]
-        paused = self.store.relay_pause(relay_name)
-        if paused:
-            reason, left = paused
-            hold = self.policy.hold(f"relay paused: {reason}", left)
-            return [(c, apply_hold(c.record, now, hold)) for c in group]
         return self._deliver_limited(relay, group, task_id, held)
 
     def _deliver_limited(
         self, relay: Relay, group: list[Claim], task_id: str | None, held: HeldLeases
     ) -> list[tuple[Claim, Step]]:
-        """Deliver under the relay's fleet-wide rate; hold what it does not allow yet.
+        """Deliver under the relay's pause and fleet-wide rate; hold what they do not
+        allow yet.
 
-        One Redis round trip per batch asks the relay's token bucket (at the learned rate,
-        capped by ``fleet_rate``; nothing is limited while no rate is in force). The
-        connection limit is the pools' (:class:`~mailworker.fleet.FleetSlots`): a new
-        connection opens only in a slot of the relay's window, and a kept one keeps it.
+        One Redis round trip per batch reads the relay's pause and asks its token bucket
+        (at the learned rate, capped by ``fleet_rate``; nothing is limited while no rate
+        is in force), and marks the first window as being sent: what is then held has its
+        mark cleared by its commit. The connection limit is the pools'
+        (:class:`~mailworker.fleet.FleetSlots`): a new connection opens only in a slot of
+        the relay's window, and a kept one keeps it.
         """
+        admission = self.window.admit(relay, len(group), [held.mark_rider(
+            group[:MARK_WINDOW], self._premarked)])
         now = self.clock()
-        granted, wait, rate = self.window.take_rate(relay, len(group))
+        if admission.paused:
+            reason, left = admission.paused
+            hold = self.policy.hold(f"relay paused: {reason}", left)
+            return [(c, apply_hold(c.record, now, hold)) for c in group]
+        granted, wait, rate = admission.granted, admission.wait, admission.rate
         if granted == 0:
             hold = self.policy.fleet_hold(wait=wait, rng=self.rng)
             return [(c, apply_hold(c.record, now, hold)) for c in group]
@@ -361,9 +375,12 @@ class Deliverer:
                         break
                 held.release([c.record.id for c in claims])
                 # Saved chunk by chunk: a worker killed mid-batch re-sends at most the
-                # chunk it was in, and those are exactly the records it had marked.
+                # chunk it was in, and those are exactly the records it had marked. The
+                # next chunk's first window is marked in the same round trip.
                 pairs = self._decide(relay, claims, results, started, task_id)
-                self._save(pairs)
+                nxt = group[i + CHUNK:i + CHUNK + MARK_WINDOW]
+                self._save(pairs, premark=nxt if self._paused_until is None
+                           and not self._budget_spent() else ())
                 paused = self._paused_until
                 if paused is not None:  # host-level trouble: the rest waits with the relay
                     until, reason = paused
@@ -480,6 +497,7 @@ class Deliverer:
         messages, one round trip renews their leases and marks them as being sent.
         """
         marked: dict[int, bool] = {}
+        premarked = self._premarked
 
         def gate(i: int) -> bool:
             j = offset + i
@@ -487,17 +505,23 @@ class Deliverer:
                 return False
             if j not in marked:
                 window = group[j:j + MARK_WINDOW]
-                marked.update(zip(range(j, j + len(window)), held.mark(window), strict=True))
+                ids = [c.record.id for c in window]
+                if all(mid in premarked for mid in ids):  # marked in an earlier round trip
+                    ok = [premarked.pop(mid) for mid in ids]
+                else:
+                    ok = held.mark(window)
+                marked.update(zip(range(j, j + len(window)), ok, strict=True))
             return marked[j] and held.usable(group[j].record.id)
 
         return gate
 
-    def _apply_relay_effects(self) -> None:
-        """Relay pauses and failure counters, after the outcomes are safely saved."""
+    def _apply_relay_effects(self, fed: bool = False) -> None:
+        """Relay pauses and failure counters, after the outcomes are safely saved (and the
+        window and rate feedback, unless it rode with the commit: *fed*)."""
         for effect in self._effects:
             try:
                 decision = effect.pause
-                if effect.feedback is not None:
+                if effect.feedback is not None and not fed:
                     self.window.feedback(effect.relay, effect.feedback, effect.accepted)
                 if decision is None:
                     continue

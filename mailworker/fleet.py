@@ -35,6 +35,7 @@ import os
 import threading
 import uuid
 import weakref
+from collections.abc import Sequence
 
 import structlog
 
@@ -42,7 +43,8 @@ from mailworker.leases import HeldLeases, heartbeat
 from mailworker.relay import Relay
 from mailworker.smtp import PoolManager
 from mailworker.store import Store
-from mailworker.store.relays import Feedback
+from mailworker.store.relays import Admission, Feedback, feedback_of
+from mailworker.store.scripts import Rider
 
 __all__ = ["ASSUMED_WORKERS", "INITIAL_WINDOW", "RATE_FLOOR", "REGROW_AFTER", "FleetSlots",
            "Window", "ceiling_of", "install"]
@@ -86,6 +88,24 @@ class Window:
             relay.name, kind, accepted=accepted, ceiling=ceiling_of(relay),
             initial=INITIAL_WINDOW, regrow_after=REGROW_AFTER, rate_ceiling=relay.fleet_rate,
             rate_floor=RATE_FLOOR, probe_interval=self.probe_interval)
+        self._log(relay, kind, fb)
+        return fb
+
+    def feedback_rider(self, relay: Relay, kind: str, accepted: int = 0) -> Rider:
+        """:meth:`feedback` riding in another round trip (the chunk's commit): the window
+        and rate learn it after the outcomes are saved, at no round trip of its own."""
+        call = self.store.relays.feedback_call(
+            relay.name, kind, accepted=accepted, ceiling=ceiling_of(relay),
+            initial=INITIAL_WINDOW, regrow_after=REGROW_AFTER, rate_ceiling=relay.fleet_rate,
+            rate_floor=RATE_FLOOR, probe_interval=self.probe_interval)
+        return [call], lambda results: self._log(relay, kind, feedback_of(results[0]))
+
+    def admit(self, relay: Relay, wanted: int, riders: Sequence[Rider] = ()) -> Admission:
+        """The relay's pause, or up to *wanted* messages of its fleet rate, in one round
+        trip with *riders* (see :meth:`RelayState.admit`)."""
+        return self.store.relays.admit(relay.name, wanted, relay.fleet_rate, riders)
+
+    def _log(self, relay: Relay, kind: str, fb: Feedback) -> None:
         if math.floor(fb.old_size) != math.floor(fb.size):
             log.info("relay.window", relay=relay.name, old=math.floor(fb.old_size),
                      new=math.floor(fb.size), signal=kind, streak=fb.streak,
@@ -97,7 +117,6 @@ class Window:
                      old=None if fb.old_rate is None else round(fb.old_rate, 2),
                      new=None if fb.rate is None else round(fb.rate, 2),
                      ceiling=relay.fleet_rate)
-        return fb
 
     def take_rate(self, relay: Relay, wanted: int) -> tuple[int, float, float | None]:
         """Up to *wanted* messages of the relay's fleet rate: (granted, wait, rate)."""

@@ -16,10 +16,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 
 from mailworker.store import Claim, Store
+from mailworker.store.scripts import Rider
 
 __all__ = ["Heartbeat", "HeldLeases", "heartbeat"]
 
@@ -74,6 +76,21 @@ class HeldLeases:
         ok = self.store.mark_sending(claims, self.lease)
         self._settle(claims, ok, sent)
         return [self.usable(c.record.id) for c in claims]
+
+    def mark_rider(self, claims: Sequence[Claim], into: dict[str, bool]) -> Rider:
+        """:meth:`mark` riding in another round trip (the batch's rate check, the previous
+        chunk's commit), so that a window starting a chunk costs no round trip of its own.
+        Its results (usable or not, per id) land in *into* once Redis has answered,
+        which is before the caller goes on to the window's first MAIL FROM; nothing lands
+        if that round trip fails, and the gate then marks the window itself."""
+        sent = self.clock()
+        calls, decode = self.store.mark_calls(claims, self.lease, time.time())
+
+        def done(results: list[Any]) -> None:
+            self._settle(claims, decode(results), sent)
+            into.update((c.record.id, self.usable(c.record.id)) for c in claims)
+
+        return calls, done
 
     def release(self, ids: Sequence[str]) -> None:
         """Stop renewing *ids* (their outcome is decided; the commit ends the lease)."""

@@ -1,35 +1,48 @@
--- Take the lease on a record; only the lease holder may talk SMTP for it.
--- KEYS: 1 record, 2 lease, 3 inflight, 4 dead
+-- Take the leases on a batch of records; only a lease holder may talk SMTP for its record.
+-- KEYS: 1 inflight, 2 dead, then per record 2 keys: record, lease
 -- ARGV: 1 token, 2 lease ttl ms, 3 watchdog score (when the sweeper should look again),
---       4 id, 5 now
--- Returns {status, doc, raw, zraw, sending}: status is "ok", "missing", "quarantined" or
--- "locked"; the body is in raw or, compressed, in zraw (mailworker.store.body); sending is
+--       4 now, then per record its id
+-- Returns per record 5 values {status, doc, raw, zraw, sending}: status is "ok",
+-- "missing", "wrongtype", "quarantined" or "locked"; the body is in raw or, compressed,
+-- in zraw (mailworker.store.body); sending is
 -- "<token> <time>" left by an earlier holder that started a transaction window with this
 -- record and never saved an outcome (it died mid-send), or false: a retry after such a
 -- death may duplicate, and is flagged. Claiming does not mark the record as sending: the
 -- holder does that just before the record's transaction window (mark.lua), so a worker
 -- killed with a batch in hand flags only the records it may really have sent.
-if redis.call("EXISTS", KEYS[1]) == 0 then
-  redis.call("ZREM", KEYS[3], ARGV[4])
-  return {"missing", false, false, false, false}
+-- One call for the batch, three commands per record on the common path (read, lease,
+-- watchdog): one HMGET answers whether the record exists, is a hash and is set aside.
+local out = {}
+local function put(status, v)
+  if v then
+    out[#out + 1], out[#out + 2], out[#out + 3] = status, v[1], v[2]
+    out[#out + 1], out[#out + 2] = v[3], v[4]
+  else
+    out[#out + 1], out[#out + 2], out[#out + 3] = status, false, false
+    out[#out + 1], out[#out + 2] = false, false
+  end
 end
-if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then
-  -- Not a record at all (overwritten by hand or by another program): into the dead
-  -- letters by id, so it is seen and purged, never woken again.
-  redis.call("ZREM", KEYS[3], ARGV[4])
-  redis.call("ZADD", KEYS[4], ARGV[5], ARGV[4])
-  return {"wrongtype", false, false, false, false}
+for i = 5, #ARGV do
+  local id, rec, lease = ARGV[i], KEYS[(i - 4) * 2 + 1], KEYS[(i - 4) * 2 + 2]
+  local v = redis.pcall("HMGET", rec, "doc", "raw", "zraw", "sending", "poison")
+  if v["err"] then
+    -- Not a record at all (overwritten by hand or by another program): into the dead
+    -- letters by id, so it is seen and purged, never woken again.
+    redis.call("ZREM", KEYS[1], id)
+    redis.call("ZADD", KEYS[2], ARGV[4], id)
+    put("wrongtype")
+  elseif v[5] then
+    -- Set aside (quarantine.lua): only an operator's `dlq retry` re-admits it.
+    redis.call("ZREM", KEYS[1], id)
+    put("quarantined")
+  elseif not (v[1] or v[2] or v[3] or v[4]) and redis.call("EXISTS", rec) == 0 then
+    redis.call("ZREM", KEYS[1], id)
+    put("missing")
+  elseif not redis.call("SET", lease, ARGV[1], "NX", "PX", ARGV[2]) then
+    put("locked")
+  else
+    redis.call("ZADD", KEYS[1], "XX", ARGV[3], id)
+    put("ok", v)
+  end
 end
-if redis.call("HEXISTS", KEYS[1], "poison") == 1 then
-  -- Set aside (quarantine.lua): only an operator's `dlq retry` re-admits it.
-  redis.call("ZREM", KEYS[3], ARGV[4])
-  return {"quarantined", false, false, false, false}
-end
-if not redis.call("SET", KEYS[2], ARGV[1], "NX", "PX", ARGV[2]) then
-  return {"locked", false, false, false, false}
-end
-if redis.call("ZSCORE", KEYS[3], ARGV[4]) then
-  redis.call("ZADD", KEYS[3], ARGV[3], ARGV[4])
-end
-local v = redis.call("HMGET", KEYS[1], "doc", "raw", "zraw", "sending")
-return {"ok", v[1], v[2], v[3], v[4]}
+return out

@@ -16,9 +16,14 @@ if lease ~= ARGV[1] then
 end
 local id, state, score = ARGV[2], ARGV[4], ARGV[5]
 redis.call("HSET", KEYS[1], "doc", ARGV[3])
-redis.call("HDEL", KEYS[1], "sending")
-redis.call("ZREM", KEYS[3], id)
-redis.call("ZREM", KEYS[4], id)
+if state == "delivered" then
+  redis.call("HDEL", KEYS[1], "sending", "raw", "zraw")
+else
+  redis.call("HDEL", KEYS[1], "sending")
+end
+-- Out of the sets it leaves (the ZADD below moves it within the one it stays in).
+if state ~= "queued" then redis.call("ZREM", KEYS[3], id) end
+if state ~= "deferred" then redis.call("ZREM", KEYS[4], id) end
 redis.call("HDEL", KEYS[7], id)
 if state == "deferred" then
   redis.call("ZADD", KEYS[4], score, id)
@@ -31,9 +36,6 @@ if state ~= "dead" then
   redis.call("ZREM", KEYS[5], id)
 end
 local dead_ttl = tonumber(ARGV[7])
-if state == "delivered" then
-  redis.call("HDEL", KEYS[1], "raw", "zraw")
-end
 if state == "delivered" and tonumber(ARGV[6]) > 0 then
   redis.call("EXPIRE", KEYS[1], ARGV[6])
 elseif state == "dead" and dead_ttl > 0 then

@@ -10,7 +10,7 @@ limits) is :class:`mailworker.store.relays.RelayState`, reached as ``store.relay
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from mailworker.record import MessageState, Record
 from mailworker.store.body import body_of, compact_json, pack
 from mailworker.store.keys import Keys
 from mailworker.store.relays import RelayState
-from mailworker.store.scripts import Call, Scripts
+from mailworker.store.scripts import Call, Rider, Scripts
 from mailworker.store.scripts import to_str as _str
 
 __all__ = ["DEAD_RETENTION", "Claim", "Store", "Unreadable"]
@@ -126,15 +126,21 @@ class Store:
     ) -> dict[str, Claim | Unreadable | str]:
         """Take leases on *ids*; each maps to a :class:`Claim`, an :class:`Unreadable`
         (leased, but its document cannot be parsed) or "missing"/"locked"."""
-        k, script, now = self.keys, self.scripts["claim"], time.time()
-        calls: list[Call] = [
-            (script, [k.record(mid), k.lease(mid), k.inflight, k.dead],
-             [token, int(lease_seconds * 1000), watchdog, mid, now])
-            for mid in ids
-        ]
+        k = self.keys
         out: dict[str, Claim | Unreadable | str] = {}
-        for mid, (raw_status, doc, raw, zraw, sending) in zip(ids, self._run(calls),
-                                                               strict=True):
+        if not ids:
+            return out
+        # One script call per 500 ids (a batch is 50), all in one round trip: a script
+        # run per record cost Redis more than the claims themselves.
+        script, now, ms = self.scripts["claim"], time.time(), int(lease_seconds * 1000)
+        calls: list[Call] = [
+            (script, [k.inflight, k.dead, *(key for mid in part
+                                            for key in (k.record(mid), k.lease(mid)))],
+             [token, ms, watchdog, now, *part])
+            for part in (ids[i:i + 500] for i in range(0, len(ids), 500))]
+        flat = [v for result in self._run(calls) for v in result]
+        rows = [flat[i:i + 5] for i in range(0, len(flat), 5)]
+        for mid, (raw_status, doc, raw, zraw, sending) in zip(ids, rows, strict=True):
             status = _str(raw_status)
             if status != "ok":
                 out[mid] = status
@@ -183,7 +189,8 @@ class Store:
             (script, [k.record(mid), k.inflight, k.dead], [mid, watchdog]) for mid in ids])]
 
     def commit_many(
-        self, items: Iterable[tuple[Claim, float, dict[str, int]]]
+        self, items: Iterable[tuple[Claim, float, dict[str, int]]],
+        riders: Sequence[Rider] = (),
     ) -> list[bool]:
         """Save each claimed record in its new state; place it by *score*.
 
@@ -194,6 +201,9 @@ class Store:
         keeps its document (status, history) but not its body: nothing sends or retries
         it again, and the body was most of its memory (a dead letter keeps it, for
         ``dlq retry`` and ``dlq show --raw``).
+
+        *riders* (fleet feedback, the next window's "sending" marks) go in the same round
+        trip, after the commits.
         """
         k, script = self.keys, self.scripts["commit"]
         calls: list[Call] = []
@@ -209,7 +219,7 @@ class Store:
                 [claim.token, rec.id, compact_json(rec), rec.state.value, score, self.retention,
                  self.dead_retention, *flat],
             ))
-        return [bool(v) for v in self._run(calls)]
+        return [bool(v) for v in self.scripts.run_with(calls, riders)]
 
     def renew_many(self, claims: Sequence[Claim], lease_seconds: float) -> list[bool]:
         """Extend our leases, one script call per token; False for each one lost."""
@@ -225,6 +235,13 @@ class Store:
                    now: float | str) -> list[bool]:
         """mark.lua once per lease token (one round trip in all): renew, and mark as being
         sent unless *now* is ""."""
+        calls, decode = self.mark_calls(claims, lease_seconds, now)
+        return decode(self._run(calls))
+
+    def mark_calls(self, claims: Sequence[Claim], lease_seconds: float, now: float | str
+                   ) -> tuple[list[Call], Callable[[list[Any]], list[bool]]]:
+        """The mark.lua calls (one per lease token) for *claims*, and how to read their
+        results as one bool per claim (so they can ride in another round trip)."""
         groups: dict[str, list[int]] = {}
         for i, c in enumerate(claims):
             groups.setdefault(c.token, []).append(i)
@@ -233,11 +250,15 @@ class Store:
             (script, [key for i in idx for key in (k.record(claims[i].record.id),
                                                     k.lease(claims[i].record.id))],
              [token, ms, now]) for token, idx in groups.items()]
-        out = [False] * len(claims)
-        for idx, done in zip(groups.values(), self._run(calls), strict=True):
-            for i, v in zip(idx, done, strict=True):
-                out[i] = int(v) == 1
-        return out
+
+        def decode(results: list[Any]) -> list[bool]:
+            out = [False] * len(claims)
+            for idx, done in zip(groups.values(), results, strict=True):
+                for i, v in zip(idx, done, strict=True):
+                    out[i] = int(v) == 1
+            return out
+
+        return calls, decode
 
     def release_many(self, claims: Sequence[Claim]) -> None:
         """Give up leases without writing (e.g. the records were not due)."""

@@ -13,15 +13,16 @@ says when to call them.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from mailworker.store.keys import Keys
-from mailworker.store.scripts import Scripts, to_str
+from mailworker.store.scripts import Call, Rider, Scripts, to_str
 
-__all__ = ["RELAY_FAILURES_QUIET", "Feedback", "RelayState"]
+__all__ = ["RELAY_FAILURES_QUIET", "Admission", "Feedback", "RelayState"]
 
 #: Consecutive failures are forgotten after this long without one (seconds).
 RELAY_FAILURES_QUIET = 3600
@@ -39,6 +40,18 @@ class Feedback:
     cohort_failed: bool
     old_rate: float | None
     rate: float | None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What :meth:`RelayState.admit` found: the relay's pause (reason, seconds left) or
+    None; else the messages granted by its rate, the wait when none were, the rate in
+    force (None: none)."""
+
+    paused: tuple[str, float] | None
+    granted: int = 0
+    wait: float = 0.0
+    rate: float | None = None
 
 
 class RelayState:
@@ -124,13 +137,37 @@ class RelayState:
         """Fold what a chunk told us into the relay's window and rate (see feedback.lua):
         *kind* is "ok" (*accepted* transactions went through), "fail" (a connection
         attempt failed at host level) or "slow" (a "slow down" reply)."""
-        old, new, streak, failed, old_rate, new_rate = self._scripts.call(
-            "feedback", [self.keys.slots(relay), self.keys.window(relay),
-                         self.keys.relay_failures(relay)],
-            [kind, time.time(), accepted, ceiling, initial, regrow_after, rate_ceiling or 0,
-             rate_floor, probe_interval])
-        return Feedback(float(to_str(old)), float(to_str(new)), int(streak), bool(int(failed)),
-                        float(to_str(old_rate)) or None, float(to_str(new_rate)) or None)
+        call = self.feedback_call(relay, kind, accepted=accepted, ceiling=ceiling,
+                                  initial=initial, regrow_after=regrow_after,
+                                  rate_ceiling=rate_ceiling, rate_floor=rate_floor,
+                                  probe_interval=probe_interval)
+        return feedback_of(self._scripts.run([call])[0])
+
+    def feedback_call(self, relay: str, kind: str, *, accepted: int = 0, ceiling: int,
+                      initial: float, regrow_after: float, rate_ceiling: float | None,
+                      rate_floor: float, probe_interval: float = 30.0) -> Call:
+        """:meth:`feedback` as a script call, to ride in another round trip (a commit's);
+        read its result with :func:`feedback_of`."""
+        return (self._scripts["feedback"],
+                [self.keys.slots(relay), self.keys.window(relay),
+                 self.keys.relay_failures(relay)],
+                [kind, time.time(), accepted, ceiling, initial, regrow_after,
+                 rate_ceiling or 0, rate_floor, probe_interval])
+
+    def admit(self, relay: str, wanted: int, ceiling: float | None,
+              riders: Sequence[Rider] = ()) -> Admission:
+        """The relay's pause, or up to *wanted* messages of its rate budget (see
+        :meth:`take_rate`), in one round trip with *riders* (the first window's "sending"
+        marks): a delivery pass's one round trip between its claim and its first MAIL
+        FROM."""
+        call: Call = (self._scripts["ratelimit"],
+                      [self.keys.bucket(relay), self.keys.window(relay),
+                       self.keys.pause(relay)], [time.time(), ceiling or 0, wanted])
+        granted, wait, rate = self._scripts.run_with([call], riders)[0]
+        if int(granted) < 0:
+            return Admission((to_str(rate), float(to_str(wait))))
+        return Admission(None, int(granted), float(to_str(wait)),
+                         float(to_str(rate)) or None)
 
     def take_rate(self, relay: str, wanted: int, ceiling: float | None
                   ) -> tuple[int, float, float | None]:
@@ -211,3 +248,10 @@ class RelayState:
         """Counters per relay (``stats:<relay>``)."""
         return {name: state["counters"] for name, state in self.states().items()
                 if state["counters"]}
+
+
+def feedback_of(result: list[Any]) -> Feedback:
+    """The :class:`Feedback` in feedback.lua's reply."""
+    old, new, streak, failed, old_rate, new_rate = result
+    return Feedback(float(to_str(old)), float(to_str(new)), int(streak), bool(int(failed)),
+                    float(to_str(old_rate)) or None, float(to_str(new_rate)) or None)

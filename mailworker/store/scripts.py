@@ -6,16 +6,20 @@ keys and arguments it takes and what it returns.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
 import redis
 
-__all__ = ["Call", "Scripts", "text"]
+__all__ = ["Call", "Rider", "Scripts", "text"]
 
 Call = tuple[Any, list[Any], list[Any]]
 """One script call: (registered Script, keys, args)."""
+
+Rider = tuple[list[Call], Callable[[list[Any]], None]]
+"""Script calls that ride in another operation's round trip (a commit's), with what to do
+with their results once Redis has answered (nothing is done if the round trip fails)."""
 
 
 def text(name: str) -> str:
@@ -65,6 +69,19 @@ class Scripts:
                 script.sha = self.redis.script_load(script.script)
             todo = missing
         return results
+
+    def run_with(self, calls: Sequence[Call], riders: Sequence[Rider]) -> list[Any]:
+        """:meth:`run` *calls* and the riders' calls after them, in one round trip; hand
+        each rider its results; return the results of *calls*."""
+        if not riders:
+            return self.run(calls)
+        extra = [c for rider_calls, _ in riders for c in rider_calls]
+        results = self.run([*calls, *extra])
+        at = len(calls)
+        for rider_calls, done in riders:
+            done(results[at:at + len(rider_calls)])
+            at += len(rider_calls)
+        return results[:len(calls)]
 
     def call(self, name: str, keys: list[Any], args: list[Any]) -> Any:
         """One call of one script."""

@@ -403,9 +403,9 @@ def test_a_lease_lost_before_saving_leaves_the_outcome_to_the_new_owner(
     mid = local.send(**mail())
     commit = local.store.commit_many
 
-    def taken_over(items: Any) -> list[bool]:
+    def taken_over(items: Any, *riders: Any) -> list[bool]:
         local.redis.set(local.store.keys.lease(mid), "another-worker")
-        return commit(items)
+        return commit(items, *riders)
 
     monkeypatch.setattr(local.store, "commit_many", taken_over)
     local.run_until_idle()
@@ -492,7 +492,7 @@ def test_a_failure_escaping_send_many_makes_the_chunk_uncertain(
 
 def test_a_redis_blip_mid_group_saves_nothing_for_it(
         local: LocalDelivery, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local.store, "relay_pause", redis_down)
+    monkeypatch.setattr(local.store.relays, "admit", redis_down)  # pause and rate read
     mid = local.send(**mail())
     local.deliver(local.wakeups[0][0])
     assert local.status(mid)["state"] == "queued"  # type: ignore[index]
