@@ -38,6 +38,7 @@ refuses to run otherwise). Tests skip with the reason when either is missing.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import re
@@ -156,6 +157,7 @@ class Postfix:
         (self.dir / "maillog").touch()
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "MAIL_CONFIG": str(etc)}
+        atexit.register(self.stop)  # a test run that ends early still stops its master
         self._master = subprocess.Popen(
             [str(daemons / "master"), "-c", str(etc), "-d"], env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -189,6 +191,7 @@ class Postfix:
 
     def stop(self) -> None:
         """Stop ``master`` (and with it its daemons) by PID; remove the directory."""
+        atexit.unregister(self.stop)
         master, self._master = self._master, None
         if master is not None and master.poll() is None:
             master.send_signal(signal.SIGTERM)

@@ -187,6 +187,10 @@ SCRIPTS = {
                                  + b"BDAT 1 LAST\r\nz",
     "no accepted RCPT": b"MAIL FROM:<app@example.com>\r\nRCPT TO:<gone@example.com>\r\n"
                         b"BDAT 5\r\nhelloBDAT 3 LAST\r\nabcNOOP\r\n",
+    # The failed LAST ends the transaction: the next MAIL is not a nested one (no RSET).
+    "no accepted RCPT, next message": b"MAIL FROM:<app@example.com>\r\n"
+                                      b"RCPT TO:<gone@example.com>\r\nBDAT 3 LAST\r\nabc"
+                                      + _MAIL + b"BDAT 1 LAST\r\nz",
     "MAIL refused": b"MAIL FROM:<spammer@example.com>\r\nRCPT TO:<r@example.com>\r\n"
                     b"BDAT 3 LAST\r\nabc" + _MAIL + b"BDAT 1 LAST\r\nz",
     "DATA after BDAT": _MAIL + b"BDAT 5\r\nhelloDATA\r\nBDAT 3 LAST\r\nabc",
