@@ -21,8 +21,10 @@ from mailworker.testing import wait_until
 
 from ._postfix import Postfix, PostfixConfig, content_of, postfix_missing
 
-pytestmark = pytest.mark.skipif(postfix_missing() is not None,
-                                reason=postfix_missing() or "")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(postfix_missing() is not None, reason=postfix_missing() or ""),
+]
 
 REFUSE = PostfixConfig(
     refuse_recipients={"gone@example.com": "550 5.1.1 No such user here"},
