@@ -7,10 +7,13 @@ small raw client writes whole windows of commands and chunks at once and reads r
 
 from __future__ import annotations
 
+import itertools
 import socket
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailworker.testing import Fault, Persona, SMTPTestServer, wait_until
 from mailworker.testing.faults import FaultBook
@@ -368,3 +371,29 @@ def test_message_id_of_agrees_with_the_email_parser(data: bytes) -> None:
     value = BytesHeaderParser().parsebytes(data if end < 0 else data[:end + 2]).get(
         "Message-ID")
     assert message_id_of(data) == (None if value is None else str(value).strip())
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[SMTPTestServer]:
+    with SMTPTestServer(chunking=True) as running:
+        yield running
+
+
+@settings(max_examples=40, deadline=None)
+@given(content=st.binary(max_size=3000), cuts=st.lists(st.integers(0, 3000), max_size=5))
+def test_any_split_into_chunks_arrives_as_sent(shared_server: SMTPTestServer,
+                                               content: bytes, cuts: list[int]) -> None:
+    """Whatever the bytes (dots, CR, LF, NUL, "\\r\\n.\\r\\n") and however they are cut into
+    chunks (empty ones only last), the server records exactly the bytes sent."""
+    shared_server.reset()
+    bounds = sorted({0, len(content), *(c for c in cuts if c <= len(content))})
+    pieces = [content[a:b] for a, b in itertools.pairwise(bounds)] or [b""]
+    out = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
+    for piece in pieces[:-1]:
+        out += f"BDAT {len(piece)}\r\n".encode() + piece
+    out += f"BDAT {len(pieces[-1])} LAST\r\n".encode() + pieces[-1] + b"QUIT\r\n"
+    client = Raw(shared_server)
+    client.send(out)
+    assert codes(client.replies(len(pieces) + 3)) == [250] * (len(pieces) + 2) + [221]
+    client.close()
+    assert [m.data for m in shared_server.messages] == [content]
