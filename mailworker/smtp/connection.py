@@ -55,6 +55,8 @@ _EOL = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _LINE_DOT = re.compile(rb"\n\.")
 _BARE_CR = re.compile(rb"\r(?!\n)")
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
+_ODD_LF = re.compile(rb"\n(?:\.|(?<!\r\n))")  # a bare LF, or one before a dot
 _QUIT_TIMEOUT = 2.0
 
 
@@ -87,11 +89,15 @@ def prepare(envelope: Envelope, capabilities: dict[str, str], *, chunking: bool 
     exact octet count BDAT announces.
     """
     data = envelope.data
-    # All CRLF iff no CR without its LF and as many CRs as LFs (then each LF has its CR).
-    # Two single-byte counts and a regex with a literal prefix: a third of the cost of
-    # counting b"\r\n" (a two-byte search) on a 100 KB body.
-    if data.count(b"\n") != data.count(b"\r") or _BARE_CR.search(data):
-        data = _EOL.sub(b"\r\n", data)
+    # Two passes, each a regex with a literal prefix (C-speed scans for CR, then LF): a CR
+    # without its LF, and an LF without its CR or followed by a dot (DATA only). Most
+    # bodies have neither; counting b"\r\n" and `b"\n." in data` took twice as long.
+    odd = (_BARE_LF if chunking else _ODD_LF).search(data)
+    if _BARE_CR.search(data) or (odd is not None and _BARE_LF.search(data, odd.start())):
+        data = _EOL.sub(b"\r\n", data)  # a CR that became CRLF may start a dot line
+        stuff = not chunking and _LINE_DOT.search(data) is not None
+    else:  # no bare LF anywhere: the first odd LF, if any, is one before a dot
+        stuff = not chunking and odd is not None
     if data and data[-2:] != b"\r\n":
         data += b"\r\n"
     size = len(data)  # RFC 1870: CRLF line ends, before dot-stuffing
@@ -115,7 +121,7 @@ def prepare(envelope: Envelope, capabilities: dict[str, str], *, chunking: bool 
         cmd = f"{cmd} {' '.join(params)}"
     if chunking:
         return Prepared(envelope.sender, cmd.encode() + b"\r\n", cmd, data)
-    if data[:1] == b"." or _LINE_DOT.search(data):  # re finds it 3x faster than `in`
+    if stuff or data[:1] == b".":
         data = _LEADING_DOT.sub(b"..", data)
     return Prepared(envelope.sender, cmd.encode() + b"\r\n", cmd, data + b".\r\n")
 
