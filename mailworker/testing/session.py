@@ -399,12 +399,13 @@ class FaultySMTP(SMTP):
             return
         size, last = int(words[0]), len(words) == 2
         faults, cid = self._cfg.faults, self._conn_id
-        if faults.active and faults.take(
+        refusal = await self._bdat_refusal(size, last)
+        # As for DATA, only a chunk that would be taken can be cut off by a fault.
+        if refusal is None and faults.active and faults.take(
                 "drop_during_data", None, self._subjects("BDAT", arg), cid) is not None:
             await self._read_chunk(min(size, max(1, size // 2)), keep=False)
             self.drop()
             return
-        refusal = await self._bdat_refusal(size, last)
         chunk = await self._read_chunk(size, keep=refusal is None)
         if refusal is None and faults.active and (fault := faults.take(
                 "reply", "BDAT", self._subjects("BDAT", arg), cid)) is not None:
