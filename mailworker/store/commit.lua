@@ -1,52 +1,85 @@
--- Save an attempt's outcome and move the record to its next place, if we still hold the lease.
--- KEYS: 1 record, 2 lease, 3 inflight, 4 deferred, 5 dead, 6 stats hash, 7 sweep counts
--- ARGV: 1 token, 2 id, 3 doc json, 4 state, 5 score (for "dead": the dead-lettered time),
---       6 retention seconds of a delivered record, 7 retention seconds of a dead letter
---       (0 = keep), 8.. stats field/increment pairs
+-- Save attempts' outcomes and move each record to its next place, if we still hold its
+-- lease. One call for a chunk of records (the records of a delivery chunk, or a dlq retry).
+-- KEYS: 1 inflight, 2 deferred, 3 dead, 4 sweep counts, then per record 3 keys: record,
+--       lease, stats hash (of its relay)
+-- ARGV: 1 retention seconds of a delivered record, 2 retention seconds of a dead letter
+--       (0 = keep), then per record: token, id, doc json, state, score (for "dead": the
+--       dead-lettered time), n, and n stats field/increment pairs
 -- A record that is live again (a dead letter retried) loses any expiry it had. A delivered
 -- record loses its body (raw, zraw): nothing sends it again, and it was most of its memory.
--- Returns 1 when saved, 0 when another worker has claimed the record since.
+-- Returns per record 1 when saved, 0 when another worker has claimed it since.
 -- The lease may have expired during a long attempt; the outcome still stands if nobody
 -- claimed the record since (the "sending" marker is still ours).
-local lease = redis.call("GET", KEYS[2])
-if lease ~= ARGV[1] then
-  if lease then return 0 end
-  local sending = redis.call("HGET", KEYS[1], "sending")
-  if not sending or string.sub(sending, 1, #ARGV[1] + 1) ~= ARGV[1] .. " " then return 0 end
+local retention, dead_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out = {}
+-- Counters are summed per stats hash and written once per field at the end; the sweep
+-- counts are only looked at when there are any.
+local sums, order = {}, {}
+local swept = redis.call("EXISTS", KEYS[4]) == 1
+local a, k = 3, 5
+while a <= #ARGV do
+  local token, id, doc, state, score = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
+                                       ARGV[a + 4]
+  local n = tonumber(ARGV[a + 5])
+  local rec, lease_key, stats = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local ours = true
+  local lease = redis.call("GET", lease_key)
+  if lease ~= token then
+    if lease then
+      ours = false
+    else
+      local sending = redis.call("HGET", rec, "sending")
+      ours = sending and string.sub(sending, 1, #token + 1) == token .. " "
+    end
+  end
+  if ours then
+    redis.call("HSET", rec, "doc", doc)
+    if state == "delivered" then
+      redis.call("HDEL", rec, "sending", "raw", "zraw")
+    else
+      redis.call("HDEL", rec, "sending")
+    end
+    -- Out of the sets it leaves (the ZADD below moves it within the one it stays in).
+    if state ~= "queued" then redis.call("ZREM", KEYS[1], id) end
+    if state ~= "deferred" then redis.call("ZREM", KEYS[2], id) end
+    if swept then redis.call("HDEL", KEYS[4], id) end
+    if state == "deferred" then
+      redis.call("ZADD", KEYS[2], score, id)
+    elseif state == "queued" then
+      redis.call("ZADD", KEYS[1], score, id)
+    elseif state == "dead" then
+      redis.call("ZADD", KEYS[3], score, id)
+    end
+    if state ~= "dead" then
+      redis.call("ZREM", KEYS[3], id)
+    end
+    if state == "delivered" and retention > 0 then
+      redis.call("EXPIRE", rec, retention)
+    elseif state == "dead" and dead_ttl > 0 then
+      redis.call("EXPIRE", rec, dead_ttl)
+      -- Dead letters whose records have expired leave the set too (bounded like them).
+      redis.call("ZREMRANGEBYSCORE", KEYS[3], "-inf", "(" .. (tonumber(score) - dead_ttl))
+    else
+      redis.call("PERSIST", rec)
+    end
+    if n > 0 and not sums[stats] then
+      sums[stats] = {}
+      order[#order + 1] = stats
+    end
+    for i = a + 6, a + 5 + 2 * n, 2 do
+      sums[stats][ARGV[i]] = (sums[stats][ARGV[i]] or 0) + tonumber(ARGV[i + 1])
+    end
+    redis.call("DEL", lease_key)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+  a = a + 6 + 2 * n
+  k = k + 3
 end
-local id, state, score = ARGV[2], ARGV[4], ARGV[5]
-redis.call("HSET", KEYS[1], "doc", ARGV[3])
-if state == "delivered" then
-  redis.call("HDEL", KEYS[1], "sending", "raw", "zraw")
-else
-  redis.call("HDEL", KEYS[1], "sending")
+for _, stats in ipairs(order) do
+  for field, by in pairs(sums[stats]) do
+    redis.call("HINCRBY", stats, field, by)
+  end
 end
--- Out of the sets it leaves (the ZADD below moves it within the one it stays in).
-if state ~= "queued" then redis.call("ZREM", KEYS[3], id) end
-if state ~= "deferred" then redis.call("ZREM", KEYS[4], id) end
-redis.call("HDEL", KEYS[7], id)
-if state == "deferred" then
-  redis.call("ZADD", KEYS[4], score, id)
-elseif state == "queued" then
-  redis.call("ZADD", KEYS[3], score, id)
-elseif state == "dead" then
-  redis.call("ZADD", KEYS[5], score, id)
-end
-if state ~= "dead" then
-  redis.call("ZREM", KEYS[5], id)
-end
-local dead_ttl = tonumber(ARGV[7])
-if state == "delivered" and tonumber(ARGV[6]) > 0 then
-  redis.call("EXPIRE", KEYS[1], ARGV[6])
-elseif state == "dead" and dead_ttl > 0 then
-  redis.call("EXPIRE", KEYS[1], dead_ttl)
-  -- Dead letters whose records have expired leave the set too (bounded like them).
-  redis.call("ZREMRANGEBYSCORE", KEYS[5], "-inf", "(" .. (tonumber(score) - dead_ttl))
-else
-  redis.call("PERSIST", KEYS[1])
-end
-for i = 8, #ARGV, 2 do
-  redis.call("HINCRBY", KEYS[6], ARGV[i], ARGV[i + 1])
-end
-redis.call("DEL", KEYS[2])
-return 1
+return out

@@ -25,6 +25,9 @@ from mailworker.store.scripts import to_str as _str
 
 __all__ = ["DEAD_RETENTION", "Claim", "Store", "Unreadable"]
 
+#: Records saved per commit.lua run (a delivery chunk is 16; a dlq retry may be many).
+_COMMIT_PART = 100
+
 #: Default lifetime of a dead letter (seconds): 30 days (setting ``dead_retention``).
 DEAD_RETENTION = 30 * 86400
 
@@ -205,21 +208,22 @@ class Store:
         *riders* (fleet feedback, the next window's "sending" marks) go in the same round
         trip, after the commits.
         """
-        k, script = self.keys, self.scripts["commit"]
+        k, script, todo = self.keys, self.scripts["commit"], list(items)
         calls: list[Call] = []
-        for claim, score, counters in items:
-            rec = claim.record
-            flat: list[Any] = []
-            for name, v in counters.items():
-                flat += [name, v]
-            calls.append((
-                script,
-                [k.record(rec.id), k.lease(rec.id), k.inflight, k.deferred, k.dead,
-                 k.stats(rec.relay), k.sweeps],
-                [claim.token, rec.id, compact_json(rec), rec.state.value, score, self.retention,
-                 self.dead_retention, *flat],
-            ))
-        return [bool(v) for v in self.scripts.run_with(calls, riders)]
+        for part in (todo[i:i + _COMMIT_PART] for i in range(0, len(todo), _COMMIT_PART)):
+            keys: list[Any] = [k.inflight, k.deferred, k.dead, k.sweeps]
+            args: list[Any] = [self.retention, self.dead_retention]
+            for claim, score, counters in part:
+                rec = claim.record
+                keys += [k.record(rec.id), k.lease(rec.id), k.stats(rec.relay)]
+                args += [claim.token, rec.id, compact_json(rec), rec.state.value, score,
+                         len(counters)]
+                for name, v in counters.items():
+                    args += [name, v]
+            calls.append((script, keys, args))
+        # One script run per chunk (not one per record): the commit is most of Redis's
+        # work per message, and a script run has a cost of its own.
+        return [bool(v) for result in self.scripts.run_with(calls, riders) for v in result]
 
     def renew_many(self, claims: Sequence[Claim], lease_seconds: float) -> list[bool]:
         """Extend our leases, one script call per token; False for each one lost."""
