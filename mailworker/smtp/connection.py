@@ -298,7 +298,8 @@ class Connection:
 
     def send_many(self, envelopes: Sequence[Envelope], *, gate: Gate | None = None
                   ) -> list[SendResult | BaseException]:
-        """Send a batch, one round trip per message; never raises for SMTP failures.
+        """Send a batch, one round trip per message (DATA), or a window of messages per round
+        trip (BDAT, when the server offers CHUNKING); never raises for SMTP failures.
 
         *gate*: see :meth:`Session.run` (asked before each envelope's MAIL FROM)."""
         session = self._session
