@@ -399,7 +399,7 @@ class FaultySMTP(SMTP):
             return
         size, last = int(words[0]), len(words) == 2
         faults, cid = self._cfg.faults, self._conn_id
-        refusal = await self._bdat_refusal(size, last)
+        refusal = self._bdat_refusal(size, last)
         # As for DATA, only a chunk that would be taken can be cut off by a fault.
         if refusal is None and faults.active and faults.take(
                 "drop_during_data", None, self._subjects("BDAT", arg), cid) is not None:
@@ -413,7 +413,7 @@ class FaultySMTP(SMTP):
         if refusal is not None:
             self._bdat_failed = True
             if last:  # the end of the failed message: the next one starts afresh
-                self._end_transaction()
+                self._set_post_data_state()
             await self.push(refusal)
             return
         assert self.envelope is not None
@@ -428,10 +428,10 @@ class FaultySMTP(SMTP):
         self.envelope.content = self.envelope.original_content = content
         hooked = await self._call_handler_hook("DATA")  # -> on_dot()
         status = "250 OK" if hooked is MISSING else hooked
-        self._end_transaction()
+        self._set_post_data_state()  # a fresh envelope, and no BDAT state
         await self.push(status)
 
-    async def _bdat_refusal(self, size: int, last: bool) -> str | None:
+    def _bdat_refusal(self, size: int, last: bool) -> str | None:
         """Why this BDAT's chunk will be discarded (the reply), or None to keep it."""
         if self._bdat_failed:
             return f"551 5.0.0 Discarded {size} bytes after earlier error"
@@ -469,10 +469,6 @@ class FaultySMTP(SMTP):
             self._writer.close()
             raise
         return b"".join(pieces) if keep else b""
-
-    def _end_transaction(self) -> None:
-        """Forget the message and its BDAT state: a fresh envelope, as after DATA."""
-        self._set_post_data_state()
 
     def _set_post_data_state(self) -> None:
         """aiosmtpd's reset after DATA, RSET, EHLO and HELO; the BDAT state goes with it."""
