@@ -31,8 +31,7 @@ with ``503 5.5.1 Error: need RCPT command`` (MAIL refused) or ``554 5.5.1 Error:
 valid recipients`` and then resets the MAIL transaction (``skip_bdat()`` calls
 ``mail_reset()`` on a final chunk), so the next MAIL is welcome. An RSET could not be
 placed in time anyway: when the failure is read the next MAIL is usually written already.
-An RSET still owed from before (:meth:`Connection.reset` not called after some other
-use) goes in front of the first MAIL, in the same write.
+(So ``needs_rset``, which the shared reply handlers set after a failure, is cleared.)
 
 When the connection fails (lost, a 421, a timeout, a malformed reply) with transactions
 in flight: each transaction whose BDAT LAST was (possibly) written and whose final reply
@@ -63,7 +62,6 @@ __all__ = ["DEFAULT_WINDOW", "ChunkingSession"]
 DEFAULT_WINDOW = 8
 """Transactions in flight per connection (the relay option ``pipeline_window``)."""
 
-_RSET = b"RSET\r\n"
 _REPLIES = (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused)
 _GO_ON = Reply(354, "")  # a BDAT LAST accepted: settle the envelope as after a DATA 354
 
@@ -91,9 +89,6 @@ class ChunkingSession(Session):
                 if cur is None:
                     break
                 cur.deadline = self.clock() + self.deadline
-                if self.needs_rset:
-                    parts.append(_RSET)
-                    cur.rset, self.needs_rset = True, False
                 size = len(cur.prep.content)
                 parts += (cur.prep.mail, *(line for line, _ in cur.lines),
                           b"BDAT %d LAST\r\n" % size, cur.prep.content)
@@ -133,8 +128,6 @@ class ChunkingSession(Session):
     def _replies(self, t: _Txn, todo: deque[_Txn]) -> None:
         """Read one transaction's replies, in order, and settle its envelope."""
         started = t.sent_at
-        if t.rset:
-            self._rset_reply(t, started)
         self._mail_reply(t, self._read(t, Stage.MAIL, t.prep.mail_cmd, started))
         for rcpt, (_, cmd) in zip(t.recipients, t.lines, strict=True):
             self._rcpt_reply(t, rcpt, self._read(t, Stage.RCPT, cmd, started, rcpt))

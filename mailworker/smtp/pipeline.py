@@ -133,7 +133,6 @@ class _Txn:
     retry: list[str] = field(default_factory=list)
     first: bool = True  # False for the part of an envelope a 452 pushed to a new transaction
     sent_at: float = 0.0  # BDAT: when the write carrying it started (the reply log's latency)
-    rset: bool = False  # BDAT: an RSET went out in front of its MAIL
 
     @property
     def commands(self) -> bytes:
