@@ -508,3 +508,38 @@ def test_replies_sent_before_a_drop_are_read_after_a_failed_write(make_server: A
     assert kinds[4:] == ["uncertain"] * uncertain + ["not-attempted"] * (36 - uncertain)
     acknowledged = [m.message_id for m in server.messages if m.acknowledged]
     assert acknowledged == [f"<m{i}@example.test>" for i in range(4)]
+
+
+def test_one_reply_log_event_per_reply_in_order(bdat_server: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailworker.smtp.replylog import ReplyLog
+
+    seen: list[tuple[str, int]] = []
+    monkeypatch.setattr(ReplyLog, "on_reply", lambda relay, command, code: seen.append(
+        (command, code)))
+    server = bdat_server(lambda verb, n, line: b"550 5.1.1 no\r\n"
+                         if verb == "RCPT" and "b@" in line else None)
+    envs = [envelope(i, ("a@example.test", "b@example.test")) for i in range(3)]
+    entries, _ = send(server, envs, pipeline_window=2)
+    assert all(kind(e) == "partial" for e in entries)
+    size = len(prepare(envs[0], {}, chunking=True).content)
+    per_message = [(f"MAIL FROM:<sender@example.test> SIZE={size}", 250),
+                   ("RCPT TO:<a@example.test>", 250), ("RCPT TO:<b@example.test>", 550),
+                   (f"BDAT {size} LAST", 250)]
+    transactions = [s for s in seen if s[0].split(" ", 1)[0] in ("MAIL", "RCPT", "BDAT")]
+    assert transactions == per_message * 3
+
+
+def test_pool_send_of_one_message_uses_bdat(make_server: Any) -> None:
+    from mailworker.smtp import Pool
+
+    from .helpers import relay_for
+
+    server = make_server(chunking=True)
+    pool = Pool(relay_for(server))
+    try:
+        result = pool.send(envelope(0))
+    finally:
+        pool.close()
+    assert len(result.accepted) == 1
+    assert [c.split(" ", 1)[0] for _, c in server.commands][-4:-1] == ["MAIL", "RCPT", "BDAT"]
