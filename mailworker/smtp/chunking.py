@@ -62,6 +62,11 @@ __all__ = ["DEFAULT_WINDOW", "ChunkingSession"]
 DEFAULT_WINDOW = 8
 """Transactions in flight per connection (the relay option ``pipeline_window``)."""
 
+WRITE_BYTES = 1 << 20
+"""A write carries whole transactions up to this many bytes (then the next write follows
+at once): each write is bounded by ``timeout``, so a window of large messages must not be
+one write that a slow link cannot finish in time."""
+
 _REPLIES = (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused)
 _GO_ON = Reply(354, "")  # a BDAT LAST accepted: settle the envelope as after a DATA 354
 
@@ -82,9 +87,12 @@ class ChunkingSession(Session):
         broken: smtplib.SMTPServerDisconnected | None = None  # a write failed
         while True:
             parts: list[bytes] = []
+            full = False  # this write has WRITE_BYTES: write it, then go on filling
             # Refill once the replies already received are read: one write for many.
             while broken is None and len(inflight) < self.window and not (
                     inflight and self.wire.buffered()):
+                if full := sum(map(len, parts)) >= WRITE_BYTES:
+                    break
                 cur = self._cur = self._next(todo)  # asks the gate
                 if cur is None:
                     break
@@ -97,6 +105,8 @@ class ChunkingSession(Session):
                 # A write is bounded by the oldest deadline in flight: its reply waits on it.
                 self.wire.set_deadline(inflight[0].deadline, self._deadline_label)
                 broken = self._send(b"".join(parts))
+                if full:
+                    continue
             if not inflight:
                 if broken is not None:
                     raise _Abort(broken, Stage.AFTER_DOT, None)

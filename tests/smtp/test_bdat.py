@@ -543,3 +543,29 @@ def test_pool_send_of_one_message_uses_bdat(make_server: Any) -> None:
         pool.close()
     assert len(result.accepted) == 1
     assert [c.split(" ", 1)[0] for _, c in server.commands][-4:-1] == ["MAIL", "RCPT", "BDAT"]
+
+
+def test_large_messages_go_in_writes_of_bounded_size(make_server: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailworker.smtp import chunking
+
+    from .helpers import relay_for
+
+    monkeypatch.setattr(chunking, "WRITE_BYTES", 100_000)
+    server = make_server(chunking=True)
+    envs = [envelope(i, body=(b"%d" % i) * 70_000 + b"\r\n") for i in range(5)]
+    conn = Connection(relay_for(server, pipeline_window=8))
+    conn.open()
+    writes: list[int] = []
+    client = conn._client
+    assert client is not None
+    real = client.write
+    monkeypatch.setattr(client, "write", lambda data, **kw: (writes.append(len(data)),
+                                                             real(data, **kw))[1])
+    try:
+        entries = conn.send_many(envs)
+    finally:
+        conn.close()
+    assert all(kind(e) == "ok" for e in entries)
+    assert [m.data for m in server.messages] == [e.data for e in envs]
+    assert max(writes) < 100_000 + 80_000  # never more than one transaction past the bound
