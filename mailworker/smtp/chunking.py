@@ -6,6 +6,8 @@ length instead of waiting for permission, so MAIL, every RCPT, ``BDAT n LAST`` a
 content of one message, and of the next ones, can all go out before any reply is read. A
 connection keeps up to ``pipeline_window`` transactions in flight (a relay option; 8 by
 default): at 10 ms reply latency that is up to 8 messages per round trip instead of one.
+Each write carries whole transactions, up to :data:`WRITE_BYTES` (then the next write
+follows at once), and the window is refilled once the replies already received are read.
 Used only when the server offers both PIPELINING and CHUNKING and the relay's options
 (``pipelining``, ``chunking``) allow it; otherwise :mod:`mailworker.smtp.pipeline`'s DATA
 paths run, unchanged. BINARYMIME is not used: the content is the same CRLF text DATA
