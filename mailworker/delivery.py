@@ -25,6 +25,7 @@ from mailworker.fleet import install as install_slots
 from mailworker.groups import Groups, forget
 from mailworker.hooks import Hooks
 from mailworker.leases import HeldLeases, heartbeat
+from mailworker.logging import fast_info
 from mailworker.outcome import (
     Step,
     apply_expiry,
@@ -540,8 +541,12 @@ class Deliverer:
     def _announce(self, record: Record, step: Step) -> None:
         metrics.saved(record, step, self.clock())  # a no-op unless --metrics-port
         if step.state is MessageState.DELIVERED:
-            log.info("delivery.delivered", message_id=record.id,
-                     possible_duplicate=record.possible_duplicate)
+            # One event per message: the lean JSON path when logging is configured so.
+            if not fast_info("delivery.delivered", {"message_id": record.id,
+                                                    "possible_duplicate":
+                                                        record.possible_duplicate}):
+                log.info("delivery.delivered", message_id=record.id,
+                         possible_duplicate=record.possible_duplicate)
             self.hooks.fire("delivered", record)
         elif step.state is MessageState.DEAD:
             log.warning("delivery.dead_lettered", message_id=record.id, reason=record.dead_reason)

@@ -4,9 +4,14 @@ No reply can escape the log: smtplib's own commands (EHLO, STARTTLS, AUTH, NOOP,
 are read by :class:`mailworker.smtp.wire.ReplyWire`'s ``getreply()``, which logs here;
 the pipelined session logs each reply it reads.
 
-A busy worker reads thousands of replies a minute, so this sits on the hot path. Each
+A busy worker reads thousands of replies a second, so this sits on the hot path. Each
 connection binds its logger once (relay name and connection id), decides once whether
-INFO is enabled at all, and builds each event dict only when it will be emitted.
+INFO is enabled at all, and builds each event dict only when it will be emitted. With
+the production configuration (:func:`mailworker.logging.configure_logging`, JSON) an
+event skips structlog's generic processor chain for the same chain inlined
+(:func:`mailworker.logging.fast_info`: same keys, redaction and stream, about a third of
+the cost; ``benchmarks/bench_replylog.py`` measures it); any other configuration, and a
+*logger* passed in, get the event through structlog as before.
 
 Events go through ``structlog.get_logger("mailworker.smtp")`` so whatever the caller bound
 with ``structlog.contextvars`` (message id, attempt, task id) is merged into every event by
@@ -25,7 +30,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from mailworker.logging import redact_command
+from mailworker.logging import fast_info, redact_command
 from mailworker.smtp.errors import enhanced_code_of, failure_of
 
 __all__ = ["LOGGER_NAME", "ReplyLog"]
@@ -44,10 +49,32 @@ def _info_enabled(logger: Any) -> bool:
         return True
 
 
+_enhanced: dict[str, str | None] = {}
+
+
+def _enhanced_code(text: str) -> str | None:
+    """:func:`enhanced_code_of`, remembered by the first 16 characters of the text.
+
+    Servers repeat a handful of reply texts ("2.1.0 Ok", "2.1.5 Ok"), and the code is
+    decided by at most the first 11 characters of a text that does not start with
+    white space (a code of 1+1+3+1+3 characters and the character after it).
+    """
+    key = text[:16]
+    try:
+        return _enhanced[key]
+    except KeyError:
+        code = enhanced_code_of(text)
+        if key[:1].strip():
+            if len(_enhanced) >= 512:  # bounded: texts with ids in front would grow it
+                _enhanced.clear()
+            _enhanced[key] = code
+        return code
+
+
 class ReplyLog:
     """Per-connection emitter of ``smtp.reply``, ``smtp.connect`` and ``smtp.close`` events."""
 
-    __slots__ = ("_log", "_logs", "_relay", "enabled")
+    __slots__ = ("_conn_id", "_lean", "_log", "_logs", "_relay", "enabled")
 
     #: Called with (relay, command, code) for every reply, logged or not; installed by
     #: :func:`mailworker.metrics.enable` so this layer imports nothing of Prometheus.
@@ -57,6 +84,9 @@ class ReplyLog:
         base = logger if logger is not None else structlog.get_logger(LOGGER_NAME)
         self._log = base.bind(relay=relay, conn_id=conn_id)
         self._relay = relay
+        self._conn_id = conn_id
+        # The lean path renders what structlog would: only for structlog's own logger.
+        self._lean = logger is None
         self._logs = _info_enabled(self._log)
         # Callers skip reply() when this is False: with a hook it must still be called.
         self.enabled = self._logs or ReplyLog.on_reply is not None
@@ -84,7 +114,7 @@ class ReplyLog:
         event: dict[str, Any] = {
             "command": command,
             "code": code,
-            "enhanced_code": enhanced_code_of(text),
+            "enhanced_code": _enhanced_code(text),
             "text": text,
             "latency_ms": round((now - started) * 1000.0, 3),
         }
@@ -92,6 +122,10 @@ class ReplyLog:
             event["message_id"] = message_id
         if recipient is not None:
             event["recipient"] = recipient
+        # The lean path renders what structlog would, the bound context first.
+        if self._lean and fast_info("smtp.reply", {"relay": self._relay,
+                                                   "conn_id": self._conn_id, **event}):
+            return
         self._log.info("smtp.reply", **event)
 
     def connect(self, **facts: Any) -> None:
