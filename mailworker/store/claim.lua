@@ -1,7 +1,8 @@
 -- Take the leases on a batch of records; only a lease holder may talk SMTP for its record.
--- KEYS: 1 inflight, 2 dead, then per record 2 keys: record, lease
+-- KEYS: 1 inflight, 2 dead
 -- ARGV: 1 token, 2 lease ttl ms, 3 watchdog score (when the sweeper should look again),
---       4 now, then per record its id
+--       4 now, 5 record key head, 6 lease key head (Keys.head: the record's and its
+--       lease's keys are the head and the id), then per record its id
 -- Returns per record 5 values {status, doc, raw, zraw, sending}: status is "ok",
 -- "missing", "wrongtype", "quarantined" or "locked"; the body is in raw or, compressed,
 -- in zraw (mailworker.store.body); sending is
@@ -22,8 +23,9 @@ local function put(status, v)
     out[#out + 1], out[#out + 2] = false, false
   end
 end
-for i = 5, #ARGV do
-  local id, rec, lease = ARGV[i], KEYS[(i - 4) * 2 + 1], KEYS[(i - 4) * 2 + 2]
+for i = 7, #ARGV do
+  local id = ARGV[i]
+  local rec, lease = ARGV[5] .. id, ARGV[6] .. id
   local v = redis.pcall("HMGET", rec, "doc", "raw", "zraw", "sending", "poison")
   if v["err"] then
     -- Not a record at all (overwritten by hand or by another program): into the dead

@@ -1,10 +1,11 @@
 -- Save attempts' outcomes and move each record to its next place, if we still hold its
 -- lease. One call for a chunk of records (the records of a delivery chunk, or a dlq retry).
--- KEYS: 1 inflight, 2 deferred, 3 dead, 4 sweep counts, then per record 3 keys: record,
---       lease, stats hash (of its relay)
+-- KEYS: 1 inflight, 2 deferred, 3 dead, 4 sweep counts, 5... the stats hashes (of the
+--       records' relays)
 -- ARGV: 1 retention seconds of a delivered record, 2 retention seconds of a dead letter
---       (0 = keep), then per record: token, id, doc json, state, score (for "dead": the
---       dead-lettered time), n, and n stats field/increment pairs
+--       (0 = keep), 3 record key head, 4 lease key head (Keys.head), then per record 7
+--       values: token, id, doc json, state, score (for "dead": the dead-lettered time),
+--       its stats hash (a KEYS index), its counters ("field\nincrement\n..." pairs)
 -- A record that is live again (a dead letter retried) loses any expiry it had. A delivered
 -- record loses its body (raw, zraw): nothing sends it again, and it was most of its memory.
 -- Returns per record 1 when saved, 0 when another worker has claimed it since.
@@ -16,12 +17,11 @@ local out = {}
 -- counts are only looked at when there are any.
 local sums, order = {}, {}
 local swept = redis.call("EXISTS", KEYS[4]) == 1
-local a, k = 3, 5
-while a <= #ARGV do
+for a = 5, #ARGV, 7 do
   local token, id, doc, state, score = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
                                        ARGV[a + 4]
-  local n = tonumber(ARGV[a + 5])
-  local rec, lease_key, stats = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local stats, counters = KEYS[tonumber(ARGV[a + 5])], ARGV[a + 6]
+  local rec, lease_key = ARGV[3] .. id, ARGV[4] .. id
   local ours = true
   local lease = redis.call("GET", lease_key)
   if lease ~= token then
@@ -62,20 +62,18 @@ while a <= #ARGV do
     else
       redis.call("PERSIST", rec)
     end
-    if n > 0 and not sums[stats] then
+    if counters ~= "" and not sums[stats] then
       sums[stats] = {}
       order[#order + 1] = stats
     end
-    for i = a + 6, a + 5 + 2 * n, 2 do
-      sums[stats][ARGV[i]] = (sums[stats][ARGV[i]] or 0) + tonumber(ARGV[i + 1])
+    for field, by in string.gmatch(counters, "([^\n]+)\n([^\n]+)") do
+      sums[stats][field] = (sums[stats][field] or 0) + tonumber(by)
     end
     redis.call("DEL", lease_key)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
   end
-  a = a + 6 + 2 * n
-  k = k + 3
 end
 for _, stats in ipairs(order) do
   for field, by in pairs(sums[stats]) do

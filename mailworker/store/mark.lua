@@ -3,14 +3,16 @@
 -- duplicate. Redis acknowledges the mark before the window's first MAIL FROM is written.
 -- The heartbeat calls it without a time (renew only). One call for all of a pass's
 -- records (they share its token).
--- KEYS: per record, 2 keys: record, lease.  ARGV: 1 token, 2 ttl ms, 3 now ("" = renew only)
+-- KEYS: none (built from the heads).  ARGV: 1 token, 2 ttl ms, 3 now ("" = renew only),
+-- 4 record key head, 5 lease key head (Keys.head), then the records' ids
 -- Returns one 1 (renewed, and marked) or 0 (the lease is no longer ours: do not send).
 local out = {}
-for i = 1, #KEYS, 2 do
-  if redis.call("GET", KEYS[i + 1]) == ARGV[1] then
-    redis.call("PEXPIRE", KEYS[i + 1], ARGV[2])
+for i = 6, #ARGV do
+  local lease = ARGV[5] .. ARGV[i]
+  if redis.call("GET", lease) == ARGV[1] then
+    redis.call("PEXPIRE", lease, ARGV[2])
     if ARGV[3] ~= "" then
-      redis.call("HSET", KEYS[i], "sending", ARGV[1] .. " " .. ARGV[3])
+      redis.call("HSET", ARGV[4] .. ARGV[i], "sending", ARGV[1] .. " " .. ARGV[3])
     end
     out[#out + 1] = 1
   else
