@@ -26,6 +26,16 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def _loads(raw: str | bytes) -> Any:
+    """orjson's parse (about 3x faster on records, the same values); a document only the
+    standard library reads (NaN, Infinity, integers past 64 bits: hand-edited, or
+    another version's) is read as before, so invalid_reason names what is wrong with it."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
+
 class MessageState(StrEnum):
     """Where a message is. ``delivered`` and ``dead`` are final."""
 
@@ -169,7 +179,7 @@ class Record:
     def from_json(cls, raw: str | bytes) -> Record:
         """Parse a stored record. Fields this version does not know (written by a newer
         one during a rolling deploy) are kept and written back unchanged, never an error."""
-        d = json.loads(raw)
+        d = _loads(raw)
         d["state"] = MessageState(d["state"])
         d["recipients"] = [
             _build(RecipientState, {

@@ -111,7 +111,11 @@ class ReplyLog:
             return
         if command[:4].upper() == "AUTH":
             command = redact_command(command)
+        # The bound context first, as structlog orders a bound logger's event (passing it
+        # again to the bound logger below changes nothing).
         event: dict[str, Any] = {
+            "relay": self._relay,
+            "conn_id": self._conn_id,
             "command": command,
             "code": code,
             "enhanced_code": _enhanced_code(text),
@@ -122,11 +126,8 @@ class ReplyLog:
             event["message_id"] = message_id
         if recipient is not None:
             event["recipient"] = recipient
-        # The lean path renders what structlog would, the bound context first.
-        if self._lean and fast_info("smtp.reply", {"relay": self._relay,
-                                                   "conn_id": self._conn_id, **event}):
-            return
-        self._log.info("smtp.reply", **event)
+        if not (self._lean and fast_info("smtp.reply", event)):
+            self._log.info("smtp.reply", **event)
 
     def connect(self, **facts: Any) -> None:
         """``smtp.connect``: the session is ready (after greeting, EHLO, TLS and AUTH)."""
