@@ -569,3 +569,20 @@ def test_large_messages_go_in_writes_of_bounded_size(make_server: Any,
     assert all(kind(e) == "ok" for e in entries)
     assert [m.data for m in server.messages] == [e.data for e in envs]
     assert max(writes) < 100_000 + 80_000  # never more than one transaction past the bound
+
+
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+def test_bdat_over_tls(make_server: Any, tls: str) -> None:
+    from .helpers import relay_for
+
+    server = make_server(chunking=True, tls=tls)
+    envs = [envelope(i, body=body(i) * 50) for i in range(12)]
+    conn = Connection(relay_for(server, pipeline_window=4))
+    conn.open()
+    try:
+        assert conn.encrypted and conn.supports_chunking
+        entries = conn.send_many(envs)
+    finally:
+        conn.close()
+    assert all(kind(e) == "ok" for e in entries)
+    assert [m.data for m in server.messages] == [e.data for e in envs]
