@@ -44,7 +44,9 @@ machine). At 10 ms each client runs once (``--n10-*`` messages): round trips dom
 Run: ``.venv/bin/python benchmarks/bench_smtp.py`` (about 3.5 minutes on 2 cores),
 ``--quick`` (about 1 minute), ``--json PATH`` to keep the numbers, ``--profile`` to
 cProfile mailworker's batch client at 0 ms (1 recipient, 2 KB and 100 KB) after the
-table. Results and their analysis: ``docs/benchmarks-smtp.md``. The exit status is 0
+table. After the tables, the reply log's microseconds per ``smtp.reply`` event (before,
+now, INFO off: ``benchmarks/bench_replylog.py``; ``--no-replylog`` skips it). Results and
+their analysis: ``docs/benchmarks-smtp.md``. The exit status is 0
 whether or not the targets are met: this is a measurement, not a test.
 """
 
@@ -474,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="cProfile mailworker's batch client at 0 ms, 1 rcpt, 2 KB and 100 KB")
     p.add_argument("--json", type=Path, help="write the numbers here")
+    p.add_argument("--no-replylog", dest="replylog", action="store_false",
+                   help="skip the reply log's microseconds per event (bench_replylog.py)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.n0 = 2, 200
@@ -544,6 +548,12 @@ def main(argv: list[str] | None = None) -> int:
           "messages, connection set-up and QUIT, hence a little over 4 or 8):")
     for key, value in lines_per_msg.items():
         print(f"  {key}: {value}")
+    replylog: dict[str, Any] = {}
+    if args.replylog:  # after the runs: it reconfigures structlog
+        import bench_replylog
+
+        replylog = bench_replylog.measure(5_000 if args.quick else 20_000, 5)
+        print("\nreply log (benchmarks/bench_replylog.py):\n" + bench_replylog.report(replylog))
     if profile:
         print("\n" + profile)
     if args.json:
@@ -555,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
                       "sys_ms_per_1000": r.sys_ms_per_1000,
                       "sink_cpu_ms_per_1000": r.sink_cpu_s / (r.n * len(r.rounds)) * 1e6}
                      for r in runs],
-            "ratios": ratio_rows, "log_lines_per_msg": lines_per_msg}, indent=2))
+            "ratios": ratio_rows, "log_lines_per_msg": lines_per_msg,
+            "replylog_us_per_event": replylog}, indent=2, default=str))
     return 0
 
 
