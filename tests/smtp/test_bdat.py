@@ -376,7 +376,8 @@ def test_421_after_bdat_last(bdat_server: Any) -> None:
     assert [kind(e) for e in entries] == ["ok", "after-dot 421", "uncertain", "uncertain"]
 
 
-def test_timeout_mid_window(bdat_server: Any) -> None:
+@pytest.mark.parametrize("bound", ["timeout", "deadline"])
+def test_timeout_mid_window(bdat_server: Any, bound: str) -> None:
     gate = threading.Event()
 
     def script(verb: str, n: int, line: str) -> bytes | None:
@@ -387,7 +388,7 @@ def test_timeout_mid_window(bdat_server: Any) -> None:
     server = bdat_server(script)
     try:
         entries, _ = send(server, [envelope(i) for i in range(3)], pipeline_window=8,
-                          timeout=0.5)
+                          **{bound: 0.5})
     finally:
         gate.set()
     assert [kind(e) for e in entries] == ["uncertain"] * 3  # replies are sent together
