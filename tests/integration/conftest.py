@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -34,8 +35,15 @@ class Env:
 
 
 @pytest.fixture
-def mw(mw_env: dict[str, str]) -> Iterator[Env]:
-    server = SMTPTestServer()
+def mw_server_options() -> dict[str, Any]:
+    """Keyword arguments for the ``mw`` fixture's SMTPTestServer; a test module overrides
+    this fixture for another server (e.g. ``{"chunking": True}``)."""
+    return {}
+
+
+@pytest.fixture
+def mw(mw_env: dict[str, str], mw_server_options: dict[str, Any]) -> Iterator[Env]:
+    server = SMTPTestServer(**mw_server_options)
     server.start()
     mw_env["MAILWORKER_RELAY_DEFAULT"] = server.dsn()  # the workers start from mw_env too
     env = mw_env

@@ -19,43 +19,33 @@ none, and the later ones were never read by the server. What must hold:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 import mailworker
-from mailworker.config import load_settings
-from mailworker.runtime import configure, reset_runtime
+from mailworker.relay import parse_relay
 from mailworker.store import MessageState
-from mailworker.testing import Fault, SMTPTestServer
+from mailworker.testing import Fault
 from tests.conftest import WorkerProcess
 from tests.integration.conftest import Env
 
 pytestmark = pytest.mark.integration
 
-WINDOW = 8
+#: The relay's default window, which the worker uses here.
+WINDOW = parse_relay("default", "smtp://127.0.0.1:25").pipeline_window
 
 
 @pytest.fixture
-def chunking_mw(mw_env: dict[str, str]) -> Iterator[Env]:
-    """Like the ``mw`` fixture, with a relay that offers CHUNKING (and PIPELINING)."""
-    server = SMTPTestServer(chunking=True)
-    server.start()
-    mw_env["MAILWORKER_RELAY_DEFAULT"] = server.dsn(pipeline_window=WINDOW)
-    settings = load_settings(environ=mw_env)
-    rt = configure(settings)
-    try:
-        yield Env(server, mw_env, settings, rt.store)
-    finally:
-        server.stop()
-        rt.pools.close_all()
-        reset_runtime()
+def mw_server_options() -> dict[str, Any]:
+    """The ``mw`` fixture's relay offers CHUNKING (and PIPELINING)."""
+    return {"chunking": True}
 
 
 @pytest.mark.parametrize("k", [1, 5, 12])
 def test_a_connection_dropped_mid_window_loses_nothing_and_flags_the_unread(
-        chunking_mw: Env, start_worker: Callable[..., WorkerProcess], k: int) -> None:
-    mw = chunking_mw
+        mw: Env, start_worker: Callable[..., WorkerProcess], k: int) -> None:
     mw.server.add_fault(Fault.drop_after_dot(nth=k, times=1))
     ids = mailworker.send_many([{"to": f"user{i}@example.com", "subject": f"s{i}",
                                  "text": f"message {i}\n" * 50} for i in range(40)])
