@@ -113,7 +113,8 @@ def run_check(target: str | None) -> int:
         conn.noop()
         facts = {"caps": dict(conn.capabilities), "encrypted": _encrypted(conn),
                  "verified": _verified(conn),
-                 "pipelining": conn.supports_pipelining, "max_size": conn.max_size}
+                 "pipelining": conn.supports_pipelining, "chunking": conn.supports_chunking,
+                 "max_size": conn.max_size}
     except Exception as exc:
         failure = exc
     finally:
@@ -136,6 +137,8 @@ def run_check(target: str | None) -> int:
     say(f"encrypted:    {facts['encrypted']}")
     say(f"verified:     {facts['verified']}")
     say(f"pipelining:   {'yes' if facts['pipelining'] else 'no'}")
+    say("chunking:     " + (f"yes (BDAT, {relay.pipeline_window} messages in flight)"
+                            if facts["chunking"] else "no"))
     say(f"max size:     {facts['max_size'] or 'not declared'}")
     say(f"auth:         {'logged in as ' + relay.username if relay.username else 'not used'}")
     say(f"\nrelay {relay.name!r} OK")
