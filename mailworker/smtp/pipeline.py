@@ -195,7 +195,8 @@ class Session:
         transaction of a 452 split: that envelope has started). When it returns False or
         raises, envelope ``i`` and all later ones are not started: each gets
         :class:`NotAttempted`; the previous message's content and dot, if pending, still
-        go out and its reply is read. The caller uses this to stop at a lost lease.
+        go out and its reply is read (with BDAT: the transactions already written are read
+        to the end). The caller uses this to stop at a lost lease.
         """
         outcomes = self._outcomes = [_Outcome(env) for env in envelopes]
         self._gate = gate
