@@ -32,8 +32,8 @@ from mailworker.record import Attempt, RecipientState, Record
 __all__ = ["COMPRESS_MIN", "HUFFMAN_MIN", "LEVEL", "body_of", "compact_json", "pack"]
 
 #: Bodies shorter than this are stored as they are: below it compression saves a few
-#: hundred bytes at most. A 2 KB message of mail text compresses to about 45% at level 1
-#: (about 13 us to compress at enqueue, 5 us to decompress at claim), which takes its
+#: hundred bytes at most. A 2 KB message of mail text compresses to about 50% at level 1
+#: (about 15 us to compress at enqueue, 5 us to decompress at claim), which takes its
 #: record from about 1,150 bytes beyond its MIME size to less than its MIME size; the
 #: record's structure (hash, sorted-set entry, document: about 850 bytes) is otherwise
 #: more than 1 KB beyond it once the body's allocation is rounded up.
@@ -54,7 +54,12 @@ def pack(raw: bytes) -> tuple[str, bytes]:
     if len(raw) < COMPRESS_MIN:
         return "raw", raw
     strategy = zlib.Z_HUFFMAN_ONLY if len(raw) >= HUFFMAN_MIN else zlib.Z_DEFAULT_STRATEGY
-    z = zlib.compressobj(LEVEL, zlib.DEFLATED, 15, 9, strategy)
+    # A window no larger than the body, and a hash table to match: setting up zlib's
+    # largest ones (about 256 KB, cleared each time) cost more than compressing a small
+    # body (2 KB: 17 us with a 4 KB window instead of 70 us, for the same size).
+    # zlib.decompress reads any window size.
+    wbits = min(15, max(9, (len(raw) - 1).bit_length()))
+    z = zlib.compressobj(LEVEL, zlib.DEFLATED, wbits, max(1, wbits - 7), strategy)
     packed = z.compress(raw) + z.flush()
     if len(packed) > len(raw) - len(raw) // 16:  # never store a body that did not shrink
         return "raw", raw
@@ -97,13 +102,14 @@ def _strip(d: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
             if k not in defaults or v != defaults[k] or type(v) is not type(defaults[k])}
 
 
-def compact_json(rec: Record) -> str:
+def compact_json(rec: Record) -> bytes:
     """The record's stored document: :meth:`Record.to_json` without the fields that hold
     their default (``null``, ``false``, ``0``, ``[]``, ``{}``), which
     :meth:`Record.from_json` (this version's and the previous ones') fills in again.
-    About half the size of a queued record's full JSON."""
+    About half the size of a queued record's full JSON. Bytes, as Redis takes them (no
+    decode here and encode again in the client)."""
     d = _strip(rec.to_dict(), _RECORD)
     d["recipients"] = [_strip(r, _RECIPIENT) for r in d["recipients"]]
     if "history" in d:
         d["history"] = [_strip(a, _ATTEMPT) for a in d["history"]]
-    return orjson.dumps(d).decode()
+    return orjson.dumps(d)
