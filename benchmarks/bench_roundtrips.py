@@ -13,7 +13,9 @@ feedback). Counted over the delivery only:
 * **commands** per message, from ``INFO commandstats`` (``EVALSHA`` is one command however
   much its script does), and the script calls among them;
 * **Redis CPU** per message (``used_cpu_sys + used_cpu_user`` of ``INFO cpu``: the
-  Redis process's own CPU; no broker shares it here, unlike in bench_queue.py).
+  Redis process's own CPU; no broker shares it here, unlike in bench_queue.py);
+* the in-process worker's wall time and CPU per message (``time.process_time``: the whole
+  pass, SMTP included, so it also moves with changes outside the store).
 
 The heartbeat's renewals (every ``lease_seconds / 3``) run too, as in a worker; at this
 speed a batch is done long before one is due.
@@ -99,10 +101,10 @@ def run_side(n: int) -> dict[str, Any]:
         stats.config_resetstat()
         cpu0 = stats.info("cpu")
         redis.connection.Connection.send_packed_command = counting  # type: ignore[method-assign]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for start in range(0, len(ids), settings.batch_size):
             deliverer.run(ids[start:start + settings.batch_size])
-        wall = time.perf_counter() - t0
+        wall, client_cpu = time.perf_counter() - t0, time.process_time() - c0
         redis.connection.Connection.send_packed_command = original  # type: ignore[method-assign]
         cpu1 = stats.info("cpu")
         cmds = {k.removeprefix("cmdstat_"): v["calls"]
@@ -117,6 +119,7 @@ def run_side(n: int) -> dict[str, Any]:
                 "script_calls": (cmds.get("evalsha", 0) + cmds.get("eval", 0)) / m,
                 "by_command": {k: v / m for k, v in sorted(cmds.items())},
                 "redis_cpu_ms": cpu * 1000 / m, "wall_ms": wall * 1000 / m,
+                "client_cpu_ms": client_cpu * 1000 / m,
                 "delivered": states == {"delivered"}}
     finally:
         redis.connection.Connection.send_packed_command = original  # type: ignore[method-assign]
@@ -172,7 +175,8 @@ def main() -> int:
     print(f"{'':24} {'before':>9} {'after':>9} {'after/before':>13}")
     for key, label in (("round_trips", "Redis round trips"), ("commands", "Redis commands"),
                        ("script_calls", "  of which script calls"),
-                       ("redis_cpu_ms", "Redis CPU ms"), ("wall_ms", "wall ms (in-process)")):
+                       ("redis_cpu_ms", "Redis CPU ms"), ("wall_ms", "wall ms (in-process)"),
+                       ("client_cpu_ms", "worker CPU ms (all)")):
         print(f"{label:24} {b[key]:>9.3f} {a[key]:>9.3f} {a[key] / b[key]:>13.2f}")
     names = sorted(set(b["by_command"]) | set(a["by_command"]))
     print("commands per message: " + ", ".join(
