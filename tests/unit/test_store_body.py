@@ -195,3 +195,28 @@ def test_a_record_of_the_previous_version_is_delivered_byte_for_byte(real_local:
     data = local.server.messages[-1].data
     assert data in (raw, raw + b"\r\n")
     assert local.redis.hget(key, "raw") is None  # delivered: the body is dropped
+
+
+def test_after_a_crash_mid_send_the_next_worker_sends_the_accepted_bytes(
+        real_local: Any) -> None:
+    """A worker claims a compressed record, marks it as being sent and dies (its lease
+    runs out): the next worker sends exactly the accepted bytes, flagged as a possible
+    duplicate."""
+    from mailworker import api
+
+    local = real_local
+    [(rec, raw)] = api.prepare_many([_message(3)])
+    [mid] = api.enqueue_prepared([(rec, raw)])
+    local.drop_wakeups()
+    s = local.settings
+    [claim] = local.store.claim_many([mid], "dead-worker", s.lease_seconds,
+                                     local.clock() + s.lease_seconds + s.stuck_after).values()
+    assert isinstance(claim, Claim) and claim.raw == raw
+    assert local.store.mark_sending([claim], 30) == [True]
+    local.redis.delete(local.store.keys.lease(mid))  # its lease ran out
+    local.clock.advance(s.lease_seconds + s.stuck_after + 1)
+    local.run_until_idle()
+    status = local.status(mid)
+    assert status is not None and status["state"] == "delivered"
+    assert status["possible_duplicate"]
+    assert local.server.messages[-1].data in (raw, raw + b"\r\n")
