@@ -419,6 +419,7 @@ async def _close_sessions(sessions: set[FaultySMTP]) -> None:
 def _hang_up_all(sessions: set[FaultySMTP], with_421: bool) -> None:
     """Close every live connection now, as a server going down does (on its loop)."""
     for session in list(sessions):
+        session.flush()
         if with_421 and session.transport is not None and not session.transport.is_closing():
             session.transport.write(b"421 4.3.2 Service shutting down\r\n")  # type: ignore[attr-defined]
         session.drop()

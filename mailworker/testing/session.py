@@ -70,6 +70,11 @@ BDAT_NO_RCPT = "554 5.5.1 Error: no valid recipients"
 DATA_AFTER_BDAT = "503 5.5.1 Error: DATA after BDAT"
 BDAT_NULL = "551 5.7.1 Null BDAT request"
 _PIECE = 64 * 1024  # a chunk is read (and kept or discarded) this much at a time
+#: Commands whose replies push() may hold back (RFC 2920's pipelinable ones, and the end
+#: of DATA, which the client does not wait for when it pipelines the next message), and
+#: at most how many replies it holds.
+_BATCHED = frozenset({"MAIL", "RCPT", "BDAT", "RSET", "NOOP", "DATA"})
+_HOLD_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,10 @@ class FaultySMTP(SMTP):
         self._bdat_failed = False
         self.chunking = config.chunking  # HELP lists BDAT only then (@syntax's ``when``)
         self._last_input = time.monotonic()
+        #: Replies held back while the client's next command is already buffered (see
+        #: push()), and the verb being answered.
+        self._held: list[bytes] = []
+        self._verb: str | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         # aiosmtpd warns about AUTH without TLS; testing clients against that is the point.
         with warnings.catch_warnings():
@@ -196,6 +205,7 @@ class FaultySMTP(SMTP):
         """Close the connection now, without a reply, and stop handling its commands."""
         if self._hung_up:
             return
+        self.flush()  # replies already given go out before the close
         self._hung_up = True
         self._cancel_idle()
         if self.transport is not None:
@@ -209,16 +219,42 @@ class FaultySMTP(SMTP):
         self.drop()
 
     async def push(self, status: AnyStr) -> None:
+        """Send a reply, or hold it while the client's next command is already buffered.
+
+        A pipelining client sends a group of commands in one write; answering each in its
+        own write costs a system call per reply. Like Postfix's smtpd (RFC 2920 section
+        3.2: a server may hold replies until its input buffer runs empty), replies to the
+        pipelinable commands are held while a further complete command line is waiting,
+        and go out together in one write when it is not. Nothing is held that the client
+        could be waiting for: an unfinished line in the buffer means the client is still
+        writing, and every reply given is sent before a delay, a hostile fault, a close or
+        the TLS handshake.
+        """
         if self._hung_up:
             return
         if not self._greeted:
             self._greeted = True
             if await self._greeting_fault():
                 return
+        line = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") \
+            if isinstance(status, str) else status
+        self._held.append(line + b"\r\n")
+        if self._verb in _BATCHED and len(self._held) < _HOLD_MAX and _command_waiting(
+                self._reader):
+            return
         try:
-            await super().push(status)
+            self.flush()
+            await self._writer.drain()
         except ConnectionError:
             self.drop()
+
+    def flush(self) -> None:
+        """Write the replies held back by push() (the server calls this before writing
+        anything else to the connection)."""
+        if self._held:
+            held, self._held = b"".join(self._held), []
+            if self.transport is not None and not self.transport.is_closing():
+                self._writer.write(held)
 
     async def _greeting_fault(self) -> bool:
         faults, cid = self._cfg.faults, self._conn_id
@@ -228,7 +264,7 @@ class FaultySMTP(SMTP):
             self.drop()
             return True
         if (delay := faults.take("delay", "GREETING", (), cid)) is not None:
-            await asyncio.sleep(delay.seconds)
+            await asyncio.sleep(delay.seconds)  # (nothing can be held before the greeting)
         if await self._hostile("GREETING", ()):
             return True
         if (fault := faults.take("greeting", None, (), cid)) is not None:
@@ -262,6 +298,7 @@ class FaultySMTP(SMTP):
         if fault is None:  # the client spoke meanwhile, or the fault was spent or cleared
             self.arm_idle()
             return
+        self.flush()
         if fault.code is not None:
             self._writer.write(f"{fault.reply_line}\r\n".encode())
         self.drop()
@@ -278,12 +315,18 @@ class FaultySMTP(SMTP):
                 # without a client to answer. End the loop here instead.
                 raise asyncio.CancelledError
             self._cfg.recorder.command(self._conn_id, command_line(verb, arg))
-            if self._cfg.faults.active and await self._inject(verb, arg):
-                return
-            if verb == "AUTH" and not self._cfg.auth:
-                await self.push("503 5.5.1 Error: authentication not enabled")
-                return
-            await method(arg)
+            self._verb = verb
+            try:
+                if self._cfg.faults.active and await self._inject(verb, arg):
+                    return
+                if verb == "AUTH" and not self._cfg.auth:
+                    await self.push("503 5.5.1 Error: authentication not enabled")
+                    return
+                await method(arg)
+            finally:
+                # aiosmtpd's own replies between commands (unknown command, line too long,
+                # too many errors and a close) are never held back.
+                self._verb = None
 
         return guarded
 
@@ -292,6 +335,7 @@ class FaultySMTP(SMTP):
         faults, cid = self._cfg.faults, self._conn_id
         subjects = self._subjects(verb, arg)
         if (delay := faults.take("delay", verb, subjects, cid)) is not None:
+            self.flush()  # the delay is this reply's, not the earlier ones'
             await asyncio.sleep(delay.seconds)
         if (fault := faults.take("disconnect", verb, subjects, cid)) is not None:
             await self._hang_up(fault)
@@ -324,6 +368,7 @@ class FaultySMTP(SMTP):
         """Play a hang/trickle/endless fault for *on*, if one applies, until the client goes."""
         for kind in HOSTILE:
             if (fault := self._cfg.faults.take(kind, on, subjects, self._conn_id)) is not None:
+                self.flush()
                 await act_out(fault, self._writer, lambda: self._hung_up or self.transport is None
                               or self.transport.is_closing())
                 self.drop()
@@ -542,6 +587,7 @@ class FaultySMTP(SMTP):
         faults, cid = self._cfg.faults, self._conn_id
         subjects = self._subjects("DOT", None) if faults.active else ()  # parses a header
         if (delay := faults.take("delay", "DOT", subjects, cid)) is not None:
+            self.flush()
             await asyncio.sleep(delay.seconds)
         if (fault := faults.take("disconnect", "DOT", subjects, cid)) is not None:
             await self._hang_up(fault)
@@ -583,6 +629,14 @@ class FaultySMTP(SMTP):
             tls=self._cfg.implicit_tls or self._tls_protocol is not None,
             user=user,
         ))
+
+
+def _command_waiting(reader: asyncio.StreamReader) -> bool:
+    """Whether a complete command line is already buffered (so the command loop will run
+    it without waiting for the client). A command line is at most a few hundred bytes;
+    a longer stretch without a line end is content still arriving."""
+    buffer: bytearray = reader._buffer  # type: ignore[attr-defined] # no public peek
+    return buffer.find(b"\n", 0, 1100) >= 0
 
 
 class _Hooks:

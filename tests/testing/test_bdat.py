@@ -399,3 +399,28 @@ def test_any_split_into_chunks_arrives_as_sent(shared_server: SMTPTestServer,
     assert codes(client.replies(len(pieces) + 3)) == [250] * (len(pieces) + 2) + [221]
     client.close()
     assert [m.data for m in shared_server.messages] == [content]
+
+
+def test_replies_held_for_a_pipelined_group_go_out_before_a_fault_writes(
+        server: SMTPTestServer, raw: Raw) -> None:
+    """The server answers a pipelined group in one write (as Postfix does); a fault that
+    writes on its own (a trickled reply) or closes the connection comes after the replies
+    already given, in order."""
+    server.add_fault(Fault.trickle("MAIL", seconds=0.01, code=451, text="slow", match="t@"))
+    raw.send(bdat_transaction("first") + bdat_transaction("second", sender="t@x.test"))
+    assert codes(raw.replies(3)) == [250, 250, 250]
+    raw.sock.settimeout(5)
+    trickled = b""
+    while len(raw.buffer + trickled) < 4:
+        trickled += raw.sock.recv(1)
+    assert (raw.buffer + trickled).startswith(b"451 ")
+    assert [m.message_id for m in server.messages] == ["<first@test>"]
+
+
+def test_a_group_ending_in_a_close_gets_its_replies_first(server: SMTPTestServer) -> None:
+    server.add_fault(Fault.disconnect("RSET", code=None))
+    raw = Raw(server)
+    raw.send(bdat_transaction("a") + bdat_transaction("b") + b"NOOP\r\nRSET\r\nNOOP\r\n")
+    assert codes(raw.replies(7)) == [250] * 7
+    assert wait_until(raw.closed, 5)
+    raw.close()
