@@ -453,7 +453,10 @@ class Bench:
         c = str(self.args.concurrency)
         log = self.tmp / f"{system}-{queue}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAILWORKER_")}
-        env["PYTHONPATH"] = str(ROOT)
+        # This tree first; the caller's PYTHONPATH after it (e.g. an optional package such
+        # as hiredis installed with --target, to measure it without changing the venv).
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         if system.startswith("mailworker"):
             env.update(self._mw_env(sink_port))
             if os.environ.get("MAILWORKER_LOG_LEVEL"):
