@@ -15,7 +15,7 @@ The body is stored in one of two fields, so a reader never has to guess:
 * ``zraw``: the same bytes compressed with zlib (:func:`pack`), whose own checksum
   (Adler-32) makes a damaged body an unreadable record, never different mail.
 
-Either way :func:`unpack` gives back exactly the bytes accepted; a retry, a dead letter's
+Either way :func:`body_of` gives back exactly the bytes accepted; a retry, a dead letter's
 retry and a crash all send those.
 """
 
@@ -34,9 +34,9 @@ __all__ = ["COMPRESS_MIN", "HUFFMAN_MIN", "LEVEL", "body_of", "compact_json", "p
 #: Bodies shorter than this are stored as they are: below it compression saves a few
 #: hundred bytes at most. A 2 KB message of mail text compresses to about 50% at level 1
 #: (about 15 us to compress at enqueue, 5 us to decompress at claim), which takes its
-#: record from about 1,150 bytes beyond its MIME size to less than its MIME size; the
-#: record's structure (hash, sorted-set entry, document: about 850 bytes) is otherwise
-#: more than 1 KB beyond it once the body's allocation is rounded up.
+#: record from about 1,100 bytes beyond its MIME size to about 100: the record's own
+#: structure (hash, sorted-set entry, compact document, allocation rounding) is about
+#: 1,100 bytes, so without compressing the body a 2 KB message stays over 1 KB of it.
 COMPRESS_MIN = 1024
 #: From this size on, Huffman coding only (no LZ77 matching). Large messages are mostly
 #: attachments, base64 of data that is compressed already, where matching finds nothing:
