@@ -3,9 +3,11 @@
 -- ARGV: 1 token, 2 lease ttl ms, 3 watchdog score (when the sweeper should look again),
 --       4 now, 5 record key head, 6 lease key head (Keys.head: the record's and its
 --       lease's keys are the head and the id), then per record its id
--- Returns per record 5 values {status, doc, raw, zraw, sending}: status is "ok",
--- "missing", "wrongtype", "quarantined" or "locked"; the body is in raw or, compressed,
--- in zraw (mailworker.store.body); sending is
+-- Returns per record 6 values {status, doc, raw, zraw, sending, in flight}: status is
+-- "ok", "missing", "wrongtype", "quarantined" or "locked"; the body is in raw or,
+-- compressed, in zraw (mailworker.store.body); in flight is 1 when the record was in the
+-- in-flight set (so it is in no other set, and its commit need not look: commit.lua);
+-- sending is
 -- "<token> <time>" left by an earlier holder that started a transaction window with this
 -- record and never saved an outcome (it died mid-send), or false: a retry after such a
 -- death may duplicate, and is flagged. Claiming does not mark the record as sending: the
@@ -14,13 +16,13 @@
 -- One call for the batch, three commands per record on the common path (read, lease,
 -- watchdog): one HMGET answers whether the record exists, is a hash and is set aside.
 local out = {}
-local function put(status, v)
+local function put(status, v, placed)
   if v then
     out[#out + 1], out[#out + 2], out[#out + 3] = status, v[1], v[2]
-    out[#out + 1], out[#out + 2] = v[3], v[4]
+    out[#out + 1], out[#out + 2], out[#out + 3] = v[3], v[4], placed
   else
     out[#out + 1], out[#out + 2], out[#out + 3] = status, false, false
-    out[#out + 1], out[#out + 2] = false, false
+    out[#out + 1], out[#out + 2], out[#out + 3] = false, false, 0
   end
 end
 for i = 7, #ARGV do
@@ -43,8 +45,9 @@ for i = 7, #ARGV do
   elseif not redis.call("SET", lease, ARGV[1], "NX", "PX", ARGV[2]) then
     put("locked")
   else
-    redis.call("ZADD", KEYS[1], "XX", ARGV[3], id)
-    put("ok", v)
+    -- CH: 1 when it was there (its watchdog moves); 0 also when the score was already
+    -- this one, which only costs its commit the sets it then looks in.
+    put("ok", v, redis.call("ZADD", KEYS[1], "XX", "CH", ARGV[3], id))
   end
 end
 return out

@@ -3,9 +3,11 @@
 -- KEYS: 1 inflight, 2 deferred, 3 dead, 4 sweep counts, 5... the stats hashes (of the
 --       records' relays)
 -- ARGV: 1 retention seconds of a delivered record, 2 retention seconds of a dead letter
---       (0 = keep), 3 record key head, 4 lease key head (Keys.head), then per record 7
+--       (0 = keep), 3 record key head, 4 lease key head (Keys.head), then per record 8
 --       values: token, id, doc json, state, score (for "dead": the dead-lettered time),
---       its stats hash (a KEYS index), its counters ("field\nincrement\n..." pairs)
+--       its stats hash (a KEYS index), its counters ("field\nincrement\n..." pairs),
+--       1 when its claim found it in the in-flight set (then it is in no other: only
+--       the lease holder moves it) else 0
 -- A record that is live again (a dead letter retried) loses any expiry it had. A delivered
 -- record loses its body (raw, zraw): nothing sends it again, and it was most of its memory.
 -- Returns per record 1 when saved, 0 when another worker has claimed it since.
@@ -17,10 +19,11 @@ local out = {}
 -- counts are only looked at when there are any.
 local sums, order = {}, {}
 local swept = redis.call("EXISTS", KEYS[4]) == 1
-for a = 5, #ARGV, 7 do
+for a = 5, #ARGV, 8 do
   local token, id, doc, state, score = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
                                        ARGV[a + 4]
   local stats, counters = KEYS[tonumber(ARGV[a + 5])], ARGV[a + 6]
+  local elsewhere = ARGV[a + 7] ~= "1"
   local rec, lease_key = ARGV[3] .. id, ARGV[4] .. id
   local ours = true
   local lease = redis.call("GET", lease_key)
@@ -41,7 +44,7 @@ for a = 5, #ARGV, 7 do
     end
     -- Out of the sets it leaves (the ZADD below moves it within the one it stays in).
     if state ~= "queued" then redis.call("ZREM", KEYS[1], id) end
-    if state ~= "deferred" then redis.call("ZREM", KEYS[2], id) end
+    if state ~= "deferred" and elsewhere then redis.call("ZREM", KEYS[2], id) end
     if swept then redis.call("HDEL", KEYS[4], id) end
     if state == "deferred" then
       redis.call("ZADD", KEYS[2], score, id)
@@ -50,7 +53,7 @@ for a = 5, #ARGV, 7 do
     elseif state == "dead" then
       redis.call("ZADD", KEYS[3], score, id)
     end
-    if state ~= "dead" then
+    if state ~= "dead" and elsewhere then
       redis.call("ZREM", KEYS[3], id)
     end
     if state == "delivered" and retention > 0 then

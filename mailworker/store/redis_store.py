@@ -44,6 +44,9 @@ class Claim:
     raw: bytes
     token: str
     interrupted_at: float | None = None
+    #: It was in the in-flight set when claimed, so in neither ``deferred`` nor ``dead``
+    #: (only the lease holder moves it there): its commit does not look there.
+    in_flight: bool = False
 
 
 @dataclass
@@ -142,8 +145,8 @@ class Store:
             (script, [k.inflight, k.dead], [token, ms, watchdog, now, *heads, *part])
             for part in (ids[i:i + 500] for i in range(0, len(ids), 500))]
         flat = [v for result in self._run(calls) for v in result]
-        rows = [flat[i:i + 5] for i in range(0, len(flat), 5)]
-        for mid, (raw_status, doc, raw, zraw, sending) in zip(ids, rows, strict=True):
+        rows = [flat[i:i + 6] for i in range(0, len(flat), 6)]
+        for mid, (raw_status, doc, raw, zraw, sending, placed) in zip(ids, rows, strict=True):
             status = _str(raw_status)
             if status != "ok":
                 out[mid] = status
@@ -162,7 +165,7 @@ class Store:
                     out[mid] = Unreadable(mid, token, "the record has no message bytes (raw)")
                     continue
                 body = b""  # delivered: its body was dropped (commit.lua); nothing to send
-            out[mid] = Claim(record, body, token, interrupted)
+            out[mid] = Claim(record, body, token, interrupted, placed == 1)
         return out
 
     def quarantine_many(self, items: Sequence[tuple[str, str, str]]) -> list[bool]:
@@ -220,10 +223,11 @@ class Store:
                 if rec.relay not in stats:
                     keys.append(k.stats(rec.relay))
                     stats[rec.relay] = len(keys)
-                # Seven arguments a record (each costs the client about 1 us to send).
+                # Eight arguments a record (each costs the client about 1 us to send).
                 args += [claim.token, rec.id, compact_json(rec), rec.state.value, score,
                          stats[rec.relay], "".join(f"{name}\n{v}\n" for name, v in
-                                                   counters.items() if "\n" not in name)]
+                                                   counters.items() if "\n" not in name),
+                         1 if claim.in_flight else 0]
             calls.append((script, keys, args))
         # One script run per chunk (not one per record): the commit is most of Redis's
         # work per message, and a script run has a cost of its own.

@@ -90,3 +90,28 @@ def test_a_batch_of_50_costs_few_round_trips(real: LocalDelivery,
     # claim, pause and rate (with the first window's marks), the windows that start
     # inside a chunk, one commit per chunk (with feedback and the next chunk's marks)
     assert round_trips[0] - before <= 2 + mid_chunk_windows + chunks
+
+
+@pytest.mark.parametrize("place", ["inflight", "deferred", "dead"])
+def test_a_commit_takes_the_record_out_of_whatever_set_it_was_in(
+        real: LocalDelivery, place: str) -> None:
+    """The claim says whether the record was in flight; the commit then skips the other
+    sets, and still cleans them when it was anywhere else (a stale wake-up of a deferred
+    record, a dead letter retried)."""
+    import time
+
+    from mailworker.record import MessageState
+    from mailworker.store import Claim
+
+    store, k = real.store, real.store.keys
+    [mid] = real.send_many([mail(0)])
+    real.drop_wakeups()
+    if place != "inflight":
+        real.redis.zrem(k.inflight, mid)
+        real.redis.zadd(getattr(k, place), {mid: time.time() + 600})
+    [claim] = store.claim_many([mid], "tok", 30, time.time() + 60).values()
+    assert isinstance(claim, Claim) and claim.in_flight is (place == "inflight")
+    claim.record.state = MessageState.DELIVERED
+    assert store.commit_many([(claim, 0.0, {"delivered": 1})]) == [True]
+    for key in (k.inflight, k.deferred, k.dead):
+        assert real.redis.zscore(key, mid) is None, key
