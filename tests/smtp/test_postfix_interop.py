@@ -245,3 +245,26 @@ def test_the_test_server_answers_bdat_like_postfix(lenient_postfix: Postfix, nam
     # Enhanced codes too, where both give one (aiosmtpd's own replies have none).
     assert [a for a, b in zip(ours, theirs, strict=True) if len(a) > 3 and len(b) > 3] == \
         [b for a, b in zip(ours, theirs, strict=True) if len(a) > 3 and len(b) > 3]
+
+
+def test_the_fixture_refuses_improper_pipelining_and_cleans_up(postfix: Postfix) -> None:
+    """The strictness the client tests rely on is live (MAIL sent with EHLO, before its
+    reply, is refused), and a stopped instance leaves no process and no directory."""
+    import os
+    import socket
+
+    with socket.create_connection((postfix.host, postfix.port), timeout=10) as sock:
+        data = sock.recv(65536)
+        sock.sendall(b"EHLO client.test\r\nMAIL FROM:<app@example.com>\r\n")
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert b"554 5.5.0 Error: SMTP protocol synchronization" in data
+
+    other = Postfix()
+    other.start()
+    master, directory = other._master, other.dir
+    assert master is not None and directory is not None and directory.exists()
+    other.stop()
+    assert master.poll() is not None and not directory.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(master.pid, 0)
