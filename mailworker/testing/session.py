@@ -1,6 +1,6 @@
 """One SMTP connection of the test server: aiosmtpd's protocol plus recording and faults.
 
-aiosmtpd parses and validates the protocol; this subclass adds four things:
+aiosmtpd parses and validates the protocol; this subclass adds:
 
 * every command passes through :meth:`FaultySMTP._guard`, which records it and applies
   delay, disconnect and reply faults before aiosmtpd sees it (one interception point
@@ -21,9 +21,9 @@ aiosmtpd parses and validates the protocol; this subclass adds four things:
   asks of a server ("accept and discard additional BDAT chunks already in the pipeline
   after the failed BDAT");
 * :meth:`FaultySMTP.push` is the single exit: it applies greeting faults (and the
-  persona's connection cap and outages, :mod:`.personas`) and swallows
-  writes to a connection the fault code (or the client) already closed, so client
-  disconnects never surface as tracebacks.
+  persona's connection cap and outages, :mod:`.personas`), answers a pipelined group of
+  commands in one write (as Postfix does), and swallows writes to a connection the fault
+  code (or the client) already closed, so client disconnects never surface as tracebacks.
 """
 
 from __future__ import annotations
