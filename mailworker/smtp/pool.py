@@ -40,6 +40,7 @@ from mailworker.relay import Relay, RelayKey
 from mailworker.smtp.connection import Connection
 from mailworker.smtp.errors import (
     BEFORE_MAIL,
+    DeliveryUncertain,
     NotAttempted,
     Stage,
     annotate,
@@ -286,7 +287,10 @@ class Pool:
             raise
         finally:
             self._update(back=conn).close()
-        if reused and entries and _is_stale(entries[0]):
+        # Stale only if nothing after the first went out: with BDAT a window may have been
+        # written behind a 421 to its first MAIL (those are uncertain, never sent again here).
+        if reused and entries and _is_stale(entries[0]) and not any(
+                isinstance(e, DeliveryUncertain) for e in entries[1:]):
             self._update(stale_retry=True).close()
             self._log.info("smtp.stale_retry", relay=self.relay.name, conn_id=conn.conn_id,
                            error=type(entries[0]).__name__)
