@@ -56,7 +56,7 @@ from collections import deque
 from collections.abc import Callable
 
 from mailworker.smtp.errors import DeliveryUncertain, ReplyTimeout, Stage
-from mailworker.smtp.pipeline import Reply, Session, Wire, _Abort, _not_attempted, _Txn
+from mailworker.smtp.pipeline import Reply, Session, Wire, _Abort, _Txn, _unsent
 from mailworker.smtp.replylog import ReplyLog
 
 __all__ = ["DEFAULT_WINDOW", "ChunkingSession"]
@@ -177,7 +177,7 @@ class ChunkingSession(Session):
                     oc.decide((rcpt,), *refusal, Stage.RCPT)
                 exc = DeliveryUncertain(f"no reply to BDAT LAST: {abort.exc}")
                 exc.__cause__, stage = abort.exc, Stage.AFTER_DOT
-            else:
-                exc, stage = _not_attempted(abort), Stage.MAIL
+            else:  # never written: NotAttempted (a 452 split's later part: see _unsent)
+                exc, stage = _unsent(abort, t), Stage.MAIL
             self._fail_on(t, exc, stage)
         self._inflight.clear()

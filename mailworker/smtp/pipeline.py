@@ -163,6 +163,23 @@ def _not_attempted(abort: _Abort) -> NotAttempted:
     return NotAttempted(f"not attempted: the connection failed on an earlier message ({abort.exc})")
 
 
+def _unsent(abort: _Abort, t: _Txn) -> BaseException:
+    """The error of a transaction never written when the connection failed.
+
+    :class:`NotAttempted` tells the caller to send the whole envelope again, so it is only
+    for an envelope's first transaction. The part of an envelope a 452 pushed to a later
+    transaction follows one whose recipients may have been accepted: sending the envelope
+    again would give them a second copy. It gets a connection failure instead, which
+    carries what was decided (``partial``) and leaves only the undecided recipients to retry.
+    """
+    if t.first:
+        return _not_attempted(abort)
+    exc = smtplib.SMTPServerDisconnected(
+        f"not sent: the connection failed before this part of a 452 split ({abort.exc})")
+    exc.__cause__ = abort.exc
+    return exc
+
+
 class Session:
     """Runs batches of transactions over one wire; lives as long as the connection."""
 
@@ -441,7 +458,7 @@ class Session:
                     uncertain.__cause__ = exc
                     exc = uncertain
             else:
-                exc, stage = _not_attempted(abort), Stage.MAIL
+                exc, stage = _unsent(abort, t), Stage.MAIL
             self._fail_on(t, exc, stage)
 
     def _fail_on(self, t: _Txn, exc: BaseException, stage: Stage) -> None:

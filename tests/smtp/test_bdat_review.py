@@ -67,3 +67,28 @@ def test_pool_never_resends_a_window_it_marked_uncertain(make_server: Any) -> No
             assert counts.get(mid, 0) <= 1
     assert kind(entries[0]) == "mail 421"
     assert [kind(e) for e in entries[1:]] == ["uncertain"] * 3
+
+
+# -- a 452 split waiting while the connection dies ------------------------------------------------
+
+def test_split_part_not_written_keeps_the_accepted_part(bdat_server: Any) -> None:
+    """Envelope 0: a accepted, b 452 (split into a later transaction). The connection dies
+    on message 1 before the split part goes out: envelope 0 must not be NotAttempted (the
+    caller would send it again, a second copy for a) but a failure that carries a's
+    acceptance, with b left to retry."""
+    def script(verb: str, n: int, line: str) -> bytes | None:
+        if verb == "RCPT" and n == 0 and "b@" in line:
+            return b"452 4.5.3 too many recipients\r\n"
+        return CLOSE if verb == "RCPT" and n == 1 else None
+
+    server = bdat_server(script)
+    envs = [envelope(0, ("a@example.test", "b@example.test")), envelope(1), envelope(2)]
+    entries, _ = send(server, envs, pipeline_window=2)
+    first = entries[0]
+    assert not isinstance(first, NotAttempted), first
+    assert isinstance(first, BaseException)
+    partial = failure_of(first).partial
+    assert partial is not None
+    assert [r.recipient for r in partial.accepted] == ["a@example.test"]
+    assert kind(entries[1]) == "uncertain"
+    assert kind(entries[2]) == "not-attempted"
