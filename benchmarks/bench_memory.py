@@ -42,6 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,15 +103,16 @@ def _used(port: int) -> int:
         client.close()
 
 
-def run_side(n2k: int, n100k: int, delivered: int, delivered_100k: int) -> dict[str, Any]:
+@contextmanager
+def private_stack() -> Iterator[tuple[Any, int, Any, Any, list[str]]]:
+    """Its own redis-server (persistence off) and smtp-sink on free ports, and the
+    mailworker runtime configured on them with wake-ups kept in a list (no broker shares
+    the Redis): yields (client, port, settings, runtime, woken ids). Stops both."""
     import redis
 
-    import mailworker
-    from mailworker import api, runtime
+    from mailworker import runtime
     from mailworker.config import Settings
-    from mailworker.delivery import Deliverer
     from mailworker.relay import parse_relay
-    from mailworker.smtp import PoolManager
     from mailworker.testing.polling import free_port
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -121,7 +124,6 @@ def run_side(n2k: int, n100k: int, delivered: int, delivered_100k: int) -> dict[
          "--appendonly", "no", "--dir", tempfile.gettempdir()],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sink = SmtpSink()
-    out: dict[str, Any] = {"code": str(Path(mailworker.__file__).parent)}
     try:
         client = redis.Redis(port=port)
         for _ in range(100):
@@ -136,6 +138,21 @@ def run_side(n2k: int, n100k: int, delivered: int, delivered_100k: int) -> dict[
         woken: list[str] = []
         rt = runtime.configure(settings, redis_client=client,
                                publisher=lambda ids, _queue: woken.extend(ids))
+        yield client, port, settings, rt, woken
+    finally:
+        sink.stop()
+        server.terminate()
+        server.wait(10)
+
+
+def run_side(n2k: int, n100k: int, delivered: int, delivered_100k: int) -> dict[str, Any]:
+    import mailworker
+    from mailworker import api
+    from mailworker.delivery import Deliverer
+    from mailworker.smtp import PoolManager
+
+    out: dict[str, Any] = {"code": str(Path(mailworker.__file__).parent)}
+    with private_stack() as (client, port, settings, rt, woken):
         rng = random.Random(12)
 
         def queue(kind: str, n: int) -> tuple[list[str], int]:
@@ -187,10 +204,6 @@ def run_side(n2k: int, n100k: int, delivered: int, delivered_100k: int) -> dict[
                                         "all_delivered": states == ["delivered"] * len(states)}
             print(f"  delivered {kind}: {used / n:,.0f} B/msg", file=sys.stderr, flush=True)
         woken.clear()
-    finally:
-        sink.stop()
-        server.terminate()
-        server.wait(10)
     return out
 
 

@@ -50,45 +50,21 @@ def run_side(n: int) -> dict[str, Any]:
     import redis.connection
 
     import mailworker
-    from mailworker import api, runtime
-    from mailworker.config import Settings
+    from mailworker import api
     from mailworker.delivery import Deliverer
-    from mailworker.relay import parse_relay
     from mailworker.smtp import PoolManager
-    from mailworker.testing.polling import free_port
 
-    here = Path(__file__).resolve().parent
-    sys.path.insert(0, str(here))
-    from _sinks import SmtpSink
-    from bench_memory import message
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_memory import message, private_stack
 
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", tempfile.gettempdir()],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    sink = SmtpSink()
     sent = [0]
     original = redis.connection.Connection.send_packed_command
 
     def counting(self: Any, command: Any, check_health: bool = True) -> None:
         sent[0] += 1
-        original(self, command, check_health)
+        original(self, command, check_health)  # type: ignore[no-untyped-call]
 
-    try:
-        client = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        settings = Settings(default_sender="orders@shop.example.com",
-                            relays={"default": parse_relay(
-                                "default", f"smtp://127.0.0.1:{sink.port}")})
-        woken: list[str] = []
-        rt = runtime.configure(settings, redis_client=client,
-                               publisher=lambda ids, _queue: woken.extend(ids))
+    with private_stack() as (_client, port, settings, rt, _woken):
         rng = random.Random(5)
         ids: list[str] = []
         for start in range(0, n, 500):
@@ -101,31 +77,28 @@ def run_side(n: int) -> dict[str, Any]:
         stats.config_resetstat()
         cpu0 = stats.info("cpu")
         redis.connection.Connection.send_packed_command = counting  # type: ignore[method-assign]
-        t0, c0 = time.perf_counter(), time.process_time()
-        for start in range(0, len(ids), settings.batch_size):
-            deliverer.run(ids[start:start + settings.batch_size])
-        wall, client_cpu = time.perf_counter() - t0, time.process_time() - c0
-        redis.connection.Connection.send_packed_command = original  # type: ignore[method-assign]
+        try:
+            t0, c0 = time.perf_counter(), time.process_time()
+            for start in range(0, len(ids), settings.batch_size):
+                deliverer.run(ids[start:start + settings.batch_size])
+            wall, client_cpu = time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            redis.connection.Connection.send_packed_command = original  # type: ignore[method-assign]
         cpu1 = stats.info("cpu")
         cmds = {k.removeprefix("cmdstat_"): v["calls"]
                 for k, v in stats.info("commandstats").items()}
         for k in ("config|resetstat", "info"):  # our own reads
             cmds.pop(k, None)
         states = {r.state.value if r else None for r in rt.store.get_many(ids[-50:])}
-        m = len(ids)
-        cpu = sum(cpu1[k] - cpu0[k] for k in ("used_cpu_sys", "used_cpu_user"))
-        return {"code": str(Path(mailworker.__file__).parent), "n": m,
-                "round_trips": sent[0] / m, "commands": sum(cmds.values()) / m,
-                "script_calls": (cmds.get("evalsha", 0) + cmds.get("eval", 0)) / m,
-                "by_command": {k: v / m for k, v in sorted(cmds.items())},
-                "redis_cpu_ms": cpu * 1000 / m, "wall_ms": wall * 1000 / m,
-                "client_cpu_ms": client_cpu * 1000 / m,
-                "delivered": states == {"delivered"}}
-    finally:
-        redis.connection.Connection.send_packed_command = original  # type: ignore[method-assign]
-        sink.stop()
-        server.terminate()
-        server.wait(10)
+    m = len(ids)
+    cpu = sum(cpu1[k] - cpu0[k] for k in ("used_cpu_sys", "used_cpu_user"))
+    return {"code": str(Path(mailworker.__file__).parent), "n": m,
+            "round_trips": sent[0] / m, "commands": sum(cmds.values()) / m,
+            "script_calls": (cmds.get("evalsha", 0) + cmds.get("eval", 0)) / m,
+            "by_command": {k: v / m for k, v in sorted(cmds.items())},
+            "redis_cpu_ms": cpu * 1000 / m, "wall_ms": wall * 1000 / m,
+            "client_cpu_ms": client_cpu * 1000 / m,
+            "delivered": states == {"delivered"}}
 
 
 def _side(tree: Path, n: int) -> dict[str, Any]:
