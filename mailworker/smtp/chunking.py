@@ -42,11 +42,30 @@ was not read is :class:`~mailworker.smtp.errors.DeliveryUncertain` at stage
 unless a refusal read earlier already decided it (MAIL refused, or every RCPT refused):
 it keeps that refusal. The transaction a 421 answered (to MAIL or a RCPT) gets the 421,
 as on the DATA path. Transactions never written are
-:class:`~mailworker.smtp.errors.NotAttempted`. A failed write is judged conservatively:
+:class:`~mailworker.smtp.errors.NotAttempted`, except the later part of a 452 split (its
+envelope's accepted recipients must not get a second copy: a connection failure that
+carries them as ``partial``). The pool's "stale connection" retry (a disconnect or 421 at
+the first MAIL of a reused connection) is taken only when nothing after that first
+transaction is uncertain. A failed write is judged conservatively:
 it may have carried any part of its bytes, so every transaction in that write counts as
 written. After a failed write nothing more is written, but the replies the server sent
 before it went away are still read, in order, until the connection gives out: the
 transactions they answer are decided by them, the rest in flight are uncertain.
+
+The stale pooled connection: a server may close an idle connection just as the next
+window is written, too late for the pool's idle poll to see. With DATA that is a clean
+failure before any content; with BDAT the whole window would be written and uncertain.
+So a batch that follows :data:`PROBE_IDLE` seconds of silence first writes only its first
+transaction's MAIL and RCPT and reads the MAIL reply (one round trip, only when the
+connection is not busy; the pool's NOOP covers ``noop_after`` and longer). A server that
+goes away later than that, or without an idle spell (shutdown, restart), costs up to a
+window of possible duplicates: the price of BDAT's round trips, bounded by
+``pipeline_window``.
+
+Not guarded against (inherent to pipelining, RFC 2920 section 3.1): a server that sends
+more replies than commands puts every later reply of the batch on the wrong command. The
+extra reply is seen at the next batch at the latest (the server "spoke before MAIL"): the
+connection is closed before anything of that batch is written, never reused out of step.
 """
 
 from __future__ import annotations
@@ -69,6 +88,10 @@ WRITE_BYTES = 1 << 20
 at once): each write is bounded by ``timeout``, so a window of large messages must not be
 one write that a slow link cannot finish in time."""
 
+PROBE_IDLE = 1.0
+"""Seconds idle after which a connection's next batch proves the server is still there
+before any content goes out (see :meth:`ChunkingSession._probe`)."""
+
 _REPLIES = (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused)
 _GO_ON = Reply(354, "")  # a BDAT LAST accepted: settle the envelope as after a DATA 354
 
@@ -81,12 +104,16 @@ class ChunkingSession(Session):
         super().__init__(wire, log, relay=relay, deadline=deadline, pipelining=True,
                          clock=clock)
         self.window = max(1, window)
+        self.idle = 0.0  # seconds the connection sat idle before this batch (set by its owner)
         self._inflight: deque[_Txn] = deque()  # written, final reply not read; oldest first
+        self._probed: _Txn | None = None  # its MAIL reply was read before its BDAT was written
 
     def _pipelined(self, todo: deque[_Txn]) -> None:
         inflight = self._inflight
         inflight.clear()
         broken: smtplib.SMTPServerDisconnected | None = None  # a write failed
+        head = self._probe(todo) if self.idle >= PROBE_IDLE else None
+        self.idle = 0.0
         while True:
             parts: list[bytes] = []
             full = False  # this write has WRITE_BYTES: write it, then go on filling
@@ -95,6 +122,11 @@ class ChunkingSession(Session):
                     inflight and self.wire.buffered()):
                 if full := sum(map(len, parts)) >= WRITE_BYTES:
                     break
+                if head is not None:  # MAIL and RCPT went out with the probe
+                    parts += (b"BDAT %d LAST\r\n" % len(head.prep.content), head.prep.content)
+                    inflight.append(head)
+                    head = None
+                    continue
                 cur = self._cur = self._next(todo)  # asks the gate
                 if cur is None:
                     break
@@ -114,6 +146,30 @@ class ChunkingSession(Session):
                     raise _Abort(broken, Stage.AFTER_DOT, None)
                 return
             self._replies(inflight[0], todo)
+
+    def _probe(self, todo: deque[_Txn]) -> _Txn | None:
+        """After an idle spell: the first transaction's MAIL and RCPT alone, then its MAIL
+        reply, before any content is written.
+
+        Why: a server may close an idle connection in the instant between the pool's check
+        (a poll for its 421 or hang-up) and our write; its FIN is still on its way. With DATA
+        that costs nothing (the 354 never comes: a clean "stale connection", sent again at
+        once); with BDAT the whole window, content included, would already be written and
+        all of it would be a possible duplicate. Reading one reply first turns that race
+        back into a clean failure at MAIL (nothing but commands sent), for one round trip
+        per batch that follows at least :data:`PROBE_IDLE` seconds of silence, i.e. only
+        when the connection is not busy. A server that fails later is the ordinary case of
+        a connection lost mid-window.
+        """
+        cur = self._cur = self._next(todo)
+        if cur is None:
+            return None
+        self._start(cur)
+        head = b"".join([cur.prep.mail, *(line for line, _ in cur.lines)])
+        cur.sent_at = started = self._write(head, None, cur)
+        self._mail_reply(cur, self._read(cur, Stage.MAIL, cur.prep.mail_cmd, started))
+        self._probed = cur
+        return cur
 
     def _send(self, data: bytes) -> smtplib.SMTPServerDisconnected | None:
         """Write; a failed write is returned, not raised, unless it timed out.
@@ -140,7 +196,10 @@ class ChunkingSession(Session):
     def _replies(self, t: _Txn, todo: deque[_Txn]) -> None:
         """Read one transaction's replies, in order, and settle its envelope."""
         started = t.sent_at
-        self._mail_reply(t, self._read(t, Stage.MAIL, t.prep.mail_cmd, started))
+        if t is self._probed:  # read before its content was written
+            self._probed = None
+        else:
+            self._mail_reply(t, self._read(t, Stage.MAIL, t.prep.mail_cmd, started))
         for rcpt, (_, cmd) in zip(t.recipients, t.lines, strict=True):
             self._rcpt_reply(t, rcpt, self._read(t, Stage.RCPT, cmd, started, rcpt))
         reply = self._read(t, Stage.AFTER_DOT, f"BDAT {len(t.prep.content)} LAST", started)
@@ -181,3 +240,4 @@ class ChunkingSession(Session):
                 exc, stage = _unsent(abort, t), Stage.MAIL
             self._fail_on(t, exc, stage)
         self._inflight.clear()
+        self._probed = None

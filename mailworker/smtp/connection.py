@@ -308,6 +308,8 @@ class Connection:
                              self.relay.name) for _ in envelopes]
         caps = self._client.esmtp_features if self._client is not None else {}
         chunking = isinstance(session, ChunkingSession)
+        if isinstance(session, ChunkingSession):
+            session.idle = self.idle_for(self._clock())  # a probe first after an idle spell
         prepared: list[Prepared | BaseException] = []
         for env in envelopes:
             try:

@@ -92,3 +92,246 @@ def test_split_part_not_written_keeps_the_accepted_part(bdat_server: Any) -> Non
     assert [r.recipient for r in partial.accepted] == ["a@example.test"]
     assert kind(entries[1]) == "uncertain"
     assert kind(entries[2]) == "not-attempted"
+
+
+# -- the stale pooled connection --------------------------------------------------------------
+
+def test_idle_connection_proves_itself_before_content(bdat_server: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server closes an idle connection just as the next window is written (the race
+    the idle poll cannot see). After an idle spell the first transaction's MAIL and RCPT go
+    out alone and the MAIL reply is read before any content: the failure is a clean
+    "stale connection" (nothing sent), not a window of possible duplicates."""
+    from mailworker.smtp import chunking
+
+    monkeypatch.setattr(chunking, "PROBE_IDLE", 0.0)
+    batches = [0]
+
+    def script(verb: str, n: int, line: str) -> bytes | None:
+        return CLOSE if verb == "MAIL" and n == 1 else None
+
+    server = bdat_server(script)
+    conn = Connection(server.relay(pipeline_window=8))
+    conn.open()
+    try:
+        assert kind(conn.send_many([envelope(0)])[0]) == "ok"
+        batches[0] += 1
+        entries = conn.send_many([envelope(i) for i in range(1, 5)])
+    finally:
+        conn.close()
+    first = entries[0]
+    assert isinstance(first, BaseException)
+    assert failure_of(first).stage is Stage.MAIL
+    assert not isinstance(first, DeliveryUncertain | NotAttempted)
+    assert [kind(e) for e in entries[1:]] == ["not-attempted"] * 3
+    assert [t.bdat for t in server.txns] == [server.txns[0].bdat, ""]  # no BDAT after idle
+
+
+def test_probe_after_idle_still_pipelines_and_decides(bdat_server: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the probe, a batch after an idle spell is still byte-exact, MAIL refusals and
+    RCPT refusals of the probed transaction are kept apart, and one reply-log event per reply."""
+    from mailworker.smtp import chunking
+
+    monkeypatch.setattr(chunking, "PROBE_IDLE", 0.0)
+
+    def script(verb: str, n: int, line: str) -> bytes | None:
+        if verb == "MAIL" and n == 1:
+            return b"550 5.7.1 not you\r\n"
+        if verb == "RCPT" and n == 2 and "b@" in line:
+            return b"550 5.1.1 no such user\r\n"
+        return None
+
+    server = bdat_server(script)
+    envs = [envelope(i, ("a@example.test", "b@example.test")) for i in range(5)]
+    conn = Connection(server.relay(pipeline_window=3))
+    conn.open()
+    try:
+        first = conn.send_many(envs[:1])
+        second = conn.send_many(envs[1:3])
+        third = conn.send_many(envs[3:])
+    finally:
+        conn.close()
+    kinds = [kind(e) for e in (*first, *second, *third)]
+    assert kinds == ["ok", "mail 550", "partial", "ok", "ok"]
+    assert [t.content for t in server.txns if t.content is not None] == [
+        prepare(e, {}, chunking=True).content for e in (envs[0], envs[2], envs[3], envs[4])]
+
+
+def test_pool_retries_a_stale_window_cleanly_after_the_probe(
+        make_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same race through the pool: the probe's failure is "stale", the batch goes again
+    on a fresh connection, every message exactly once and none flagged."""
+    from mailworker.smtp import chunking
+    from mailworker.testing import Fault
+
+    monkeypatch.setattr(chunking, "PROBE_IDLE", 0.0)
+    server = make_server(chunking=True)
+    server.add_fault(Fault.disconnect("MAIL", code=None, nth=2, times=1))
+    pool = Pool(relay_for(server, pipeline_window=8))
+    try:
+        assert isinstance(pool.send(envelope(100)), SendResult)
+        entries = pool.send_many([envelope(i) for i in range(5)])
+        stale = pool.stats().discarded_stale
+    finally:
+        pool.close()
+    assert [kind(e) for e in entries] == ["ok"] * 5
+    assert stale == 1
+    assert copies(server) == {f"<m{i}@example.test>": 1 for i in (100, 0, 1, 2, 3, 4)}
+
+
+# -- the write side: a server that stops reading -----------------------------------------------
+
+def test_server_that_stops_reading_bounds_the_window(bdat_server: Any) -> None:
+    """The server reads a little and then nothing: the window's write blocks. It must end
+    within the write bound; what was (possibly) written is uncertain, the rest untouched."""
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            conn.sendall(b"220 stuck ESMTP\r\n")
+            buf = b""
+            while b"\n" not in buf:
+                buf += conn.recv(1024)
+            conn.sendall(b"250-stuck\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+            stop.wait(30)  # never reads again
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    from mailworker.relay import parse_relay
+
+    relay = parse_relay("stuck", f"smtp://127.0.0.1:{port}?tls=none&timeout=0.5"
+                        "&connect_timeout=5&deadline=10&pipeline_window=4")
+    envs = [envelope(i, body=b"x" * 998 + b"\r\n" * 1 + b"y\r\n" * 300_000) for i in range(6)]
+    conn = Connection(relay)
+    conn.open()
+    try:
+        entries = conn.send_many(envs)
+    finally:
+        stop.set()
+        conn.close()
+        listener.close()
+        thread.join(5)
+    kinds = [kind(e) for e in entries]
+    uncertain = kinds.count("uncertain")
+    assert 1 <= uncertain <= 4
+    assert kinds == ["uncertain"] * uncertain + ["not-attempted"] * (6 - uncertain)
+    assert conn.is_closed
+
+
+# -- replies the client did not ask for, and odd segmentation ---------------------------------
+
+def test_extra_reply_never_lets_the_connection_be_reused_in_step(bdat_server: Any) -> None:
+    """A server that sends one reply too many: the next batch on that connection must not
+    run with its replies out of step (nothing of it is written; a clean stale failure)."""
+    def script(verb: str, n: int, line: str) -> bytes | None:
+        if verb == "BDAT" and n == 0:
+            return b"250 2.0.0 queued\r\n250 2.0.0 and once more\r\n"
+        return None
+
+    server = bdat_server(script)
+    conn = Connection(server.relay(pipeline_window=4))
+    conn.open()
+    try:
+        assert kind(conn.send_many([envelope(0)])[0]) == "ok"
+        entries = conn.send_many([envelope(1), envelope(2)])
+    finally:
+        conn.close()
+    assert failure_of(entries[0]).stage is Stage.MAIL
+    assert not isinstance(entries[0], DeliveryUncertain)
+    assert kind(entries[1]) == "not-attempted"
+    assert len(server.txns) == 1
+
+
+class _Dribble:
+    """A server socket whose writes go out one byte per segment."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self._conn = conn
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def sendall(self, data: bytes) -> None:
+        for i in range(len(data)):
+            self._conn.send(data[i:i + 1])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+class DribbleServer(BdatServer):
+    def _converse(self, conn: socket.socket) -> None:
+        super()._converse(_Dribble(conn))  # type: ignore[arg-type]
+
+
+def test_multiline_replies_in_one_byte_segments() -> None:
+    def script(verb: str, n: int, line: str) -> bytes | None:
+        if verb == "RCPT" and "b@" in line:
+            return b"550-5.1.1 first line\r\n550-5.1.1 second line\r\n550 5.1.1 no\r\n"
+        if verb == "BDAT":
+            return b"250-2.0.0 queued\r\n250 2.0.0 as Q\r\n"
+        return None
+
+    server = DribbleServer(script)
+    try:
+        envs = [envelope(i, ("a@example.test", "b@example.test")) for i in range(4)]
+        entries, _ = send(server, envs, pipeline_window=3)
+    finally:
+        server.close()
+    assert [kind(e) for e in entries] == ["partial"] * 4
+    refused = [r for e in entries if isinstance(e, SendResult)
+               for r in e.recipients if r.code == 550]
+    assert len(refused) == 4
+    assert all("second line" in r.text for r in refused)
+
+
+# -- gate, window 1, bodies --------------------------------------------------------------------
+
+def test_gate_raising_mid_window_stops_cleanly(bdat_server: Any) -> None:
+    def gate(i: int) -> bool:
+        if i == 2:
+            raise RuntimeError("lease lost")
+        return True
+
+    server = bdat_server()
+    entries, _ = send(server, [envelope(i) for i in range(5)], gate=gate, pipeline_window=8)
+    assert [kind(e) for e in entries] == ["ok", "ok"] + ["not-attempted"] * 3
+    assert len(server.txns) == 2
+
+
+def test_window_of_one_is_one_transaction_at_a_time(bdat_server: Any) -> None:
+    def script(verb: str, n: int, line: str) -> bytes | None:
+        return CLOSE if verb == "BDAT" and n == 2 else None
+
+    server = bdat_server(script)
+    entries, _ = send(server, [envelope(i) for i in range(5)], pipeline_window=1)
+    assert [kind(e) for e in entries] == ["ok", "ok", "uncertain", "not-attempted",
+                                          "not-attempted"]
+    assert len(server.txns) == 3
+
+
+@pytest.mark.parametrize("data", [b"", b"no final line end", b"a\nb\rc\r\n.\r\n", b"\r\n"])
+def test_size_and_bdat_count_agree(bdat_server: Any, data: bytes) -> None:
+    server = bdat_server()
+    env = Envelope("s@example.test", ("r@example.test",), data, message_id="m0")
+    entries, _ = send(server, [env])
+    assert kind(entries[0]) == "ok"
+    txn = server.txns[0]
+    size = int(txn.mail.split("SIZE=")[1].split()[0])
+    assert txn.bdat == f"BDAT {size} LAST"
+    assert txn.content is not None and len(txn.content) == size
+    assert txn.content == (b"" if not data else prepare(env, {}, chunking=True).content)
+
+
+def test_size_refusal_before_sending_and_utf8_params(bdat_server: Any) -> None:
+    server = bdat_server()
+    big = Envelope("s@example.test", ("r@example.test",), b"x" * 11_000_000 + b"\r\n")
+    utf8 = Envelope("s@example.test", ("r@example.test",), "Subject: é\r\n\r\nü\r\n".encode())
+    entries, _ = send(server, [envelope(0), big, utf8])
+    assert [kind(e) for e in entries] == ["ok", "mail 552", "ok"]
+    assert len(server.txns) == 2
+    assert "BODY=8BITMIME" not in server.txns[1].mail  # not offered by this server
+    assert server.txns[1].content == "Subject: é\r\n\r\nü\r\n".encode()
