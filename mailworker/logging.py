@@ -282,7 +282,10 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     _info_on[0] = level_no <= logging.INFO
-    _lean[0] = _Lean((processors, wrapper, factory), out) if fmt == "json" else None
+    # The lean path reads structlog's context variables from its registry; a structlog
+    # without one gets every event through the chain.
+    usable = fmt == "json" and hasattr(structlog.contextvars, "_CONTEXT_VARS")
+    _lean[0] = _Lean((processors, wrapper, factory), out) if usable else None
 
 
 def get_logger(name: str = "mailworker") -> Any:
