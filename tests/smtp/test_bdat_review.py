@@ -335,3 +335,155 @@ def test_size_refusal_before_sending_and_utf8_params(bdat_server: Any) -> None:
     assert len(server.txns) == 2
     assert "BODY=8BITMIME" not in server.txns[1].mail  # not offered by this server
     assert server.txns[1].content == "Subject: é\r\n\r\nü\r\n".encode()
+
+
+# -- every failure at every position of a window -----------------------------------------------
+
+_POSITIONS = 4 * 4  # 4 messages x (MAIL, 2 RCPT, BDAT)
+
+
+@pytest.mark.parametrize("window", [1, 3, 8])
+@pytest.mark.parametrize("how", ["eof", "421"])
+@pytest.mark.parametrize("at", range(_POSITIONS))
+def test_failure_at_every_position(bdat_server: Any, window: int, how: str, at: int) -> None:
+    """The server fails at the at-th command of the conversation (a hang-up without a
+    reply, or a 421 then a hang-up). Whatever the client wrote is never NotAttempted; a
+    message the server took is ok (reply read) or uncertain, never refused or unsent; a
+    refusal is only ever the server's own reply."""
+    seen = [0]
+    hung = [False]
+
+    def script(verb: str, n: int, line: str) -> bytes | None:
+        if verb not in ("MAIL", "RCPT", "BDAT"):
+            return None
+        k, seen[0] = seen[0], seen[0] + 1
+        if hung[0] or (how == "eof" and k == at):
+            hung[0] = True
+            return CLOSE
+        if how == "421" and k == at:
+            hung[0] = True  # the next command (if any) finds it gone
+            return b"421 4.3.2 closing\r\n"
+        return None
+
+    server = bdat_server(script)
+    envs = [envelope(i, ("a@example.test", "b@example.test"), sender=f"s{i}@example.test")
+            for i in range(4)]
+    entries, conn = send(server, envs, pipeline_window=window)
+    assert conn.is_closed
+    by_sender = {t.mail.split("<", 1)[1].split(">", 1)[0]: t for t in server.txns}
+    failed_at = at // 4  # the message whose command failed
+    for i, entry in enumerate(entries):
+        txn = by_sender.get(f"s{i}@example.test")
+        k = kind(entry)
+        if txn is not None:  # the client wrote it: never NotAttempted
+            assert k != "not-attempted", (i, entries)
+        if i < failed_at:
+            assert k == "ok", (i, k)  # every reply before the failure was read
+        elif i == failed_at and how == "421":
+            stage = ["mail", "rcpt", "rcpt", "after-dot"][at % 4]
+            assert k == f"{stage} 421", (i, k)
+        elif i == failed_at:
+            assert k == "uncertain", (i, k)  # its BDAT may have been written
+        else:
+            assert k in ("uncertain", "not-attempted"), (i, k)
+            if txn is not None and txn.bdat:
+                assert k == "uncertain"
+    if window == 1:  # nothing written past the failed one
+        assert len(server.txns) == failed_at + 1
+
+
+# -- 452 splits inside a window ----------------------------------------------------------------
+
+def test_452_split_inside_a_window_with_refusals(bdat_server: Any) -> None:
+    """Envelope 0: a ok, b 550, c and d 452. The split (c, d) goes after the transactions
+    already in flight, without asking the gate again; the split itself gets d 452 again:
+    a third transaction. Every BDAT LAST counts toward max_messages."""
+    def script(verb: str, n: int, line: str) -> bytes | None:
+        if verb != "RCPT":
+            return None
+        if "b@" in line:
+            return b"550 5.1.1 no such user\r\n"
+        if ("c@" in line and n == 0) or ("d@" in line and n in (0, 3)):
+            return b"452 4.5.3 too many recipients\r\n"
+        return None
+
+    asked: list[int] = []
+    server = bdat_server(script)
+    envs = [envelope(0, ("a@example.test", "b@example.test", "c@example.test", "d@example.test")),
+            envelope(1), envelope(2)]
+    conn = Connection(server.relay(pipeline_window=4))
+    conn.open()
+    try:
+        entries = conn.send_many(envs, gate=lambda i: asked.append(i) or True)
+        dots = conn.messages_sent
+    finally:
+        conn.close()
+    assert asked == [0, 1, 2]
+    first = entries[0]
+    assert isinstance(first, SendResult)
+    assert first.transactions == 3
+    assert {r.recipient: r.code for r in first.recipients} == {
+        "a@example.test": 250, "b@example.test": 550, "c@example.test": 250,
+        "d@example.test": 250}
+    assert [kind(e) for e in entries[1:]] == ["ok", "ok"]
+    assert [len(t.rcpts) for t in server.txns] == [4, 1, 1, 2, 1]
+    assert all(t.content is not None for t in server.txns)
+    assert dots == 5
+
+
+def test_split_after_a_refused_bdat_is_still_sent(bdat_server: Any) -> None:
+    """452s in a transaction whose BDAT LAST is refused: the 452 recipients still get their
+    own transaction, as on the DATA path (there the split is made at the 354, before the
+    dot's reply); they never had the message, so no copy is doubled. Here it 452s again:
+    they keep a temporary refusal."""
+    def script(verb: str, n: int, line: str) -> bytes | None:
+        if verb == "RCPT" and "b@" in line:
+            return b"452 4.5.3 too many recipients\r\n"
+        if verb == "BDAT" and n == 0:
+            return b"554 5.7.1 content rejected\r\n"
+        return None
+
+    server = bdat_server(script)
+    envs = [envelope(0, ("a@example.test", "b@example.test")), envelope(1)]
+    entries, _ = send(server, envs, pipeline_window=4)
+    assert kind(entries[0]) == "after-dot 554"
+    partial = failure_of(entries[0]).partial
+    assert partial is not None
+    assert {r.recipient: r.code for r in partial.recipients} == {
+        "a@example.test": 554, "b@example.test": 452}
+    assert kind(entries[1]) == "ok"
+    assert [len(t.rcpts) for t in server.txns] == [2, 1, 1]
+
+
+# -- the pool after a failed window, max_messages --------------------------------------------------
+
+def test_pool_never_reuses_a_connection_after_a_failed_window(make_server: Any) -> None:
+    from mailworker.testing import Fault
+
+    server = make_server(chunking=True)
+    server.add_fault(Fault.drop_after_dot(nth=3, times=1))
+    pool = Pool(relay_for(server, pipeline_window=8))
+    try:
+        first = pool.send_many([envelope(i) for i in range(6)])
+        second = pool.send_many([envelope(i) for i in range(10, 14)])
+        opened = pool.stats().opened
+    finally:
+        pool.close()
+    kinds = [kind(e) for e in first]
+    assert kinds[:3] == ["ok", "ok", "uncertain"]
+    assert set(kinds[3:]) <= {"uncertain", "not-attempted"}
+    assert [kind(e) for e in second] == ["ok"] * 4
+    assert opened == 2
+
+
+def test_max_messages_splits_a_batch_across_connections(make_server: Any) -> None:
+    server = make_server(chunking=True)
+    pool = Pool(relay_for(server, pipeline_window=8, max_messages=5))
+    try:
+        entries = pool.send_many([envelope(i) for i in range(12)])
+        opened = pool.stats().opened
+    finally:
+        pool.close()
+    assert [kind(e) for e in entries] == ["ok"] * 12
+    assert opened == 3
+    assert copies(server) == {f"<m{i}@example.test>": 1 for i in range(12)}
