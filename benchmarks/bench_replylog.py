@@ -13,7 +13,9 @@ round of each, the ratio the median of the per-round ratios):
 * ``before``   the emit path as it was before the lean one (kept here, below: an event dict
   handed to the bound structlog logger, through the whole processor chain);
 * ``now``      :meth:`mailworker.smtp.replylog.ReplyLog.reply` as it is;
-* ``log off``  the same with INFO off (level WARNING): the metrics hook check only.
+* ``log off``  the same with INFO off (level WARNING): the metrics hook check only;
+* ``no I/O``   ``now`` into a stream whose write and flush do nothing: the share of an
+  event that is Python, not the write system call (a diagnostic).
 
 Each run checks that ``before`` and ``now`` write the same JSON (timestamps aside).
 
@@ -92,6 +94,16 @@ def _round(emit: Callable[..., None], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+class _Discard:
+    """A text stream that drops everything: no system call per event."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
 def _lines(path: str) -> list[dict[str, Any]]:
     with open(path) as f:
         out = [json.loads(line) for line in f]
@@ -106,7 +118,7 @@ def measure(n: int = 20_000, rounds: int = 5) -> dict[str, Any]:
     Leaves structlog configured as it found it only if the caller configured it with
     :func:`configure_logging` again; benchmarks call this on their own.
     """
-    results: dict[str, list[float]] = {"before": [], "now": [], "off": []}
+    results: dict[str, list[float]] = {"before": [], "now": [], "off": [], "noio": []}
     ratios: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-replylog-") as tmp:
         same = True
@@ -129,16 +141,19 @@ def measure(n: int = 20_000, rounds: int = 5) -> dict[str, Any]:
                 with open(os.devnull, "w") as stream:
                     configure_logging(fmt="json", level="WARNING", stream=stream)
                     results["off"].append(_round(ReplyLog("default", "c0001").reply, n))
+                configure_logging(fmt="json", level="INFO", stream=_Discard())  # type: ignore[arg-type]
+                results["noio"].append(_round(ReplyLog("default", "c0001").reply, n))
     structlog.reset_defaults()
     best = {k: min(v) * 1e6 for k, v in results.items()}
     return {"n": n, "rounds": rounds, "before_us": best["before"], "now_us": best["now"],
-            "off_us": best["off"], "ratio": statistics.median(ratios),
+            "off_us": best["off"], "noio_us": best["noio"], "ratio": statistics.median(ratios),
             "same_output": same}
 
 
 def report(m: dict[str, Any]) -> str:
     rows = [("before (structlog chain)", m["before_us"]), ("now", m["now_us"]),
-            ("log off (INFO disabled)", m["off_us"])]
+            ("log off (INFO disabled)", m["off_us"]),
+            ("now, no I/O (diagnostic)", m["noio_us"])]
     out = [f"smtp.reply events, JSON to a file, {m['n']:,} events x {m['rounds']} rounds "
            "(best round):"]
     out += [f"  {name:26} {us:6.2f} µs/event" for name, us in rows]
