@@ -92,6 +92,10 @@ PROBE_IDLE = 1.0
 """Seconds idle after which a connection's next batch proves the server is still there
 before any content goes out (see :meth:`ChunkingSession._probe`)."""
 
+DRAIN = 0.5
+"""After a write timed out (the server stopped reading), seconds left to read the replies
+it sent before: they are normally here already; they decide their transactions."""
+
 _REPLIES = (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused)
 _GO_ON = Reply(354, "")  # a BDAT LAST accepted: settle the envelope as after a DATA 354
 
@@ -111,7 +115,7 @@ class ChunkingSession(Session):
     def _pipelined(self, todo: deque[_Txn]) -> None:
         inflight = self._inflight
         inflight.clear()
-        broken: smtplib.SMTPServerDisconnected | None = None  # a write failed
+        broken: smtplib.SMTPServerDisconnected | None = None  # a write failed or timed out
         head = self._probe(todo) if self.idle >= PROBE_IDLE else None
         self.idle = 0.0
         while True:
@@ -172,18 +176,24 @@ class ChunkingSession(Session):
         return cur
 
     def _send(self, data: bytes) -> smtplib.SMTPServerDisconnected | None:
-        """Write; a failed write is returned, not raised, unless it timed out.
+        """Write; a failed or timed-out write is returned, not raised.
 
         The server may have answered earlier transactions before it went away: their
         replies are still to be read (in order, until the connection says no more), so
-        they are decided by what the server said rather than all left uncertain. A write
-        that timed out (the server stopped reading) closes the connection at once.
+        they are decided by what the server said rather than all left uncertain. After a
+        write that timed out (the server stopped reading: a content filter stuck on one
+        message, a full disk) the replies it sent before are read within :data:`DRAIN`
+        seconds; the first one missing makes the rest in flight uncertain.
         """
         started = self.clock()
         try:
             self.wire.write(data, keep_open=True)
         except ReplyTimeout as err:
-            raise _Abort(err, Stage.AFTER_DOT, None) from err
+            drain = self.clock() + DRAIN
+            for t in self._inflight:
+                t.deadline = min(t.deadline, drain)
+            self._deadline_label = f"{DRAIN:g}s after a write timed out ({err})"
+            return err
         except (OSError, smtplib.SMTPServerDisconnected) as err:
             if isinstance(err, smtplib.SMTPServerDisconnected):
                 return err

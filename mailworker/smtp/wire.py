@@ -141,8 +141,9 @@ class ReplyWire:
     def write(self, data: bytes, *, keep_open: bool = False) -> None:
         """Send *data* within the same bound as a reply; close the connection if not.
 
-        *keep_open*: after a failed send (not a timeout) leave the socket open, so that
-        replies the server sent before it went away can still be read (BDAT pipelining).
+        *keep_open*: after a failed or timed-out send leave the socket open, so that
+        replies the server sent before it went away (or stopped reading) can still be read
+        (BDAT pipelining; the caller closes it).
         """
         if self.sock is None:
             raise smtplib.SMTPServerDisconnected("not connected")
@@ -158,7 +159,8 @@ class ReplyWire:
                 sent = self.sock.send(view)
                 view = view[sent:]
         except TimeoutError as err:
-            self.close()
+            if not keep_open:
+                self.close()
             raise ReplyTimeout(f"could not write {self._last_cmd} within {self._bound(limit)}; "
                                "the server stopped reading") from err
         except OSError as err:

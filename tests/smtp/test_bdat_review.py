@@ -487,3 +487,80 @@ def test_max_messages_splits_a_batch_across_connections(make_server: Any) -> Non
     assert [kind(e) for e in entries] == ["ok"] * 12
     assert opened == 3
     assert copies(server) == {f"<m{i}@example.test>": 1 for i in range(12)}
+
+
+class _StallingServer:
+    """Answers every command at once; from the ``stall_at``-th MAIL on it reads nothing
+    more (a content filter stuck on a message, a full disk) but keeps the connection."""
+
+    def __init__(self, stall_at: int, refuse_mail: set[int]) -> None:
+        self.stall_at, self.refuse_mail = stall_at, refuse_mail
+        self.stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        with conn:
+            conn.sendall(b"220 stall ESMTP\r\n")
+            buf, mails = b"", -1
+            while True:
+                while b"\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                line, buf = buf.split(b"\n", 1)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    conn.sendall(b"250-stall\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+                elif verb == b"MAIL":
+                    mails += 1
+                    if mails == self.stall_at:
+                        self.stop.wait(30)
+                        return
+                    conn.sendall(b"550 5.7.1 no\r\n" if mails in self.refuse_mail
+                                 else b"250 ok\r\n")
+                elif verb == b"BDAT":
+                    size, chunk = int(line.split()[1]), bytearray(buf)
+                    while len(chunk) < size:
+                        data = conn.recv(1 << 20)
+                        if not data:
+                            return
+                        chunk += data
+                    buf = bytes(chunk[size:])
+                    conn.sendall(b"503 5.5.1 need MAIL\r\n" if mails in self.refuse_mail
+                                 else b"250 2.0.0 queued\r\n")
+                else:
+                    conn.sendall(b"250 ok\r\n")
+
+    def close(self) -> None:
+        self.stop.set()
+        self._listener.close()
+        self._thread.join(5)
+
+
+def test_write_stall_keeps_the_replies_already_received() -> None:
+    """The server answered messages 0 (MAIL refused) and 1 (queued), then stopped reading
+    while the client was still writing the window: the write times out, but 0 and 1 are
+    decided by what the server said; only what followed is uncertain."""
+    from mailworker.relay import parse_relay
+
+    server = _StallingServer(stall_at=2, refuse_mail={0})
+    relay = parse_relay("stall", f"smtp://127.0.0.1:{server.port}?tls=none&timeout=1"
+                        "&connect_timeout=5&deadline=10&pipeline_window=4")
+    envs = [envelope(i, body=b"z" * 998 + b"\r\n" * 2_000_000) for i in range(6)]
+    conn = Connection(relay)
+    conn.open()
+    try:
+        entries = conn.send_many(envs)
+    finally:
+        conn.close()
+        server.close()
+    kinds = [kind(e) for e in entries]
+    assert kinds[:2] == ["mail 550", "ok"], kinds
+    uncertain = kinds.count("uncertain")
+    assert kinds[2:] == ["uncertain"] * uncertain + ["not-attempted"] * (4 - uncertain)
+    assert 1 <= uncertain <= 2
