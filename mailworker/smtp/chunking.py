@@ -50,7 +50,9 @@ transaction is uncertain. A failed write is judged conservatively:
 it may have carried any part of its bytes, so every transaction in that write counts as
 written. After a failed write nothing more is written, but the replies the server sent
 before it went away are still read, in order, until the connection gives out: the
-transactions they answer are decided by them, the rest in flight are uncertain.
+transactions they answer are decided by them, the rest in flight are uncertain. A write
+that timed out (the server stopped reading) is treated the same, with :data:`DRAIN`
+seconds to read what had arrived.
 
 The stale pooled connection: a server may close an idle connection just as the next
 window is written, too late for the pool's idle poll to see. With DATA that is a clean

@@ -350,6 +350,22 @@ def test_failure_at_every_position(bdat_server: Any, window: int, how: str, at: 
     reply, or a 421 then a hang-up). Whatever the client wrote is never NotAttempted; a
     message the server took is ok (reply read) or uncertain, never refused or unsent; a
     refusal is only ever the server's own reply."""
+    _failure_at(bdat_server, window, how, at, probe=False)
+
+
+@pytest.mark.parametrize("how", ["eof", "421"])
+@pytest.mark.parametrize("at", range(_POSITIONS))
+def test_failure_at_every_position_after_idle(bdat_server: Any, monkeypatch: pytest.MonkeyPatch,
+                                              how: str, at: int) -> None:
+    """The same with the probe (the batch follows an idle spell): a failure at the first
+    MAIL is a clean failure at MAIL with nothing else written."""
+    from mailworker.smtp import chunking
+
+    monkeypatch.setattr(chunking, "PROBE_IDLE", 0.0)
+    _failure_at(bdat_server, 3, how, at, probe=True)
+
+
+def _failure_at(bdat_server: Any, window: int, how: str, at: int, *, probe: bool) -> None:
     seen = [0]
     hung = [False]
 
@@ -377,7 +393,10 @@ def test_failure_at_every_position(bdat_server: Any, window: int, how: str, at: 
         k = kind(entry)
         if txn is not None:  # the client wrote it: never NotAttempted
             assert k != "not-attempted", (i, entries)
-        if i < failed_at:
+        if probe and at == 0:  # the probe's MAIL: nothing but MAIL and RCPT was written
+            assert k == ("mail 421" if how == "421" else "mail None") if i == 0 else (
+                k == "not-attempted" and txn is None), (i, k)
+        elif i < failed_at:
             assert k == "ok", (i, k)  # every reply before the failure was read
         elif i == failed_at and how == "421":
             stage = ["mail", "rcpt", "rcpt", "after-dot"][at % 4]
@@ -564,3 +583,41 @@ def test_write_stall_keeps_the_replies_already_received() -> None:
     uncertain = kinds.count("uncertain")
     assert kinds[2:] == ["uncertain"] * uncertain + ["not-attempted"] * (4 - uncertain)
     assert 1 <= uncertain <= 2
+
+
+def test_probe_over_starttls_byte_exact(make_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailworker.smtp import chunking
+
+    from .test_bdat import body
+
+    monkeypatch.setattr(chunking, "PROBE_IDLE", 0.0)
+    server = make_server(chunking=True, tls="starttls")
+    envs = [envelope(i, body=body(i) * 20) for i in range(9)]
+    conn = Connection(relay_for(server, pipeline_window=4))
+    conn.open()
+    try:
+        assert conn.encrypted and conn.supports_chunking
+        entries = [*conn.send_many(envs[:1]), *conn.send_many(envs[1:5]),
+                   *conn.send_many(envs[5:], gate=lambda i: i < 3)]
+    finally:
+        conn.close()
+    assert [kind(e) for e in entries] == ["ok"] * 8 + ["not-attempted"]
+    assert [m.data for m in server.messages] == [e.data for e in envs[:8]]
+
+
+def test_smtputf8_and_8bitmime_with_bdat(make_server: Any) -> None:
+    server = make_server(chunking=True)
+    data = "From: s@example.test\r\nSubject: é\r\nMessage-ID: <u@example.test>\r\n\r\nü\r\n"
+    env = Envelope("s@example.test", ("jörg@example.test",), data.encode(), message_id="u")
+    conn = Connection(relay_for(server))
+    conn.open()
+    try:
+        assert {"smtputf8", "8bitmime"} <= set(conn.capabilities)
+        entries = conn.send_many([env, envelope(1)])
+    finally:
+        conn.close()
+    assert [kind(e) for e in entries] == ["ok", "ok"]
+    mails = [c for _, c in server.commands if c.upper().startswith("MAIL")]
+    assert mails[0].endswith(" BODY=8BITMIME SMTPUTF8")
+    assert "BODY" not in mails[1] and "SMTPUTF8" not in mails[1]
+    assert server.messages[0].data == data.encode()
