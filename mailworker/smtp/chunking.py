@@ -46,13 +46,17 @@ as on the DATA path. Transactions never written are
 envelope's accepted recipients must not get a second copy: a connection failure that
 carries them as ``partial``). The pool's "stale connection" retry (a disconnect or 421 at
 the first MAIL of a reused connection) is taken only when nothing after that first
-transaction is uncertain. A failed write is judged conservatively:
-it may have carried any part of its bytes, so every transaction in that write counts as
-written. After a failed write nothing more is written, but the replies the server sent
-before it went away are still read, in order, until the connection gives out: the
-transactions they answer are decided by them, the rest in flight are uncertain. A write
-that timed out (the server stopped reading) is treated the same, with :data:`DRAIN`
-seconds to read what had arrived.
+transaction is uncertain.
+
+A failed write is judged by the bytes the kernel took (``wire.sent``): a transaction
+whose content ended within them counts as written (the server may have it all); one
+whose content was cut cannot have been accepted (the server never had its whole chunk),
+so it is a plain connection failure at stage ``data``, like a DATA transaction whose
+final dot was never sent. After a failed write nothing more is written, but the replies
+the server sent before it went away are still read, in order, until the connection
+gives out or the first cut transaction: the transactions they answer are decided by
+them, the rest in flight are uncertain. A write that timed out (the server stopped
+reading) is treated the same, with :data:`DRAIN` seconds to read what had arrived.
 
 The stale pooled connection: a server may close an idle connection just as the next
 window is written, too late for the pool's idle poll to see. With DATA that is a clean
@@ -113,41 +117,43 @@ class ChunkingSession(Session):
         self.idle = 0.0  # seconds the connection sat idle before this batch (set by its owner)
         self._inflight: deque[_Txn] = deque()  # written, final reply not read; oldest first
         self._probed: _Txn | None = None  # its MAIL reply was read before its BDAT was written
+        self._cut: set[_Txn] = set()  # in a failed write that ended before its content did
 
     def _pipelined(self, todo: deque[_Txn]) -> None:
         inflight = self._inflight
         inflight.clear()
+        self._cut.clear()
         broken: smtplib.SMTPServerDisconnected | None = None  # a write failed or timed out
         head = self._probe(todo) if self.idle >= PROBE_IDLE else None
         self.idle = 0.0
         while True:
             parts: list[bytes] = []
-            full = False  # this write has WRITE_BYTES: write it, then go on filling
+            ends: list[tuple[_Txn, int]] = []  # where each transaction's content ends
+            size = 0  # of this write
             # Refill once the replies already received are read: one write for many.
             while broken is None and len(inflight) < self.window and not (
-                    inflight and self.wire.buffered()):
-                if full := sum(map(len, parts)) >= WRITE_BYTES:
-                    break
+                    inflight and self.wire.buffered()) and size < WRITE_BYTES:
                 if head is not None:  # MAIL and RCPT went out with the probe
-                    parts += (b"BDAT %d LAST\r\n" % len(head.prep.content), head.prep.content)
-                    inflight.append(head)
-                    head = None
-                    continue
-                cur = self._cur = self._next(todo)  # asks the gate
-                if cur is None:
-                    break
-                cur.deadline = self.clock() + self.deadline
-                size = len(cur.prep.content)
-                parts += (cur.prep.mail, *(line for line, _ in cur.lines),
-                          b"BDAT %d LAST\r\n" % size, cur.prep.content)
+                    cur, head = head, None
+                    parts += (b"BDAT %d LAST\r\n" % len(cur.prep.content), cur.prep.content)
+                else:
+                    nxt = self._cur = self._next(todo)  # asks the gate
+                    if nxt is None:
+                        break
+                    cur = nxt
+                    cur.deadline = self.clock() + self.deadline
+                    parts += (cur.prep.mail, *(line for line, _ in cur.lines),
+                              b"BDAT %d LAST\r\n" % len(cur.prep.content), cur.prep.content)
+                size = sum(map(len, parts))
+                ends.append((cur, size))
                 inflight.append(cur)  # before the write: a failed write may have sent it
             if parts:
                 # A write is bounded by the oldest deadline in flight: its reply waits on it.
                 self.wire.set_deadline(inflight[0].deadline, self._deadline_label)
-                broken = self._send(b"".join(parts))
-                if full:
+                broken = self._send(b"".join(parts), ends)
+                if size >= WRITE_BYTES:  # a full write: go on filling before reading
                     continue
-            if not inflight:
+            if not inflight or (broken is not None and inflight[0] in self._cut):
                 if broken is not None:
                     raise _Abort(broken, Stage.AFTER_DOT, None)
                 return
@@ -177,7 +183,8 @@ class ChunkingSession(Session):
         self._probed = cur
         return cur
 
-    def _send(self, data: bytes) -> smtplib.SMTPServerDisconnected | None:
+    def _send(self, data: bytes, ends: list[tuple[_Txn, int]]
+              ) -> smtplib.SMTPServerDisconnected | None:
         """Write; a failed or timed-out write is returned, not raised.
 
         The server may have answered earlier transactions before it went away: their
@@ -186,20 +193,25 @@ class ChunkingSession(Session):
         write that timed out (the server stopped reading: a content filter stuck on one
         message, a full disk) the replies it sent before are read within :data:`DRAIN`
         seconds; the first one missing makes the rest in flight uncertain.
+
+        A transaction whose content did not leave in full (its end lies past the bytes the
+        kernel took, ``wire.sent``) cannot have been accepted: the server never had its
+        whole chunk. It is not uncertain; it and those after it are not read.
         """
         started = self.clock()
         try:
             self.wire.write(data, keep_open=True)
-        except ReplyTimeout as err:
-            drain = self.clock() + DRAIN
-            for t in self._inflight:
-                t.deadline = min(t.deadline, drain)
-            self._deadline_label = f"{DRAIN:g}s after a write timed out ({err})"
+        except (OSError, smtplib.SMTPServerDisconnected) as exc:
+            err = exc if isinstance(exc, smtplib.SMTPServerDisconnected) else \
+                smtplib.SMTPServerDisconnected(f"write failed: {exc}")
+            sent = getattr(self.wire, "sent", len(data))
+            self._cut.update(t for t, end in ends if end > sent)
+            if isinstance(err, ReplyTimeout):
+                drain = self.clock() + DRAIN
+                for t in self._inflight:
+                    t.deadline = min(t.deadline, drain)
+                self._deadline_label = f"{DRAIN:g}s after a write timed out ({err})"
             return err
-        except (OSError, smtplib.SMTPServerDisconnected) as err:
-            if isinstance(err, smtplib.SMTPServerDisconnected):
-                return err
-            return smtplib.SMTPServerDisconnected(f"write failed: {err}")
         finally:
             for t in self._inflight:
                 t.sent_at = t.sent_at or started
@@ -239,6 +251,10 @@ class ChunkingSession(Session):
             exc: BaseException
             if t is failing and (replied or t not in written):
                 exc, stage = abort.exc, abort.stage  # a 421 reply; or nothing was written
+            elif t in self._cut:  # its chunk never reached the server in full
+                exc = smtplib.SMTPServerDisconnected(
+                    f"the write failed before the end of its content ({abort.exc})")
+                exc.__cause__, stage = abort.exc, Stage.DATA
             elif t in written:
                 read = len(t.accepted) + len(t.refused)
                 if t.mail is not None or (read == len(t.recipients) and not t.accepted):
@@ -253,3 +269,4 @@ class ChunkingSession(Session):
             self._fail_on(t, exc, stage)
         self._inflight.clear()
         self._probed = None
+        self._cut.clear()

@@ -61,6 +61,9 @@ class ReplyWire:
     timeout: float
     docmd: Callable[..., tuple[int, bytes]]
     _timeout_now: float = 0.0
+    sent = 0
+    """Bytes of the last :meth:`write` handed to the kernel (all of them unless it failed):
+    bytes past this never left, so the server cannot have them."""
     _rbuf = b""
     _rpos = 0
     _last_cmd = "<greeting>"
@@ -150,6 +153,7 @@ class ReplyWire:
         self._sent_at = now = self.clock()
         limit = self._limit(now)
         view = memoryview(data)
+        self.sent = 0
         try:
             while view:
                 wait = limit - self.clock()
@@ -158,6 +162,7 @@ class ReplyWire:
                 self._lower_timeout(wait)
                 sent = self.sock.send(view)
                 view = view[sent:]
+                self.sent += sent
         except TimeoutError as err:
             if not keep_open:
                 self.close()

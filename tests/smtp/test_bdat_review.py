@@ -206,7 +206,7 @@ def test_server_that_stops_reading_bounds_the_window(bdat_server: Any) -> None:
 
     relay = parse_relay("stuck", f"smtp://127.0.0.1:{port}?tls=none&timeout=0.5"
                         "&connect_timeout=5&deadline=10&pipeline_window=4")
-    envs = [envelope(i, body=b"x" * 998 + b"\r\n" * 1 + b"y\r\n" * 300_000) for i in range(6)]
+    envs = [envelope(i, body=b"x" * 998 + b"\r\n" * 1 + b"y\r\n" * 1_500_000) for i in range(6)]
     conn = Connection(relay)
     conn.open()
     try:
@@ -216,11 +216,20 @@ def test_server_that_stops_reading_bounds_the_window(bdat_server: Any) -> None:
         conn.close()
         listener.close()
         thread.join(5)
-    kinds = [kind(e) for e in entries]
-    uncertain = kinds.count("uncertain")
-    assert 1 <= uncertain <= 4
-    assert kinds == ["uncertain"] * uncertain + ["not-attempted"] * (6 - uncertain)
+    _after_a_stalled_write([kind(e) for e in entries])
     assert conn.is_closed
+
+
+def _after_a_stalled_write(kinds: list[str]) -> int:
+    """Uncertain: what the kernel took in full (the server may have read it); then those
+    whose content was cut by the stalled write (the server cannot have them: a connection
+    failure at DATA, sent again without a duplicate flag); then the unwritten. Returns how
+    many are uncertain."""
+    uncertain, cut = kinds.count("uncertain"), kinds.count("data None")
+    assert cut >= 1, kinds  # the write that timed out carried at least one
+    assert kinds == (["uncertain"] * uncertain + ["data None"] * cut
+                     + ["not-attempted"] * (len(kinds) - uncertain - cut)), kinds
+    return uncertain
 
 
 # -- replies the client did not ask for, and odd segmentation ---------------------------------
@@ -580,9 +589,7 @@ def test_write_stall_keeps_the_replies_already_received() -> None:
         server.close()
     kinds = [kind(e) for e in entries]
     assert kinds[:2] == ["mail 550", "ok"], kinds
-    uncertain = kinds.count("uncertain")
-    assert kinds[2:] == ["uncertain"] * uncertain + ["not-attempted"] * (4 - uncertain)
-    assert 1 <= uncertain <= 2
+    assert _after_a_stalled_write(kinds[2:]) <= 1  # at most the one the kernel took
 
 
 def test_probe_over_starttls_byte_exact(make_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -621,3 +628,26 @@ def test_smtputf8_and_8bitmime_with_bdat(make_server: Any) -> None:
     assert mails[0].endswith(" BODY=8BITMIME SMTPUTF8")
     assert "BODY" not in mails[1] and "SMTPUTF8" not in mails[1]
     assert server.messages[0].data == data.encode()
+
+
+def test_drop_in_the_middle_of_a_chunk(make_server: Any) -> None:
+    """The server hangs up halfway through message 2's chunk: 0 and 1 were answered; 2 is
+    uncertain only if its write had finished (the client cannot tell the kernel's buffer
+    from the server's), a message whose write was cut is a plain connection failure."""
+    from mailworker.testing import Fault
+
+    server = make_server(chunking=True)
+    server.add_fault(Fault.drop_during_data(nth=3, times=1))
+    envs = [envelope(i, body=b"w" * 900 + b"\r\n" * 1_000_000) for i in range(6)]
+    conn = Connection(relay_for(server, pipeline_window=4))
+    conn.open()
+    try:
+        entries = conn.send_many(envs)
+    finally:
+        conn.close()
+    kinds = [kind(e) for e in entries]
+    assert kinds[:2] == ["ok", "ok"], kinds
+    uncertain, cut = kinds.count("uncertain"), kinds.count("data None")
+    assert kinds[2:] == (["uncertain"] * uncertain + ["data None"] * cut
+                         + ["not-attempted"] * (4 - uncertain - cut)), kinds
+    assert copies(server) == {"<m0@example.test>": 1, "<m1@example.test>": 1}
