@@ -9,7 +9,10 @@ Why wall-clock bounds rather than socket timeouts: a socket timeout limits one
 multi-line reply, holds the thread forever. Here every reply has a wall-clock limit:
 ``timeout`` from when we start waiting, and the earlier ``deadline`` when one is set
 (session set-up, a transaction). Before each ``recv()`` the socket timeout is lowered to
-the time left, so no read can outlast the limit; writes are bounded the same way.
+the time left, so no read can outlast the limit. Writes are bounded the same way, except
+that ``timeout`` counts from the last progress (a large body on a slow link that keeps
+taking bytes is not a timeout; one that stops reading is), and the deadline bounds the
+whole write.
 
 Why size limits: a reply line is at most :data:`MAX_LINE` bytes and a reply at most
 :data:`MAX_LINES` lines (RFC 5321 asks for 512-byte lines; Postfix accepts 2,048), so a
@@ -163,6 +166,8 @@ class ReplyWire:
                 sent = self.sock.send(view)
                 view = view[sent:]
                 self.sent += sent
+                if view and sent:  # `timeout` bounds a stall; the deadline bounds the whole
+                    limit = self._limit(self.clock())
         except TimeoutError as err:
             if not keep_open:
                 self.close()
