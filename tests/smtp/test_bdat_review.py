@@ -688,3 +688,56 @@ def test_a_large_message_on_a_slow_link_is_not_a_timeout(monkeypatch: pytest.Mon
         conn.close()
         server.close()
     assert [kind(e) for e in entries] == ["ok", "ok"]
+
+
+# -- the probe and the splits against a real Postfix smtpd ------------------------------------
+
+def _postfix_missing() -> str | None:
+    from ._postfix import postfix_missing
+
+    return postfix_missing()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(_postfix_missing() is not None, reason=_postfix_missing() or "")
+def test_probe_and_splits_against_postfix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch probed (PROBE_IDLE 0): a refused sender, a refused recipient and a 452
+    split (Postfix's recipient limit 3) in the probed transaction and behind it; what
+    Postfix passes on is byte-exact, each message once."""
+    from mailworker.relay import parse_relay
+    from mailworker.smtp import chunking
+
+    from ._postfix import Postfix, PostfixConfig, content_of
+
+    monkeypatch.setattr(chunking, "PROBE_IDLE", 0.0)
+    config = PostfixConfig(refuse_recipients={"gone@example.com": "550 5.1.1 No such user"},
+                           refuse_senders={"spammer@example.com": "553 5.7.1 Not from you"},
+                           recipient_limit=3)
+    many = tuple(f"r{j}@example.com" for j in range(5))
+    envs = [
+        envelope(0, ("a@example.com",), sender="app@example.com"),
+        envelope(1, ("a@example.com",), sender="spammer@example.com"),
+        envelope(2, ("gone@example.com", "b@example.com"), sender="app@example.com"),
+        envelope(3, many, sender="app@example.com"),
+        envelope(4, ("c@example.com",), sender="spammer@example.com"),
+        envelope(5, many, sender="app@example.com"),
+    ]
+    with Postfix(config) as pf:
+        conn = Connection(parse_relay("postfix", pf.dsn(timeout=10, connect_timeout=5,
+                                                         deadline=60, pipeline_window=4)))
+        conn.open()
+        try:
+            entries = [*conn.send_many(envs[1:2]), *conn.send_many(envs[2:4]),
+                       *conn.send_many(envs[4:]), *conn.send_many(envs[:1])]
+        finally:
+            conn.close()
+        got = [content_of(m.data) for m in pf.capture.messages]
+    order = [envs[i] for i in (1, 2, 3, 4, 5, 0)]
+    kinds = [kind(e) for e in entries]
+    assert kinds == ["mail 553", "partial", "ok", "mail 553", "ok", "ok"], kinds
+    split = entries[2]
+    assert isinstance(split, SendResult) and split.transactions == 2
+    # Postfix's proxy passes each transaction on: 2 (b), 3 twice (3 + 2 recipients), 5
+    # twice, 0: the same bytes each time.
+    assert sorted(got) == sorted([order[1].data, order[2].data, order[2].data,
+                                  order[4].data, order[4].data, order[5].data])
