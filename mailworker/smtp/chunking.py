@@ -200,7 +200,8 @@ class ChunkingSession(Session):
         """
         started = self.clock()
         try:
-            self.wire.write(data, keep_open=True)
+            self.wire.write(data, keep_open=True,
+                            what=f"{len(ends)} BDAT transaction(s) ({len(data)} bytes)")
         except (OSError, smtplib.SMTPServerDisconnected) as exc:
             err = exc if isinstance(exc, smtplib.SMTPServerDisconnected) else \
                 smtplib.SMTPServerDisconnected(f"write failed: {exc}")

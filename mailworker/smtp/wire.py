@@ -144,12 +144,13 @@ class ReplyWire:
             self.sock.settimeout(wait)
             self._timeout_now = wait
 
-    def write(self, data: bytes, *, keep_open: bool = False) -> None:
+    def write(self, data: bytes, *, keep_open: bool = False, what: str | None = None) -> None:
         """Send *data* within the same bound as a reply; close the connection if not.
 
         *keep_open*: after a failed or timed-out send leave the socket open, so that
         replies the server sent before it went away (or stopped reading) can still be read
-        (BDAT pipelining; the caller closes it).
+        (BDAT pipelining; the caller closes it). *what* names the data in an error
+        (default: the last command).
         """
         if self.sock is None:
             raise smtplib.SMTPServerDisconnected("not connected")
@@ -171,8 +172,8 @@ class ReplyWire:
         except TimeoutError as err:
             if not keep_open:
                 self.close()
-            raise ReplyTimeout(f"could not write {self._last_cmd} within {self._bound(limit)}; "
-                               "the server stopped reading") from err
+            raise ReplyTimeout(f"could not write {what or self._last_cmd} within "
+                               f"{self._bound(limit)}; the server stopped reading") from err
         except OSError as err:
             if not keep_open:
                 self.close()

@@ -597,6 +597,7 @@ def test_write_stall_keeps_the_replies_already_received() -> None:
     kinds = [kind(e) for e in entries]
     assert kinds[:2] == ["mail 550", "ok"], kinds
     _after_a_stalled_write(kinds[2:])  # uncertain: only what the kernel took in full
+    assert any("could not write 1 BDAT transaction(s)" in str(e) for e in entries)
 
 
 def test_probe_over_starttls_byte_exact(make_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
