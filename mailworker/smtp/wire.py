@@ -42,6 +42,7 @@ MAX_LINE = 2048
 MAX_LINES = 100
 """Most lines in one (multi-line) reply."""
 _RECV = 65536
+_TLS_PIECE = 256 * 1024  # bytes per send() on a TLS socket (see ReplyWire.write)
 _MAX_CHALLENGES = 5  # AUTH 334 round trips, as smtplib allows
 
 
@@ -65,8 +66,9 @@ class ReplyWire:
     docmd: Callable[..., tuple[int, bytes]]
     _timeout_now: float = 0.0
     sent = 0
-    """Bytes of the last :meth:`write` handed to the kernel (all of them unless it failed):
-    bytes past this never left, so the server cannot have them."""
+    """Bytes of the last :meth:`write` that may have left (all of them unless it failed; on
+    TLS, also the piece whose send() failed): bytes past this never left, so the server
+    cannot have them."""
     _rbuf = b""
     _rpos = 0
     _last_cmd = "<greeting>"
@@ -158,23 +160,33 @@ class ReplyWire:
         limit = self._limit(now)
         view = memoryview(data)
         self.sent = 0
+        # TLS: a send() that fails may already have pushed whole records of its buffer
+        # (OpenSSL reports all or nothing), so its bytes count as sent, and pieces are
+        # kept small so that this says little.
+        piece = _TLS_PIECE if isinstance(self.sock, ssl.SSLSocket) else 0
+        at_risk = 0
         try:
             while view:
                 wait = limit - self.clock()
                 if wait <= 0:
                     raise TimeoutError
                 self._lower_timeout(wait)
-                sent = self.sock.send(view)
+                part = view[:piece] if piece else view
+                at_risk = len(part) if piece else 0
+                sent = self.sock.send(part)
+                at_risk = 0
                 view = view[sent:]
                 self.sent += sent
                 if view and sent:  # `timeout` bounds a stall; the deadline bounds the whole
                     limit = self._limit(self.clock())
         except TimeoutError as err:
+            self.sent += at_risk
             if not keep_open:
                 self.close()
             raise ReplyTimeout(f"could not write {what or self._last_cmd} within "
                                f"{self._bound(limit)}; the server stopped reading") from err
         except OSError as err:
+            self.sent += at_risk
             if not keep_open:
                 self.close()
             raise smtplib.SMTPServerDisconnected(f"write failed: {err}") from err

@@ -742,3 +742,30 @@ def test_probe_and_splits_against_postfix(monkeypatch: pytest.MonkeyPatch) -> No
     # twice, 0: the same bytes each time.
     assert sorted(got) == sorted([order[1].data, order[2].data, order[2].data,
                                   order[4].data, order[4].data, order[5].data])
+
+
+def test_tls_write_stall_never_calls_a_delivered_message_cut(make_server: Any) -> None:
+    """Over TLS a send() that times out may already have pushed whole records of its buffer
+    to the server (OpenSSL reports all or nothing). The server took message 0 and answered
+    it, then hung before reading message 1's chunk: message 0 must come out delivered (its
+    reply was there), never as a cut write that would be sent again unflagged."""
+    from mailworker.testing import Fault
+
+    server = make_server(chunking=True, tls="starttls")
+    server.add_fault(Fault.delay("BDAT", seconds=20, nth=2, times=1))
+    # 0 is small, so that its end and all of 1 (large) go in the same write: one send()
+    envs = [envelope(i, body=b"t" * 998 + b"\r\n" * (100_000 if i == 0 else 3_000_000))
+            for i in range(4)]
+    conn = Connection(relay_for(server, pipeline_window=8, timeout=1))
+    conn.open()
+    try:
+        assert conn.encrypted
+        entries = conn.send_many(envs)
+    finally:
+        conn.close()
+    kinds = [kind(e) for e in entries]
+    recorded = copies(server)
+    for i, k in enumerate(kinds):
+        if recorded.get(f"<m{i}@example.test>"):
+            assert k in ("ok", "uncertain"), (i, kinds)
+    assert kinds[0] == "ok", kinds
