@@ -9,7 +9,7 @@ connection binds its logger once (relay name and connection id), decides once wh
 INFO is enabled at all, and builds each event dict only when it will be emitted. With
 the production configuration (:func:`mailworker.logging.configure_logging`, JSON) an
 event skips structlog's generic processor chain for the same chain inlined
-(:func:`mailworker.logging.fast_info`: same keys, redaction and stream, about a third of
+(:func:`mailworker.logging.fast_info`: same keys, redaction and stream, about half
 the cost; ``benchmarks/bench_replylog.py`` measures it); any other configuration, and a
 *logger* passed in, get the event through structlog as before.
 
