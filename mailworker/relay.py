@@ -29,7 +29,7 @@ Options (query string; all optional; numbers must lie in the range shown):
 =====================  ========  ===================================================
 option                 default   meaning
 =====================  ========  ===================================================
-timeout                30        wall-clock limit for each reply and each write, seconds
+timeout                30        wall-clock limit for each reply, and for a write stalled, seconds
 deadline               120       wall-clock limit for one whole transaction, seconds
 connect_timeout        10        TCP connect, seconds
 setup_timeout          60        greeting, EHLO, STARTTLS and handshake, AUTH: all of it
