@@ -13,6 +13,8 @@ end-to-end figure is ``bench_queue.py``'s.
 ``mailworker.logging.fast_info`` switched off) and the lean path (as shipped), and prints
 the median of the per-pair ratios: both saw the same machine within seconds.
 ``--profile PATH`` writes a cProfile of the last round (wall clock; ``pstats`` reads it).
+``--threads N`` runs the passes from N threads at once, as a threads worker does: the
+difference to one thread is what the GIL and the thread switches cost per message.
 
 Run: ``.venv/bin/python benchmarks/bench_hotpath.py`` (``-n`` messages per round,
 ``--rounds``; about 30 s).
@@ -26,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10,
                    help="more, shorter rounds: the medians shrug off a busy neighbour")
     p.add_argument("--batch", type=int, default=50, help="ids per Deliverer.run (a task)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="passes run by this many threads at once, as a threads worker's "
+                        "pool does (what the GIL and thread switches add per message)")
     p.add_argument("--ab", action="store_true",
                    help="alternate rounds: reply log through structlog's chain vs lean")
     p.add_argument("--profile", type=Path, default=None, help="cProfile the last round here")
@@ -83,12 +89,30 @@ def run(args: argparse.Namespace, bench: Any, sink: Any, tmp: Path) -> int:
         return ids
 
     def drain(ids: list[str]) -> dict[str, int]:
+        batches = [ids[i:i + args.batch] for i in range(0, len(ids), args.batch)]
         states: dict[str, int] = {}
-        for i in range(0, len(ids), args.batch):
-            report = Deliverer(rt.settings, rt.store, rt.pools, hooks).run(
-                ids[i:i + args.batch], task_id="bench")
-            for k, v in report.states.items():
-                states[k] = states.get(k, 0) + v
+        lock = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with lock:
+                    if not batches:
+                        return
+                    batch = batches.pop(0)
+                report = Deliverer(rt.settings, rt.store, rt.pools, hooks).run(
+                    batch, task_id="bench")
+                with lock:
+                    for k, v in report.states.items():
+                        states[k] = states.get(k, 0) + v
+
+        if args.threads <= 1:
+            work()  # in this thread, so that --profile sees it
+        else:
+            threads = [threading.Thread(target=work) for _ in range(args.threads)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
         return states
 
     drain(queued(500, "warm"))  # connections, scripts, caches
