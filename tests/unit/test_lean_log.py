@@ -76,3 +76,27 @@ def test_capture_logs_and_other_configurations_bypass_the_lean_path() -> None:
     assert not fast_info("x", {})
     configure_logging(fmt="json", level="WARNING", stream=io.StringIO())
     assert not fast_info("x", {})
+
+
+def test_lines_from_many_threads_stay_whole(tmp_path: Any) -> None:
+    import threading
+
+    path = tmp_path / "log.json"
+    with path.open("w") as stream:
+        configure_logging(fmt="json", level="INFO", stream=stream)
+
+        def emit(n: int) -> None:
+            log = ReplyLog("primary", f"c{n}")
+            for i in range(300):
+                log.reply("RCPT TO:<a@example.test>", 250, "2.1.5 Ok " + "x" * 200, 0.0, 0.0,
+                          message_id=f"m{n}-{i}")
+
+        threads = [threading.Thread(target=emit, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1200
+    assert {json.loads(line)["message_id"] for line in lines} == {
+        f"m{n}-{i}" for n in range(4) for i in range(300)}
