@@ -40,8 +40,11 @@ in flight: each transaction whose BDAT LAST was (possibly) written and whose fin
 was not read is :class:`~mailworker.smtp.errors.DeliveryUncertain` at stage
 ``after-dot`` (the server may have queued it; the duplicate budget applies downstream),
 unless a refusal read earlier already decided it (MAIL refused, or every RCPT refused):
-it keeps that refusal. The transaction a 421 answered (to MAIL or a RCPT) gets the 421,
-as on the DATA path. Transactions never written are
+it keeps that refusal. The transaction a 421 answered at MAIL gets the 421, as on the
+DATA path (no transaction was open). A 421 to a RCPT is that recipient's refusal, but
+unlike on the DATA path the content was already written behind it: the recipients
+accepted before it, or whose replies were not read, are uncertain (a server that said
+421 and carried on would otherwise get the message twice). Transactions never written are
 :class:`~mailworker.smtp.errors.NotAttempted`, except the later part of a 452 split (its
 envelope's accepted recipients must not get a second copy: a connection failure that
 carries them as ``partial``). The pool's "stale connection" retry (a disconnect or 421 at
@@ -250,8 +253,8 @@ class ChunkingSession(Session):
             if oc.fatal:
                 continue
             exc: BaseException
-            if t is failing and (replied or t not in written):
-                exc, stage = abort.exc, abort.stage  # a 421 reply; or nothing was written
+            if t is failing and (t not in written or (replied and abort.stage is Stage.MAIL)):
+                exc, stage = abort.exc, abort.stage  # nothing was written; or a 421 to MAIL
             elif t in self._cut:  # its chunk never reached the server in full
                 exc = smtplib.SMTPServerDisconnected(
                     f"the write failed before the end of its content ({abort.exc})")

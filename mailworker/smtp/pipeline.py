@@ -324,6 +324,7 @@ class Session:
             t.accepted.append(rcpt)
             return
         if reply.code == 421:
+            t.refused[rcpt] = reply  # BDAT: the others may be uncertain (chunking._distribute)
             refused = {r: reply.raw for r in t.recipients}
             raise _Abort(smtplib.SMTPRecipientsRefused(refused), Stage.RCPT, t)
         t.refused[rcpt] = reply

@@ -13,6 +13,8 @@ import threading
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mailworker.smtp import (
     Connection,
@@ -408,8 +410,15 @@ def _failure_at(bdat_server: Any, window: int, how: str, at: int, *, probe: bool
         elif i < failed_at:
             assert k == "ok", (i, k)  # every reply before the failure was read
         elif i == failed_at and how == "421":
-            stage = ["mail", "rcpt", "rcpt", "after-dot"][at % 4]
-            assert k == f"{stage} 421", (i, k)
+            # A 421 to MAIL or to BDAT LAST decides; one to a RCPT refuses that recipient,
+            # but the content went out behind it: the other recipient is uncertain.
+            expected = ["mail 421", "uncertain", "uncertain", "after-dot 421"][at % 4]
+            assert k == expected, (i, k)
+            if expected == "uncertain":
+                partial = failure_of(entries[i]).partial
+                assert partial is not None
+                codes = {r.recipient: r.code for r in partial.recipients}
+                assert codes["a@example.test" if at % 4 == 1 else "b@example.test"] == 421
         elif i == failed_at:
             assert k == "uncertain", (i, k)  # its BDAT may have been written
         else:
@@ -769,3 +778,63 @@ def test_tls_write_stall_never_calls_a_delivered_message_cut(make_server: Any) -
         if recorded.get(f"<m{i}@example.test>"):
             assert k in ("ok", "uncertain"), (i, kinds)
     assert kinds[0] == "ok", kinds
+
+
+# -- any mix of replies and failures (property) -------------------------------------------------
+
+_ANSWERS = {
+    "MAIL": [None] * 6 + [b"550 5.7.1 no\r\n", b"421 4.3.2 bye\r\n", CLOSE],
+    "RCPT": [None] * 6 + [b"550 5.1.1 no\r\n", b"452 4.5.3 later\r\n", b"421 4.3.2 bye\r\n",
+                          CLOSE],
+    "BDAT": [None] * 6 + [b"554 5.7.1 no\r\n", b"451 4.3.0 later\r\n", b"421 4.3.2 bye\r\n",
+                          CLOSE],
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(picks=st.lists(st.integers(0, 9), min_size=60, max_size=60),
+       window=st.sampled_from([1, 2, 3, 8]))
+def test_any_mix_of_replies_and_failures(picks: list[int], window: int) -> None:
+    """Random replies and failures (a hostile server that carries on after its 421) over 5
+    messages of 2 recipients, with 452 splits. Whatever happens: the client never reports a
+    recipient accepted that the server did not queue it for; a recipient the server queued
+    is reported accepted, or its message is uncertain; a message whose MAIL reached the
+    server is never NotAttempted."""
+    calls = iter(picks)
+    taken: dict[int, set[str]] = {}  # server transaction -> recipients it accepted
+    server: BdatServer
+
+    def script(verb: str, n: int, line: str) -> bytes | None:
+        if verb not in _ANSWERS:
+            return None
+        answer = _ANSWERS[verb][next(calls, 0) % len(_ANSWERS[verb])]
+        if verb == "RCPT" and answer is None:
+            taken.setdefault(n, set()).add(line.split("<", 1)[1].split(">", 1)[0])
+        return answer
+
+    server = BdatServer(script)
+    try:
+        envs = [envelope(i, ("a@example.test", "b@example.test"), sender=f"s{i}@example.test")
+                for i in range(5)]
+        entries, _ = send(server, envs, pipeline_window=window)
+    finally:
+        server.close()
+    queued: dict[str, set[str]] = {}
+    seen: set[str] = set()
+    for n, txn in enumerate(server.txns):
+        sender = txn.mail.split("<", 1)[1].split(">", 1)[0]
+        seen.add(sender)
+        if txn.content is not None:
+            queued.setdefault(sender, set()).update(taken.get(n, set()))
+    for i, entry in enumerate(entries):
+        sender = f"s{i}@example.test"
+        if isinstance(entry, SendResult):
+            claimed = {r.recipient for r in entry.accepted}
+        else:
+            partial = failure_of(entry).partial
+            claimed = {r.recipient for r in partial.accepted} if partial is not None else set()
+        assert claimed <= queued.get(sender, set()), (i, entries)
+        if not isinstance(entry, DeliveryUncertain):
+            assert queued.get(sender, set()) <= claimed, (i, entries)
+        if sender in seen:
+            assert not isinstance(entry, NotAttempted), (i, entries)
