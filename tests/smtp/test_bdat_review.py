@@ -793,8 +793,8 @@ _ANSWERS = {
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(picks=st.lists(st.integers(0, 9), min_size=60, max_size=60),
-       window=st.sampled_from([1, 2, 3, 8]))
-def test_any_mix_of_replies_and_failures(picks: list[int], window: int) -> None:
+       window=st.sampled_from([1, 2, 3, 8]), probe=st.booleans())
+def test_any_mix_of_replies_and_failures(picks: list[int], window: int, probe: bool) -> None:
     """Random replies and failures (a hostile server that carries on after its 421) over 5
     messages of 2 recipients, with 452 splits. Whatever happens: the client never reports a
     recipient accepted that the server did not queue it for; a recipient the server queued
@@ -812,12 +812,16 @@ def test_any_mix_of_replies_and_failures(picks: list[int], window: int) -> None:
             taken.setdefault(n, set()).add(line.split("<", 1)[1].split(">", 1)[0])
         return answer
 
+    from mailworker.smtp import chunking
+
     server = BdatServer(script)
+    saved, chunking.PROBE_IDLE = chunking.PROBE_IDLE, 0.0 if probe else chunking.PROBE_IDLE
     try:
         envs = [envelope(i, ("a@example.test", "b@example.test"), sender=f"s{i}@example.test")
                 for i in range(5)]
         entries, _ = send(server, envs, pipeline_window=window)
     finally:
+        chunking.PROBE_IDLE = saved
         server.close()
     queued: dict[str, set[str]] = {}
     seen: set[str] = set()
