@@ -842,3 +842,56 @@ def test_any_mix_of_replies_and_failures(picks: list[int], window: int, probe: b
             assert queued.get(sender, set()) <= claimed, (i, entries)
         if sender in seen:
             assert not isinstance(entry, NotAttempted), (i, entries)
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_421_and_hang_up_while_the_window_is_still_being_written(reset: bool) -> None:
+    """The server answers the first MAIL with 421 at once and hangs up (FIN, or RST) while
+    the client is still writing a window of large messages: the 421 decides message 0 (a
+    clean refusal at MAIL), nothing is claimed delivered, nothing unwritten is uncertain."""
+    import struct
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"220 busy ESMTP\r\n")
+            buf = b""
+            while True:
+                while b"\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                line, buf = buf.split(b"\n", 1)
+                if line[:4].upper() == b"EHLO":
+                    conn.sendall(b"250-busy\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+                    continue
+                conn.sendall(b"421 4.7.0 too busy, try later\r\n")
+                if reset:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    from mailworker.relay import parse_relay
+
+    relay = parse_relay("busy", f"smtp://127.0.0.1:{port}?tls=none&timeout=2"
+                        "&connect_timeout=5&deadline=10&pipeline_window=4")
+    envs = [envelope(i, body=b"q" * 998 + b"\r\n" * 1_500_000) for i in range(6)]
+    conn = Connection(relay)
+    conn.open()
+    try:
+        entries = conn.send_many(envs)
+    finally:
+        conn.close()
+        listener.close()
+        thread.join(5)
+    kinds = [kind(e) for e in entries]
+    assert conn.is_closed
+    assert kinds[0] in ("mail 421", "data None"), kinds  # data None: the RST ate the 421
+    assert not any(isinstance(e, SendResult) for e in entries)
+    written = [k for k in kinds[1:] if k != "not-attempted"]
+    assert all(k in ("uncertain", "data None") for k in written), kinds
