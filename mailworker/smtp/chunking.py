@@ -94,8 +94,8 @@ DEFAULT_WINDOW = 8
 
 WRITE_BYTES = 1 << 20
 """A write carries whole transactions up to this many bytes (then the next write follows
-at once): each write is bounded by ``timeout``, so a window of large messages must not be
-one write that a slow link cannot finish in time."""
+at once), so a window of large messages is not one huge buffer: each write's deadline is
+the oldest transaction's in flight, and the later ones get theirs when they are written."""
 
 PROBE_IDLE = 1.0
 """Seconds idle after which a connection's next batch proves the server is still there
