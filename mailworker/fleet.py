@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Sequence
@@ -46,8 +47,8 @@ from mailworker.store import Store
 from mailworker.store.relays import Admission, Feedback, feedback_of
 from mailworker.store.scripts import Rider
 
-__all__ = ["ASSUMED_WORKERS", "INITIAL_WINDOW", "RATE_FLOOR", "REGROW_AFTER", "FleetSlots",
-           "Window", "ceiling_of", "install"]
+__all__ = ["ASSUMED_WORKERS", "INITIAL_WINDOW", "RATE_FLOOR", "REGROW_AFTER", "SLOT_WAIT",
+           "FleetSlots", "Window", "ceiling_of", "install"]
 
 log = structlog.get_logger("mailworker.fleet")
 
@@ -62,6 +63,12 @@ ASSUMED_WORKERS = 4
 REGROW_AFTER = 60.0
 #: The least rate (messages per second) "slow down" replies can cut a relay to.
 RATE_FLOOR = 1.0
+#: Seconds a new connection waits for a slot of a full window before the batch is held
+#: (at most a twentieth of the slot's lifetime). The window grows within milliseconds of
+#: its holders' first accepted transactions: at a fleet's start, a batch that found the
+#: initial window full got a slot a moment later, but was held ~0.5 s and claimed and
+#: committed a second time. Bounded, so a relay really at its limit costs a batch no more.
+SLOT_WAIT = 0.25
 
 
 def _notch(rate: float) -> int:
@@ -147,15 +154,32 @@ class FleetSlots:
                 self._held.clear()
                 self._beat, self._pid = None, 0
         token = uuid.uuid4().hex
-        taken, _, _ = self.store.relays.take_slot(
-            relay.name, token, ceiling=ceiling_of(relay), initial=INITIAL_WINDOW,
-            hold_seconds=self.hold, probe_interval=self.probe_interval)
-        if not taken:
+        if not self._take_waiting(relay, token):
             return None
         with self._lock:
             self._held[token] = relay.name
         self._ensure_heartbeat()
         return token
+
+    def _take_waiting(self, relay: Relay, token: str) -> bool:
+        """Take a slot; while every slot of the window is in use, poll for one for up to
+        :data:`SLOT_WAIT` seconds (the batch's leases stay renewed by the heartbeat
+        meanwhile). Every poll is the same atomic take, so the window's size is never
+        exceeded. A dead relay (slots free, none granted before the probe) is not waited on.
+        """
+        deadline = time.monotonic() + min(SLOT_WAIT, self.hold / 20)
+        pause = 0.005
+        while True:
+            taken, used, size = self.store.relays.take_slot(
+                relay.name, token, ceiling=ceiling_of(relay), initial=INITIAL_WINDOW,
+                hold_seconds=self.hold, probe_interval=self.probe_interval)
+            if taken:
+                return True
+            left = deadline - time.monotonic()
+            if used < math.floor(size) or left <= 0:
+                return False
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.04)
 
     def give_back(self, relay: Relay, token: str) -> None:
         with self._lock:

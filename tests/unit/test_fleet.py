@@ -224,3 +224,74 @@ def test_a_slow_down_that_never_ends_starts_counting_attempts() -> None:
         "slow_down", "slow_down", "slow_down", "retry", "slow_down"]
     assert rec.attempts == 1
     assert "max_slow_downs=3" in rec.history[3].decision["reason"]  # type: ignore[index]
+
+
+class _Sleeps:
+    """The fleet module's time, moved by its own sleeps (no real waiting)."""
+
+    def __init__(self) -> None:
+        self.t = 500.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.t += seconds
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> _Sleeps:
+    fake = _Sleeps()
+    monkeypatch.setattr("mailworker.fleet.time", fake)
+    return fake
+
+
+def fleet_slots(store: Store) -> Any:
+    from mailworker.fleet import FleetSlots
+    from mailworker.smtp import PoolManager
+
+    slots = FleetSlots(store, PoolManager(), hold_seconds=15, probe_interval=5)
+    slots._ensure_heartbeat = lambda: None  # type: ignore[method-assign]
+    return slots
+
+
+def test_a_full_window_is_waited_on_briefly_and_a_freed_slot_taken(
+        store: Store, now: Now, sleeps: _Sleeps) -> None:
+    relay = parse_relay("r", "smtp://127.0.0.1:2525?max_connections=3")
+    others = take(store, 5)
+    assert len(others) == 2  # the initial window, full
+    slots = fleet_slots(store)
+    polls = {"n": 0}
+    take_slot = store.relays.take_slot
+
+    def freed_on_third_poll(*a: Any, **kw: Any) -> tuple[bool, int, float]:
+        polls["n"] += 1
+        if polls["n"] == 3:  # the holders' successes grew the window meanwhile
+            feed(store, "ok", accepted=2)
+        return take_slot(*a, **kw)
+
+    store.relays.take_slot = freed_on_third_poll  # type: ignore[method-assign]
+    token = slots.take(relay)
+    assert token is not None and polls["n"] == 3 and len(sleeps.slept) == 2
+    assert store.redis.zcard(store.keys.slots("r")) == 3  # never more than the window
+    assert take(store, 5) == []  # 3 of 3
+
+
+def test_a_full_window_is_waited_on_no_longer_than_the_bound(
+        store: Store, now: Now, sleeps: _Sleeps) -> None:
+    from mailworker.fleet import SLOT_WAIT
+
+    relay = parse_relay("r", "smtp://127.0.0.1:2525?max_connections=3")
+    assert len(take(store, 5)) == 2
+    assert fleet_slots(store).take(relay) is None
+    assert 0 < sum(sleeps.slept) <= SLOT_WAIT + 1e-9
+    assert store.redis.zcard(store.keys.slots("r")) == 2
+
+
+def test_a_dead_relay_is_not_waited_on(store: Store, now: Now, sleeps: _Sleeps) -> None:
+    relay = parse_relay("r", "smtp://127.0.0.1:2525?max_connections=3")
+    assert [feed(store, "fail").cohort_failed for _ in range(2)] == [False, True]
+    assert fleet_slots(store).take(relay) is None  # slots free, no probe due: hold at once
+    assert sleeps.slept == []
