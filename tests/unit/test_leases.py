@@ -100,6 +100,66 @@ def test_heartbeat_renews_while_registered_and_stops_after(store: Store) -> None
     assert beats["n"] <= stopped + 1
 
 
+class _Beats:
+    """A HeldLeases stand-in that records when the heartbeat renewed it."""
+
+    def __init__(self, lease: float) -> None:
+        self.lease = lease
+        self.at: list[float] = []
+
+    def renew(self) -> None:
+        self.at.append(time.monotonic())
+
+
+class _CountingEvent:
+    def __init__(self, wrapped: object) -> None:
+        self.wrapped, self.sets = wrapped, 0
+
+    def set(self) -> None:
+        self.sets += 1
+        self.wrapped.set()  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.wrapped, name)
+
+
+def test_heartbeat_wakes_only_for_a_lease_due_before_its_next_planned_beat() -> None:
+    hb = Heartbeat()
+    long, short, later = _Beats(300.0), _Beats(0.6), _Beats(300.0)
+    hb.register(long)  # type: ignore[arg-type]  # starts the thread; first beat in 100 s
+    wait_until(lambda: hb._next_wake > 0, 5, message="the thread to plan its next beat")
+    event = hb._wake = _CountingEvent(hb._wake)  # type: ignore[assignment]
+    hb.register(later)  # type: ignore[arg-type]  # due after the planned beat: no wake-up
+    assert event.sets == 0
+    hb.register(short)  # type: ignore[arg-type]  # due in 0.2 s, long before: wake it
+    assert event.sets == 1
+    wait_until(lambda: len(short.at) >= 3, 10, message="three beats of the short lease")
+    assert long.at == [] and later.at == []
+    for held in (long, short, later):
+        hb.unregister(held)  # type: ignore[arg-type]
+
+
+def test_heartbeat_plans_the_first_renewal_from_registration_not_from_its_wake_up() -> None:
+    hb = Heartbeat()
+    first = _Beats(0.9)
+    hb.register(first)  # type: ignore[arg-type]
+    wait_until(lambda: hb._next_wake > 0, 5, message="the thread to plan its next beat")
+    second = _Beats(0.9)  # due after first's beat: registered without a wake-up
+    before = time.monotonic()
+    hb.register(second)  # type: ignore[arg-type]
+    after = time.monotonic()
+    # The first renewal is planned lease/3 after registering (not lease/3 after the
+    # thread next wakes, which could be up to lease/3 later: past the lease's margin),
+    # and the thread is planned to wake no later than that.
+    due = hb._held[id(second)][2]
+    assert before + 0.3 <= due <= after + 0.3
+    with hb._lock:
+        assert hb._next_wake <= due  # 0.0 while it is awake and reading _held
+    wait_until(lambda: len(second.at) >= 2, 10, message="two beats of the second lease")
+    for held in (first, second):
+        hb.unregister(held)  # type: ignore[arg-type]
+
+
 def settings(server: SMTPTestServer) -> Settings:
     return Settings(relays={"default": parse_relay("default", server.dsn())})
 
