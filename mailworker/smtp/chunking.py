@@ -101,6 +101,11 @@ PROBE_IDLE = 1.0
 """Seconds idle after which a connection's next batch proves the server is still there
 before any content goes out (see :meth:`ChunkingSession._probe`)."""
 
+PROBE_WAIT = 2.0
+"""How long the probe waits for its MAIL reply before it goes on as if it had not probed:
+a server that holds its replies until the group ends (against RFC 2920 section 3.2) or
+checks the sender slowly must not cost a timeout."""
+
 DRAIN = 0.5
 """After a write timed out (the server stopped reading), seconds left to read the replies
 it sent before: they are normally here already; they decide their transactions."""
@@ -174,7 +179,8 @@ class ChunkingSession(Session):
         back into a clean failure at MAIL (nothing but commands sent), for one round trip
         per batch that follows at least :data:`PROBE_IDLE` seconds of silence, i.e. only
         when the connection is not busy. A server that fails later is the ordinary case of
-        a connection lost mid-window.
+        a connection lost mid-window. No MAIL reply within :data:`PROBE_WAIT`: the batch
+        goes on without the probe (its MAIL reply is read in order later), never a stall.
         """
         cur = self._cur = self._next(todo)
         if cur is None:
@@ -182,9 +188,10 @@ class ChunkingSession(Session):
         self._start(cur)
         head = b"".join([cur.prep.mail, *(line for line, _ in cur.lines)])
         cur.sent_at = started = self._write(head, None, cur)
-        self._mail_reply(cur, self._read(cur, Stage.MAIL, cur.prep.mail_cmd, started))
-        self._probed = cur
-        return cur
+        if self.wire.wait_readable(min(PROBE_WAIT, self.deadline)):
+            self._mail_reply(cur, self._read(cur, Stage.MAIL, cur.prep.mail_cmd, started))
+            self._probed = cur
+        return cur  # without its MAIL reply: read in order with the rest
 
     def _send(self, data: bytes, ends: list[tuple[_Txn, int]]
               ) -> smtplib.SMTPServerDisconnected | None:

@@ -276,6 +276,21 @@ class ReplyWire:
         except (OSError, ValueError):
             return True
 
+    def wait_readable(self, seconds: float) -> bool:
+        """True when reply bytes are here or arrive within *seconds*; nothing is read, and
+        the connection stays open either way (unlike a read that times out)."""
+        sock = self.sock
+        if sock is None or self.buffered():
+            return True
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            return bool(poller.poll(max(0, int(seconds * 1000))))
+        except (OSError, ValueError):
+            return True
+
     def set_deadline(self, deadline: float | None, label: str = "deadline") -> None:
         """Bound every wait until *deadline* (absolute, on ``clock``); None lifts it."""
         self.deadline, self.deadline_label = deadline, label

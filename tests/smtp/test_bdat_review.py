@@ -895,3 +895,67 @@ def test_421_and_hang_up_while_the_window_is_still_being_written(reset: bool) ->
     assert not any(isinstance(e, SendResult) for e in entries)
     written = [k for k in kinds[1:] if k != "not-attempted"]
     assert all(k in ("uncertain", "data None") for k in written), kinds
+
+
+def test_probe_never_stalls_on_a_server_that_holds_replies_to_the_group_end(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that keeps its MAIL and RCPT replies until the group ends (at BDAT),
+    against RFC 2920 3.2 (flush when the input runs dry): the probe's MAIL reply never
+    comes on its own, so after PROBE_WAIT the batch goes on as without a probe (it must not
+    wait out the timeout and fail)."""
+    from mailworker.relay import parse_relay
+    from mailworker.smtp import chunking
+
+    monkeypatch.setattr(chunking, "PROBE_IDLE", 0.0)
+    monkeypatch.setattr(chunking, "PROBE_WAIT", 0.2)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    got: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"220 holder ESMTP\r\n")
+            buf, held = b"", []
+            while True:
+                while b"\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                line, buf = buf.split(b"\n", 1)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    conn.sendall(b"250-holder\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                elif verb == b"BDAT":
+                    size = int(line.split()[1])
+                    while len(buf) < size:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        buf += data
+                    got.append(buf[:size])
+                    buf = buf[size:]
+                    conn.sendall(b"".join([*held, b"250 2.0.0 queued\r\n"]))
+                    held = []
+                else:
+                    held.append(b"250 ok\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    relay = parse_relay("holder", f"smtp://127.0.0.1:{port}?tls=none&timeout=5"
+                        "&connect_timeout=5&deadline=10&pipeline_window=4")
+    envs = [envelope(i) for i in range(3)]
+    conn = Connection(relay)
+    conn.open()
+    try:
+        entries = conn.send_many(envs)
+    finally:
+        conn.close()
+        listener.close()
+        thread.join(5)
+    assert [kind(e) for e in entries] == ["ok"] * 3
+    assert got == [prepare(e, {}, chunking=True).content for e in envs]
