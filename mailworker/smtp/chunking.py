@@ -218,9 +218,11 @@ class ChunkingSession(Session):
             sent = getattr(self.wire, "sent", len(data))
             self._cut.update(t for t, end in ends if end > sent)
             if isinstance(err, ReplyTimeout):
+                # Even past a deadline (the write was bounded by the oldest one): a reply
+                # that came while we were writing is not late.
                 drain = self.clock() + DRAIN
                 for t in self._inflight:
-                    t.deadline = min(t.deadline, drain)
+                    t.deadline = drain
                 self._deadline_label = f"{DRAIN:g}s after a write timed out ({err})"
             return err
         finally:

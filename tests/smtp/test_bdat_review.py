@@ -959,3 +959,35 @@ def test_probe_never_stalls_on_a_server_that_holds_replies_to_the_group_end(
         thread.join(5)
     assert [kind(e) for e in entries] == ["ok"] * 3
     assert got == [prepare(e, {}, chunking=True).content for e in envs]
+
+
+def test_window_longer_than_a_deadline_still_reads_the_replies_that_came(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large messages on a slow link: writing the window takes longer than the first
+    transaction's deadline, which bounds the write. Its reply arrived long ago: after the
+    write times out it must still decide that message (not leave it uncertain, a flagged
+    duplicate on retry), and nothing is ever claimed that the server did not answer."""
+    from mailworker.relay import parse_relay
+    from mailworker.smtp import connection
+
+    real = connection._no_delay
+
+    def small_buffers(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        real(sock)
+
+    monkeypatch.setattr(connection, "_no_delay", small_buffers)
+    server = _StallingServer(stall_at=10**9, refuse_mail=set(), slow=True)
+    relay = parse_relay("slow", f"smtp://127.0.0.1:{server.port}?tls=none&timeout=5"
+                        "&connect_timeout=5&deadline=1&pipeline_window=3")
+    envs = [envelope(i, body=b"s" * 998 + b"\r\n" * 500_000) for i in range(4)]
+    conn = Connection(relay)
+    conn.open()
+    try:
+        entries = conn.send_many(envs)
+    finally:
+        conn.close()
+        server.close()
+    kinds = [kind(e) for e in entries]
+    assert kinds[0] == "ok", kinds
+    assert all(k in ("ok", "uncertain", "data None", "not-attempted") for k in kinds), kinds
