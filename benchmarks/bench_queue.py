@@ -10,7 +10,9 @@ its own worker processes, all on 127.0.0.1; everything it starts it stops):
 2. **send() latency** (no worker running): ``--send-calls`` single ``send()`` calls after a
    warm-up; p50/p95/p99/max of the wall time of each call.
 3. **Delivery**: for each sink latency (0 ms: Postfix ``smtp-sink``; 10 ms:
-   ``SMTPTestServer(latency=0.010)`` in a process of its own) and each Celery pool
+   ``SMTPTestServer(latency=0.010, chunking=True)`` in a process of its own: it offers
+   CHUNKING as Postfix does, so mailworker pipelines BDAT transactions; ``--no-chunking``
+   for DATA; smtp-sink offers no CHUNKING) and each Celery pool
    (``threads``, ``prefork``), start the workers with the same ``-c``, wait until they are
    ready, then time from the first enqueue to the moment the sink has received every
    message. The producer enqueues while the workers run (end to end, as an app would).
@@ -246,7 +248,7 @@ class SmtpSink(Child):
 _LATENCY_SINK = """
 import sys, threading
 from mailworker.testing import SMTPTestServer
-server = SMTPTestServer(latency=float(sys.argv[1]))
+server = SMTPTestServer(latency=float(sys.argv[1]), chunking=sys.argv[2:] == ["chunking"])
 server.start()
 print("port", server.port, flush=True)
 stop = threading.Event()
@@ -264,9 +266,10 @@ server.stop()
 class LatencySink:
     """``SMTPTestServer(latency=...)`` in a process of its own (see the docs for why)."""
 
-    def __init__(self, tmp: Path, latency: float) -> None:
+    def __init__(self, tmp: Path, latency: float, chunking: bool = True) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen([PY, "-c", _LATENCY_SINK, str(latency)], cwd=ROOT, env=env,
+        args = [PY, "-c", _LATENCY_SINK, str(latency)] + (["chunking"] if chunking else [])
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=(tmp / "latency-sink.log").open("ab"),
                                      start_new_session=True)
@@ -360,7 +363,8 @@ class Bench:
     def sink(self, latency_ms: int) -> Any:
         if latency_ms not in self.sinks:
             self.sinks[latency_ms] = (SmtpSink(self.tmp) if latency_ms == 0
-                                      else LatencySink(self.tmp, latency_ms / 1000.0))
+                                      else LatencySink(self.tmp, latency_ms / 1000.0,
+                                                       chunking=self.args.chunking))
         return self.sinks[latency_ms]
 
     def close(self) -> None:
@@ -769,6 +773,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--modes", default="e2e,backlog",
                    help="e2e (enqueue while workers run) and/or backlog (drain a full queue)")
     p.add_argument("--batch", type=int, default=500, help="send_many batch size")
+    p.add_argument("--no-chunking", dest="chunking", action="store_false",
+                   help="the 10 ms sink does not offer CHUNKING (mailworker then uses DATA "
+                        "pipelining, as before issue 12; the baseline's smtplib always does)")
     p.add_argument("--mw-batch-size", type=int, default=None,
                    help="MAILWORKER_BATCH_SIZE for the runs (default: mailworker's, 50)")
     p.add_argument("--send-calls", type=int, default=2_000)
