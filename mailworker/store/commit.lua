@@ -10,9 +10,15 @@
 --       the lease holder moves it) else 0
 -- A record that is live again (a dead letter retried) loses any expiry it had. A delivered
 -- record loses its body (raw, zraw): nothing sends it again, and it was most of its memory.
--- Returns per record 1 when saved, 0 when another worker has claimed it since.
+-- Returns per record 1 when saved, 0 when another worker has claimed it since, or when
+-- its key is no record any more (deleted, or overwritten by another program: then it goes
+-- into the dead letters by id, as claim.lua does, to be seen and purged).
 -- The lease may have expired during a long attempt; the outcome still stands if nobody
 -- claimed the record since (the "sending" marker is still ours).
+-- Each record stands alone: a script's writes are never undone, so an error at one record
+-- would leave those before it saved and those after it not (delivered mail retried as a
+-- possible duplicate). Its reads and first write are pcall'd; nothing is written to a
+-- record before the key is known to be a hash that still has its document.
 local retention, dead_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {}
 -- Counters are summed per stats hash and written once per field at the end; the sweep
@@ -26,17 +32,33 @@ for a = 5, #ARGV, 8 do
   local elsewhere = ARGV[a + 7] ~= "1"
   local rec, lease_key = ARGV[3] .. id, ARGV[4] .. id
   local ours = true
-  local lease = redis.call("GET", lease_key)
-  if lease ~= token then
+  local lease = redis.pcall("GET", lease_key)
+  if type(lease) == "table" then  -- an error: the lease key is not a lease (not ours)
+    ours = false
+  elseif lease ~= token then
     if lease then
       ours = false
     else
-      local sending = redis.call("HGET", rec, "sending")
-      ours = sending and string.sub(sending, 1, #token + 1) == token .. " "
+      local sending = redis.pcall("HGET", rec, "sending")
+      ours = type(sending) == "string" and string.sub(sending, 1, #token + 1) == token .. " "
     end
   end
+  local added = ours and redis.pcall("HSET", rec, "doc", doc)
+  if type(added) == "table" then
+    -- Not a hash (overwritten while we sent): set aside by id, never woken again.
+    ours = false
+    redis.call("ZREM", KEYS[1], id)
+    redis.call("ZREM", KEYS[2], id)
+    redis.call("ZADD", KEYS[3], redis.call("TIME")[1], id)
+  elseif added == 1 then
+    -- The document was not there: the record was deleted while we sent. Gone it stays
+    -- (not a stub with a document and no body).
+    ours = false
+    redis.call("DEL", rec, lease_key)
+    redis.call("ZREM", KEYS[1], id)
+    redis.call("ZREM", KEYS[2], id)
+  end
   if ours then
-    redis.call("HSET", rec, "doc", doc)
     if state == "delivered" then
       redis.call("HDEL", rec, "sending", "raw", "zraw")
     else
@@ -80,7 +102,7 @@ for a = 5, #ARGV, 8 do
 end
 for _, stats in ipairs(order) do
   for field, by in pairs(sums[stats]) do
-    redis.call("HINCRBY", stats, field, by)
+    redis.pcall("HINCRBY", stats, field, by)  -- a counter is never worth an outcome
   end
 end
 return out

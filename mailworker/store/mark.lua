@@ -6,14 +6,19 @@
 -- KEYS: none (built from the heads).  ARGV: 1 token, 2 ttl ms, 3 now ("" = renew only),
 -- 4 record key head, 5 lease key head (Keys.head), then the records' ids
 -- Returns one 1 (renewed, and marked) or 0 (the lease is no longer ours: do not send).
+-- Each record stands alone: a record key that is no hash any more (overwritten while
+-- leased) gets 0 (not to be sent; its commit sets it aside), never an error that would
+-- leave the window's other records marked but unknown to the caller.
 local out = {}
 for i = 6, #ARGV do
   local lease = ARGV[5] .. ARGV[i]
-  if redis.call("GET", lease) == ARGV[1] then
+  local ok = redis.pcall("GET", lease) == ARGV[1]
+  if ok and ARGV[3] ~= "" then
+    ok = type(redis.pcall("HSET", ARGV[4] .. ARGV[i], "sending",
+                          ARGV[1] .. " " .. ARGV[3])) == "number"
+  end
+  if ok then
     redis.call("PEXPIRE", lease, ARGV[2])
-    if ARGV[3] ~= "" then
-      redis.call("HSET", ARGV[4] .. ARGV[i], "sending", ARGV[1] .. " " .. ARGV[3])
-    end
     out[#out + 1] = 1
   else
     out[#out + 1] = 0

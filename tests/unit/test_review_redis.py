@@ -1,0 +1,152 @@
+"""Review of the Redis side of the hot path (batched claim and commit, pre-marks riding on
+other round trips, compressed bodies, compact documents): one bad record never fails or
+skips the others, and no record is sent without its "sending" mark in Redis."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from mailworker.record import MessageState, RecipientState, Record
+from mailworker.store import Claim, Store
+
+
+def make_record(**kw: Any) -> Record:
+    now = time.time()
+    base: dict[str, Any] = dict(
+        id=uuid.uuid4().hex, queue="transactional", relay="default", sender="a@example.com",
+        recipients=[RecipientState("b@example.com")], created_at=now,
+        expires_at=now + 3600, size=100)
+    base.update(kw)
+    return Record(**base)
+
+
+@pytest.fixture
+def real_store(redis_url: str) -> Iterator[Store]:
+    client = redis.Redis.from_url(redis_url)
+    store = Store(client, prefix=f"rr{uuid.uuid4().hex[:8]}", retention=60,
+                  dead_retention=600)
+    yield store
+    keys = list(client.scan_iter(match=f"{store.prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+def _claimed(store: Store, n: int) -> list[Claim]:
+    recs = [make_record() for _ in range(n)]
+    store.enqueue_many([(r, b"Subject: x\r\n\r\nhello\r\n") for r in recs], time.time() + 60)
+    claims = store.claim_many([r.id for r in recs], "tok", 30, time.time() + 60)
+    out = [c for c in claims.values() if isinstance(c, Claim)]
+    assert len(out) == n
+    return out
+
+
+def _delivered(claims: list[Claim]) -> list[tuple[Claim, float, dict[str, int]]]:
+    for c in claims:
+        c.record.state = MessageState.DELIVERED
+    return [(c, 0.0, {"delivered": 1}) for c in claims]
+
+
+@pytest.mark.parametrize("damage", ["string", "list"])
+def test_a_record_overwritten_mid_send_does_not_fail_its_chunk_mates(
+        real_store: Store, damage: str) -> None:
+    """commit.lua saves a chunk in one script run; Lua writes are not rolled back, so an
+    error at the third record left the first two saved and the rest unsaved (retried as
+    possible duplicates although delivered). Each record stands alone."""
+    store = real_store
+    claims = _claimed(store, 5)
+    bad = store.keys.record(claims[2].record.id)
+    store.redis.delete(bad)
+    if damage == "string":
+        store.redis.set(bad, "overwritten by hand")
+    else:
+        store.redis.rpush(bad, "x")
+    ok = store.commit_many(_delivered(claims))
+    assert ok == [True, True, False, True, True]
+    for i in (0, 1, 3, 4):
+        rec = store.get(claims[i].record.id)
+        assert rec is not None and rec.state is MessageState.DELIVERED
+        assert store.redis.zscore(store.keys.inflight, claims[i].record.id) is None
+    # The damaged key is set aside by id (as claim.lua does), never woken again.
+    assert store.redis.zscore(store.keys.inflight, claims[2].record.id) is None
+    assert store.redis.zscore(store.keys.dead, claims[2].record.id) is not None
+
+
+def test_a_lease_key_overwritten_does_not_fail_its_chunk_mates(real_store: Store) -> None:
+    store = real_store
+    claims = _claimed(store, 3)
+    lease = store.keys.lease(claims[1].record.id)
+    store.redis.delete(lease)
+    store.redis.rpush(lease, "x")
+    assert store.commit_many(_delivered(claims)) == [True, False, True]
+
+
+def test_a_record_deleted_mid_send_is_not_brought_back_as_a_stub(real_store: Store) -> None:
+    """A record deleted while leased (by hand) is gone: its commit must not recreate a
+    record with a document and no body (which would come back as an unreadable record)."""
+    store = real_store
+    claims = _claimed(store, 3)
+    gone = claims[1].record.id
+    store.redis.delete(store.keys.record(gone))
+    for c in claims:
+        c.record.state = MessageState.DEFERRED
+    ok = store.commit_many([(c, time.time() + 60, {}) for c in claims])
+    assert ok == [True, False, True]
+    assert not store.redis.exists(store.keys.record(gone))
+    assert store.redis.zscore(store.keys.deferred, gone) is None
+    assert store.redis.zscore(store.keys.inflight, gone) is None
+    assert store.redis.zscore(store.keys.deferred, claims[0].record.id) is not None
+
+
+def test_a_record_overwritten_before_its_window_does_not_fail_the_window(
+        real_store: Store) -> None:
+    """mark.lua marks a window in one script run: a record key overwritten while leased
+    made it raise, so no record of the window was known marked (the pass's group failed
+    and waited for its leases to run out; the records marked before it were flagged as
+    possible duplicates although never sent). Now only that record is unusable."""
+    store = real_store
+    claims = _claimed(store, 4)
+    bad = store.keys.record(claims[1].record.id)
+    store.redis.delete(bad)
+    store.redis.set(bad, "x")
+    assert store.mark_sending(claims, 30) == [True, False, True, True]
+    for i in (0, 2, 3):
+        assert store.redis.hget(store.keys.record(claims[i].record.id), "sending")
+
+
+def test_the_gate_never_sends_a_record_whose_mark_failed(
+        make_local: Any, redis_url: str) -> None:
+    """Through the real deliverer: a record key overwritten after its claim, in the first
+    window (pre-marked on the rate call) and in a later one (marked by the gate): the
+    others are delivered, each with its mark in Redis before its MAIL FROM, and nothing
+    is sent for the broken ones."""
+    local = make_local(redis_client=redis.Redis.from_url(redis_url),
+                       key_prefix=f"rr{uuid.uuid4().hex[:8]}")
+    ids = local.send_many([{"to": f"r{i}@example.com", "subject": f"m{i}", "text": "hi"}
+                           for i in range(20)])
+    broken = {ids[2], ids[11]}
+    claim_many = local.store.claim_many
+
+    def claim_then_break(*a: Any, **kw: Any) -> Any:
+        out = claim_many(*a, **kw)
+        for mid in broken & set(out):
+            local.redis.delete(local.store.keys.record(mid))
+            local.redis.set(local.store.keys.record(mid), "overwritten")
+        return out
+
+    local.store.claim_many = claim_then_break  # type: ignore[method-assign]
+    local.run_until_idle()
+    local.store.claim_many = claim_many  # type: ignore[method-assign]
+    sent = {line[len(b"Subject: "):].decode() for m in local.server.messages
+            for line in m.data.split(b"\r\n") if line.startswith(b"Subject: ")}
+    assert sent == {f"m{i}" for i in range(20) if ids[i] not in broken}
+    for i, mid in enumerate(ids):
+        if mid not in broken:
+            assert local.status(mid)["state"] == "delivered", i
+    for mid in broken:
+        assert local.redis.zscore(local.store.keys.dead, mid) is not None
