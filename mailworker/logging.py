@@ -69,7 +69,9 @@ def redact_secrets(
         elif value.__class__ is str and "://" in value:
             event_dict[key] = _DSN_PASSWORD.sub(rf"\g<1>{REDACTED}@", value)
     command = event_dict.get("command")
-    if isinstance(command, str) and command[:4].upper() == "AUTH":
+    # lstrip: " AUTH PLAIN <payload>" is as secret (a str without leading white space
+    # is returned as is, no copy).
+    if isinstance(command, str) and command.lstrip()[:4].upper() == "AUTH":
         event_dict["command"] = redact_command(command)
     return event_dict
 
@@ -154,7 +156,7 @@ class _Lean:
         for key in secret:
             event_dict[key] = REDACTED
         command = event_dict.get("command")
-        if command.__class__ is str and command[:4].upper() == "AUTH":
+        if isinstance(command, str) and command.lstrip()[:4].upper() == "AUTH":
             event_dict["command"] = redact_command(command)
         line = self.dumps(event_dict)
         if "://" in line:

@@ -109,7 +109,7 @@ class ReplyLog:
             hook(self._relay, command, code)
         if not self._logs:
             return
-        if command[:4].upper() == "AUTH":
+        if command.lstrip()[:4].upper() == "AUTH":
             command = redact_command(command)
         # The bound context first, as structlog orders a bound logger's event (passing it
         # again to the bound logger below changes nothing).
