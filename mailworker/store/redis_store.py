@@ -10,6 +10,7 @@ limits) is :class:`mailworker.store.relays.RelayState`, reached as ``store.relay
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -344,9 +345,14 @@ class Store:
 
     def raw(self, mid: str) -> bytes | None:
         """The message's MIME bytes as accepted (uncompressed); None when none are stored
-        (gone, or delivered: a delivered record keeps its document, not its body)."""
+        (gone, or delivered: a delivered record keeps its document, not its body), or
+        when the compressed body is damaged: such a record is set aside as unreadable
+        (its reason says why), and ``mailworker dlq show`` must still show it."""
         raw, zraw = self.redis.hmget(self.keys.record(mid), "raw", "zraw")
-        return body_of(raw, zraw)
+        try:
+            return body_of(raw, zraw)
+        except zlib.error:
+            return None
 
     def document(self, mid: str) -> str | None:
         """The record's stored JSON document as text (undecodable bytes replaced), for an

@@ -150,3 +150,25 @@ def test_the_gate_never_sends_a_record_whose_mark_failed(
             assert local.status(mid)["state"] == "delivered", i
     for mid in broken:
         assert local.redis.zscore(local.store.keys.dead, mid) is not None
+
+
+def test_dlq_show_of_a_record_set_aside_for_a_damaged_compressed_body(
+        mw_env: dict[str, str]) -> None:
+    """The record a worker quarantines because its zraw does not decompress is exactly
+    the one an operator inspects with `dlq show`: it must show it, not a traceback."""
+    from tests.unit.test_cli_dlq_show import cli
+
+    store = Store(redis.Redis.from_url(mw_env["MAILWORKER_REDIS_URL"]),
+                  prefix=mw_env["MAILWORKER_KEY_PREFIX"])
+    rec = make_record()
+    store.enqueue_many([(rec, b"Subject: big\r\n\r\n" + b"hello world\r\n" * 500)],
+                       time.time() + 60)
+    store.redis.hset(store.keys.record(rec.id), "zraw", b"damaged")
+    [claim] = store.claim_many([rec.id], "tok", 30, time.time() + 60).values()
+    assert not isinstance(claim, Claim | str)
+    assert store.quarantine_many([(rec.id, "tok", f"unreadable record: {claim.error}")]) == [True]
+    assert store.raw(rec.id) is None  # no bytes that are the message
+    for args in (("dlq", "show", rec.id), ("dlq", "show", "--json", rec.id)):
+        shown = cli(mw_env, *args)
+        assert shown.returncode == 0, shown.stderr
+        assert "Traceback" not in shown.stderr
