@@ -57,14 +57,8 @@ def redact_secrets(
     key names are checked once and cached, and only values that look like URLs are
     searched for a password.
     """
-    cache = _secret_key_cache
     for key, value in event_dict.items():
-        secret = cache.get(key)
-        if secret is None:
-            secret = _SECRET_KEYS.search(key) is not None
-            if len(cache) < 4096:  # bounded: keys are code, but be safe
-                cache[key] = secret
-        if secret:
+        if _secret_key(key):
             event_dict[key] = REDACTED
         elif value.__class__ is str and "://" in value:
             event_dict[key] = _DSN_PASSWORD.sub(rf"\g<1>{REDACTED}@", value)
@@ -74,6 +68,54 @@ def redact_secrets(
     if isinstance(command, str) and command.lstrip()[:4].upper() == "AUTH":
         event_dict["command"] = redact_command(command)
     return event_dict
+
+
+def _secret_key(key: str) -> bool:
+    """Whether *key* names a secret; cached (keys are code, but the cache is bounded)."""
+    cache = _secret_key_cache
+    secret = cache.get(key)
+    if secret is None:
+        secret = _SECRET_KEYS.search(key) is not None
+        if len(cache) < 4096:
+            cache[key] = secret
+    return secret
+
+
+def _redact_deep(obj: Any) -> Any:
+    """:func:`redact_secrets` at every depth of a parsed JSON document (dicts, lists, str)."""
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            if _secret_key(key):
+                out[key] = REDACTED
+            elif (key == "command" and isinstance(value, str)
+                  and value.lstrip()[:4].upper() == "AUTH"):
+                out[key] = redact_command(value)
+            else:
+                out[key] = _redact_deep(value)
+        return out
+    if isinstance(obj, list):
+        return [_redact_deep(v) for v in obj]
+    if isinstance(obj, str) and "://" in obj:
+        return _DSN_PASSWORD.sub(rf"\g<1>{REDACTED}@", obj)
+    return obj
+
+
+def _render(event_dict: Any) -> str:
+    """The JSON line (without its newline) of an event, for the chain and the lean path.
+
+    :func:`redact_secrets` sees only the event's top level as Python objects: a password
+    in a nested dict or list, or in a value JSON renders with ``str()`` (bytes, an
+    exception quoting a Redis URL, a str subclass), would pass it. So the rendered line is
+    checked too: when it holds a "://" or any nested object or array at all, it is parsed
+    back and redacted at every depth (:func:`_redact_deep`), then rendered again; a
+    parse-and-render round trip changes nothing else. A flat event without a URL, every
+    SMTP reply, costs three C-level scans of the line.
+    """
+    line = _dumps(event_dict)
+    if "://" in line or "[" in line or line.find("{", 1) > 0:  # the same test in _Lean.emit
+        line = _dumps(_redact_deep(_loads(line)))
+    return line
 
 
 _second: list[Any] = [-1, ""]
@@ -103,12 +145,25 @@ def _stamp() -> str:
     return f"{cached[1]}{us % 1_000_000:06d}Z"
 
 
+def _orjson_dumps(obj: Any) -> str:
+    return orjson.dumps(obj, default=str).decode()
+
+
+def _json_dumps(obj: Any) -> str:
+    return json.dumps(obj, default=str)
+
+
 def _orjson_line(obj: Any) -> str:
     return orjson.dumps(obj, default=str, option=orjson.OPT_APPEND_NEWLINE).decode()
 
 
 def _json_line(obj: Any) -> str:
     return json.dumps(obj, default=str) + "\n"
+
+
+_dumps = _orjson_dumps if orjson is not None else _json_dumps
+_dumps_line = _orjson_line if orjson is not None else _json_line
+_loads: Any = orjson.loads if orjson is not None else json.loads
 
 
 class _Lean:
@@ -124,13 +179,12 @@ class _Lean:
     in a test, an application's own ``structlog.configure``) goes through structlog.
     """
 
-    __slots__ = ("config", "dumps", "flush", "lock", "processors", "write")
+    __slots__ = ("config", "flush", "lock", "processors", "write")
 
     def __init__(self, config: tuple[Any, ...], stream: TextIO) -> None:
         self.config = config
         # A copy: structlog.testing.capture_logs edits the configured list in place.
         self.processors = list(config[0])
-        self.dumps = _orjson_line if orjson is not None else _json_line
         self.write, self.flush = stream.write, stream.flush
         self.lock = _file_lock(stream)
 
@@ -145,8 +199,9 @@ class _Lean:
                 setdefault(key, value)
         event_dict["level"] = level
         event_dict["timestamp"] = _stamp()
-        # redact_secrets, in two cheap passes: secret-looking keys (looked up once per
-        # set of keys), then a password in a URL only if the line holds a "://" at all.
+        # redact_secrets, in cheap passes: secret-looking keys (looked up once per set of
+        # keys), the AUTH command, then _render: a password in a URL or anything nested
+        # only if the line holds a "://", an object or an array at all.
         keys = tuple(event_dict)
         secret = _secret_keys.get(keys)
         if secret is None:
@@ -158,9 +213,9 @@ class _Lean:
         command = event_dict.get("command")
         if isinstance(command, str) and command.lstrip()[:4].upper() == "AUTH":
             event_dict["command"] = redact_command(command)
-        line = self.dumps(event_dict)
-        if "://" in line:
-            line = self.dumps(redact_secrets(None, level, event_dict))
+        line = _dumps_line(event_dict)
+        if "://" in line or "[" in line or line.find("{", 1) > 0:  # _render, inlined
+            line = _dumps(_redact_deep(_loads(line))) + "\n"
         with self.lock:
             self.write(line)
             self.flush()
@@ -243,11 +298,8 @@ _info_on = [True]
 
 def _json_renderer() -> Any:
     """orjson when installed (about 5x faster per event), else the standard library."""
-    if orjson is None:
-        return structlog.processors.JSONRenderer()
-
     def dumps(obj: Any, **_: Any) -> str:
-        return orjson.dumps(obj, default=str).decode()
+        return _render(obj)
 
     return structlog.processors.JSONRenderer(serializer=dumps)
 

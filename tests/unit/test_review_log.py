@@ -68,3 +68,30 @@ class _Str(str):
 def test_auth_command_of_a_str_subclass_redacted() -> None:
     line = _both({"command": _Str("AUTH PLAIN aHVudGVyMlpx")})
     assert "aHVudGVyMlpx" not in line
+
+
+@pytest.mark.parametrize("event", [
+    {"relay": {"host": "h", "password": SECRET}},
+    {"relays": [{"name": "a", "smtp_pass": SECRET}]},
+    {"detail": ["see smtp://u:" + SECRET + "@relay.example:25"]},
+    {"detail": {"url": "redis://:" + SECRET + "@127.0.0.1:6379/0"}},
+    {"detail": b"smtp://u:" + SECRET.encode() + b"@h"},
+    {"error": ConnectionError("Error connecting to redis://:" + SECRET + "@h:6379")},
+    {"text": _Str("smtp://u:" + SECRET + "@h")},
+    {"text": ("smtp://u:" + SECRET + "@h",)},
+    {"command": {"command": "AUTH PLAIN " + SECRET}},
+])
+def test_nested_and_non_str_secrets_redacted(event: dict[str, Any]) -> None:
+    line = _both(event)
+    assert SECRET not in line
+    json.loads(line)
+
+
+def test_redaction_keeps_everything_else_exact() -> None:
+    event = {"a": [1, 2.5, None, True, "x[y]{z}"], "b": {"c": "smtp://u@h", "d": "é\u2028"},
+             "url": "smtp://u:" + SECRET + "@h/p", "n": float("nan")}
+    line = _both(event)
+    assert json.loads(line) == {"a": [1, 2.5, None, True, "x[y]{z}"],
+                                "b": {"c": "smtp://u@h", "d": "é\u2028"},
+                                "url": "smtp://u:***@h/p", "n": None, "event": "e",
+                                "level": "info", "timestamp": "2026-01-01T00:00:00.000000Z"}
