@@ -23,7 +23,12 @@ _NOT_ATTEMPTS = frozenset({"operator_retry"})
 
 def _dumps(value: Any) -> str:
     # orjson (a dependency) is about 4x faster than json on records; output is the same.
-    return orjson.dumps(value).decode()
+    # What only json writes (a lone surrogate, an integer past 64 bits: a document of an
+    # earlier version, read back by _loads's json fallback) is written by json, as before.
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
 
 
 def _loads(raw: str | bytes) -> Any:

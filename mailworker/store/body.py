@@ -21,6 +21,7 @@ retry and a crash all send those.
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import MISSING, fields
 from typing import Any
@@ -112,4 +113,11 @@ def compact_json(rec: Record) -> bytes:
     d["recipients"] = [_strip(r, _RECIPIENT) for r in d["recipients"]]
     if "history" in d:
         d["history"] = [_strip(a, _ATTEMPT) for a in d["history"]]
-    return orjson.dumps(d)
+    try:
+        return orjson.dumps(d)
+    except TypeError:
+        # What only the json module writes (and Record.from_json reads back through it):
+        # a lone surrogate, an integer past 64 bits, in a document an earlier version
+        # wrote with json.dumps. Raising here failed the commit of a whole chunk after it
+        # was sent (sent again, that record forever).
+        return json.dumps(d).encode()

@@ -172,3 +172,34 @@ def test_dlq_show_of_a_record_set_aside_for_a_damaged_compressed_body(
         shown = cli(mw_env, *args)
         assert shown.returncode == 0, shown.stderr
         assert "Traceback" not in shown.stderr
+
+
+def test_a_document_only_the_json_module_reads_is_saved_and_not_sent_again(
+        make_local: Any) -> None:
+    """A document written by an earlier version with json.dumps may hold what orjson
+    refuses to write (a lone surrogate "\\ud800" in metadata, an integer past 64 bits).
+    Record.from_json reads it (json fallback); the commit's compact_json raised, so the
+    whole chunk went unsaved after it was sent: sent again after the leases ran out,
+    and that record forever. Each is saved, sent once."""
+    import json
+
+    local = make_local()
+    ids = local.send_many([{"to": f"r{i}@example.com", "subject": f"m{i}", "text": "hi"}
+                           for i in range(4)])
+    odd = {1: {"note": "\ud800"}, 2: {"big": 2**70}}
+    for i, meta in odd.items():
+        key = local.store.keys.record(ids[i])
+        d = json.loads(local.redis.hget(key, "doc"))
+        d["metadata"] = meta
+        local.redis.hset(key, "doc", json.dumps(d))  # as the previous version wrote it
+    local.run_until_idle()
+    assert len(local.server.messages) == 4
+    for i, mid in enumerate(ids):
+        rec = local.record(mid)
+        assert rec is not None and rec.state is MessageState.DELIVERED, i
+        assert rec.metadata == odd.get(i, rec.metadata)
+
+
+def test_to_json_writes_what_from_json_read() -> None:
+    rec = make_record(metadata={"note": "\ud800", "big": 2**70})
+    assert Record.from_json(rec.to_json()).metadata == rec.metadata
