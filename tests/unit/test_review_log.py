@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import structlog
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mailworker.logging as mwlog
 from mailworker.logging import configure_logging, fast_info
@@ -31,11 +33,15 @@ def _line(lean: bool, event: dict[str, Any]) -> str:
     """One INFO event through the lean path or through structlog's chain: the line."""
     buf = io.StringIO()
     configure_logging(fmt="json", level="INFO", stream=buf)
-    if lean:
-        assert fast_info("e", dict(event))
-    else:
+    if not (lean and fast_info("e", dict(event))):  # as ReplyLog.reply falls back
         structlog.get_logger("x").info("e", **event)
     return buf.getvalue()
+
+
+def test_the_lean_path_takes_plain_events() -> None:
+    structlog.contextvars.bind_contextvars(task_id="t")
+    configure_logging(fmt="json", level="INFO", stream=io.StringIO())
+    assert fast_info("e", {"a": [1, {"password": "x"}], "b": b"smtp://u:p@h"})
 
 
 def _both(event: dict[str, Any]) -> str:
@@ -95,3 +101,56 @@ def test_redaction_keeps_everything_else_exact() -> None:
                                 "b": {"c": "smtp://u@h", "d": "é\u2028"},
                                 "url": "smtp://u:***@h/p", "n": None, "event": "e",
                                 "level": "info", "timestamp": "2026-01-01T00:00:00.000000Z"}
+
+
+def _bound_then_both(ctx: dict[str, Any], event: dict[str, Any]) -> tuple[str, str]:
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(**ctx)
+    got = []
+    for lean in (True, False):
+        try:
+            got.append(_line(lean, event))
+        except Exception as exc:  # both paths must fail alike (e.g. an int beyond 64 bits)
+            got.append(f"raised {type(exc).__name__}")
+    return got[0], got[1]
+
+
+def test_context_variables_in_the_order_the_chain_writes_them() -> None:
+    lean, chain = _bound_then_both(
+        {"zeta": 1, "alpha": 2, "mid": 3, "task_id": "t", "attempt": 1}, {"a": 1})
+    assert lean == chain
+
+
+_keys = st.text(min_size=1, max_size=12).filter(lambda k: k not in ("event", "exc_info"))
+_leaves = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
+    st.sampled_from(["smtp://u:" + SECRET + "@h:25", " AUTH PLAIN x", "a\nb\r\x00\u2028\x85é",
+                     "x[1]", "{", "://"]),
+    st.binary(max_size=12), st.datetimes(), st.builds(ValueError, st.text(max_size=20)),
+    st.builds(_Str, st.text(max_size=10)))
+_values = st.recursive(_leaves, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.tuples(inner), st.dictionaries(_keys, inner, max_size=3)),
+    max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ctx=st.dictionaries(_keys, _values, max_size=4),
+       event=st.dictionaries(_keys, _values, max_size=6))
+def test_lean_line_is_the_chain_line_for_any_event(ctx: dict[str, Any],
+                                                    event: dict[str, Any]) -> None:
+    lean, chain = _bound_then_both(ctx, event)
+    assert lean == chain
+    if not lean.startswith("raised"):
+        assert lean.endswith("\n") and lean.count("\n") == 1 and "\r" not in lean
+        assert SECRET not in lean
+        json.loads(lean)
+
+
+@pytest.mark.parametrize("value", [False, True, ValueError("boom")])
+def test_exc_info_in_the_context_renders_as_the_chain_does(value: Any) -> None:
+    try:
+        raise KeyError("the current exception")
+    except KeyError:
+        lean, chain = _bound_then_both({"exc_info": value}, {"a": 1})
+    assert lean == chain
