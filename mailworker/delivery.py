@@ -316,19 +316,26 @@ class Deliverer:
         admission = self.window.admit(relay, len(group), [held.mark_rider(
             group[:MARK_WINDOW], self._premarked)])
         now = self.clock()
+        # What is held is saved at once, before any MAIL FROM: the first window's marks
+        # rode on this round trip and its commit clears them. Saved at the end of the
+        # pass instead, a worker killed while the rest is sent would flag them as
+        # possible duplicates although never sent (beyond the one window in flight).
         if admission.paused:
             reason, left = admission.paused
             hold = self.policy.hold(f"relay paused: {reason}", left)
-            return [(c, apply_hold(c.record, now, hold)) for c in group]
+            self._save([(c, apply_hold(c.record, now, hold)) for c in group])
+            return []
         granted, wait, rate = admission.granted, admission.wait, admission.rate
         if granted == 0:
             hold = self.policy.fleet_hold(wait=wait, rng=self.rng)
-            return [(c, apply_hold(c.record, now, hold)) for c in group]
+            self._save([(c, apply_hold(c.record, now, hold)) for c in group])
+            return []
         rest = group[granted:]
         hold = self.policy.fleet_hold(behind=len(rest), rate=rate, rng=self.rng)
-        held_back = [(c, apply_hold(c.record, now, hold)) for c in rest]
-        return held_back + self._send_and_decide(relay, group[:granted], task_id,
-                                                 self.pools.get(relay).send_many, held)
+        if rest:
+            self._save([(c, apply_hold(c.record, now, hold)) for c in rest])
+        return self._send_and_decide(relay, group[:granted], task_id,
+                                     self.pools.get(relay).send_many, held)
 
     def _send_and_decide(
         self, relay: Relay, group: list[Claim], task_id: str | None,
