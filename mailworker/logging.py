@@ -7,6 +7,7 @@ logs AUTH arguments in the first place (defence in depth).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -271,6 +272,35 @@ def _file_lock(stream: TextIO) -> Any:
     except (ImportError, TypeError):  # a structlog without it: a lock of our own
         return threading.Lock()
 
+
+def _release_write_locks_in_child() -> None:
+    """After a fork, in the child: free the files' write locks a parent thread held.
+
+    A prefork pool forks children while other threads of the parent may be writing a log
+    line; the child inherits that lock held by a thread it does not have, and its first
+    line (lean path or structlog's WriteLogger, which share the lock) waited forever.
+    The child has one thread when this runs, so a held lock is nobody's; a
+    ``threading.Lock`` may be released by any thread. Released, not replaced: loggers
+    bound before the fork keep a reference to it.
+    """
+    locks: list[Any] = []
+    try:
+        from structlog._output import WRITE_LOCKS
+
+        locks.extend(WRITE_LOCKS.values())
+    except ImportError:  # pragma: no cover - a structlog without it
+        pass
+    got = _lean[0]
+    if got is not None:
+        locks.append(got.lock)
+    for lock in locks:
+        if lock.locked():
+            with contextlib.suppress(RuntimeError):  # released meanwhile
+                lock.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_release_write_locks_in_child)
 
 _lean: list[_Lean | None] = [None]
 

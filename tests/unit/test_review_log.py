@@ -154,3 +154,59 @@ def test_exc_info_in_the_context_renders_as_the_chain_does(value: Any) -> None:
     except KeyError:
         lean, chain = _bound_then_both({"exc_info": value}, {"a": 1})
     assert lean == chain
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_forked_child_logs_while_a_parent_thread_held_the_write_lock(
+        lean: bool, tmp_path: Any) -> None:
+    """Prefork: Celery forks children while other threads of the parent may be writing a
+    line; a child inherits the file's write lock held by a thread it does not have."""
+    import os
+    import signal
+    import threading
+
+    from structlog._output import _get_lock_for_file
+
+    from mailworker.testing.polling import wait_until
+
+    path = tmp_path / "log.json"
+    with path.open("w") as stream:
+        configure_logging(fmt="json", level="INFO", stream=stream)
+        lock = _get_lock_for_file(stream)
+        held, done = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with lock:
+                held.set()
+                done.wait(30)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: log one line, or be killed by the alarm
+            signal.alarm(5)
+            try:
+                log = ReplyLog("r", "c") if lean else ReplyLog(
+                    "r", "c", structlog.get_logger("m"))
+                log.reply("NOOP", 250, "2.0.0 Ok", 0.0, 0.0)
+            finally:
+                os._exit(0)
+        status: list[int] = []
+
+        def child_exited() -> bool:
+            got, st_ = os.waitpid(pid, os.WNOHANG)
+            if got:
+                status.append(st_)
+            return bool(got)
+
+        try:
+            wait_until(child_exited, timeout=15)
+        finally:
+            done.set()
+            t.join()
+            if not status:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+    assert os.WIFEXITED(status[0]) and os.WEXITSTATUS(status[0]) == 0, status
+    assert '"command":"NOOP"' in path.read_text()
