@@ -74,7 +74,7 @@ def _enhanced_code(text: str) -> str | None:
 class ReplyLog:
     """Per-connection emitter of ``smtp.reply``, ``smtp.connect`` and ``smtp.close`` events."""
 
-    __slots__ = ("_conn_id", "_lean", "_log", "_logs", "_relay", "enabled")
+    __slots__ = ("_conn_id", "_lean", "_log", "_logs", "_relay")
 
     #: Called with (relay, command, code) for every reply, logged or not; installed by
     #: :func:`mailworker.metrics.enable` so this layer imports nothing of Prometheus.
@@ -88,8 +88,13 @@ class ReplyLog:
         # The lean path renders what structlog would: only for structlog's own logger.
         self._lean = logger is None
         self._logs = _info_enabled(self._log)
-        # Callers skip reply() when this is False: with a hook it must still be called.
-        self.enabled = self._logs or ReplyLog.on_reply is not None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether :meth:`reply` has anything to do; callers skip it when False. Asked per
+        reply, not decided once: the metrics hook may be installed after this log was
+        made (its replies went uncounted while logging was off)."""
+        return self._logs or ReplyLog.on_reply is not None
 
     def reply(
         self,

@@ -210,3 +210,23 @@ def test_a_forked_child_logs_while_a_parent_thread_held_the_write_lock(
                 os.waitpid(pid, 0)
     assert os.WIFEXITED(status[0]) and os.WEXITSTATUS(status[0]) == 0, status
     assert '"command":"NOOP"' in path.read_text()
+
+
+@pytest.mark.parametrize("level", ["INFO", "WARNING"])
+@pytest.mark.parametrize("lean", [True, False])
+def test_metrics_hook_sees_every_reply_logged_or_not(
+        level: str, lean: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callers skip reply() when ``enabled`` is False; a hook installed after a
+    connection's log was made (metrics enabled later) must still see its replies."""
+    buf = io.StringIO()
+    configure_logging(fmt="json", level=level, stream=buf)
+    monkeypatch.setattr(ReplyLog, "on_reply", None)
+    log = ReplyLog("r", "c") if lean else ReplyLog("r", "c", structlog.get_logger("m"))
+    seen: list[tuple[str, str, int]] = []
+    monkeypatch.setattr(ReplyLog, "on_reply", lambda *a: seen.append(a))
+    for command in ("MAIL FROM:<a@b.test>", "AUTH PLAIN aHVudGVyMlpx"):
+        if log.enabled:  # as Wire.getreply and the pipelined session call it
+            log.reply(command, 250, "ok", 0.0, 0.0)
+    assert [(r, c) for r, _, c in seen] == [("r", 250), ("r", 250)]
+    assert (buf.getvalue().count("\n") == 2) == (level == "INFO")
+    assert "aHVudGVyMlpx" not in buf.getvalue()
