@@ -42,7 +42,10 @@ for i = 7, #ARGV do
   elseif not (v[1] or v[2] or v[3] or v[4]) and redis.call("EXISTS", rec) == 0 then
     redis.call("ZREM", KEYS[1], id)
     put("missing")
-  elseif not redis.call("SET", lease, ARGV[1], "NX", "PX", ARGV[2]) then
+  elseif not redis.call("SET", lease, ARGV[1], "NX", "PX", ARGV[2])
+         and redis.call("GET", lease) ~= ARGV[1] then
+    -- (Held with our own token: this very claim run again by the client's retry after
+    -- its reply was lost; it is ours, as the first run said.)
     put("locked")
   else
     -- CH: 1 when it was there (its watchdog moves); 0 also when the score was already

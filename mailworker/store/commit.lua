@@ -10,7 +10,7 @@
 --       the lease holder moves it) else 0
 -- A record that is live again (a dead letter retried) loses any expiry it had. A delivered
 -- record loses its body (raw, zraw): nothing sends it again, and it was most of its memory.
--- Returns per record 1 when saved, 0 when another worker has claimed it since, or when
+-- Returns per record 1 when saved (or found saved by this same call before), 0 when another worker has claimed it since, or when
 -- its key is no record any more (deleted, or overwritten by another program: then it goes
 -- into the dead letters by id, as claim.lua does, to be seen and purged).
 -- The lease may have expired during a long attempt; the outcome still stands if nobody
@@ -31,7 +31,7 @@ for a = 5, #ARGV, 8 do
   local stats, counters = KEYS[tonumber(ARGV[a + 5])], ARGV[a + 6]
   local elsewhere = ARGV[a + 7] ~= "1"
   local rec, lease_key = ARGV[3] .. id, ARGV[4] .. id
-  local ours = true
+  local ours, saved = true, false
   local lease = redis.pcall("GET", lease_key)
   if type(lease) == "table" then  -- an error: the lease key is not a lease (not ours)
     ours = false
@@ -41,6 +41,11 @@ for a = 5, #ARGV, 8 do
     else
       local sending = redis.pcall("HGET", rec, "sending")
       ours = type(sending) == "string" and string.sub(sending, 1, #token + 1) == token .. " "
+      -- This very commit run again by the client's retry after its reply was lost: saved
+      -- already (no other pass writes the same document, and it left the in-flight set),
+      -- so say so again. (A requeue stays in flight: a re-run of it says 0, harmless.)
+      saved = not ours and state ~= "queued" and redis.pcall("HGET", rec, "doc") == doc
+        and not redis.call("ZSCORE", KEYS[1], id)
     end
   end
   local added = ours and redis.pcall("HSET", rec, "doc", doc)
@@ -95,6 +100,8 @@ for a = 5, #ARGV, 8 do
       sums[stats][field] = (sums[stats][field] or 0) + tonumber(by)
     end
     redis.call("DEL", lease_key)
+    out[#out + 1] = 1
+  elseif saved then
     out[#out + 1] = 1
   else
     out[#out + 1] = 0

@@ -275,3 +275,31 @@ def test_records_held_back_by_the_rate_lose_their_pre_mark_before_the_others_are
         rec = local.record(mid)
         assert rec is not None and rec.state is MessageState.DEFERRED
         assert rec.attempts == 0 and not rec.possible_duplicate
+
+
+def test_a_claim_and_a_commit_run_again_by_the_client_retry_give_the_same_answer(
+        real_store: Store) -> None:
+    """The runtime's Redis client retries a pipeline on ConnectionError: after a reply
+    lost on its way back (a failover, a dropped connection) the same claim.lua or
+    commit.lua runs again. A claim re-run said "locked" for the whole batch (skipped until
+    its own leases ran out); a commit re-run said "lease lost" (no delivered hook, a
+    warning) for records it had saved. Both now answer as the first run did."""
+    store = real_store
+    recs = [make_record() for _ in range(3)]
+    store.enqueue_many([(r, b"Subject: x\r\n\r\nhi\r\n") for r in recs], time.time() + 60)
+    ids = [r.id for r in recs]
+    first = store.claim_many(ids, "tok", 30, time.time() + 60)
+    again = store.claim_many(ids, "tok", 30, time.time() + 60)
+    assert all(isinstance(again[i], Claim) for i in ids)
+    assert store.claim_many(ids, "other", 30, time.time() + 60) == dict.fromkeys(ids, "locked")
+    claims = [first[i] for i in ids]
+    assert all(isinstance(c, Claim) for c in claims)
+    items = _delivered(claims)  # type: ignore[arg-type]
+    assert store.commit_many(items) == [True] * 3
+    assert store.commit_many(items) == [True] * 3
+    # A commit of another pass (another token, another document) is still refused.
+    rec = store.get(ids[0])
+    assert rec is not None and rec.state is MessageState.DELIVERED
+    stale = Claim(rec, b"", "someone-else")
+    stale.record.attempts += 1
+    assert store.commit_many([(stale, 0.0, {})]) == [False]
