@@ -69,7 +69,12 @@ def pack(raw: bytes) -> tuple[str, bytes]:
 
 def body_of(raw: Any, zraw: Any) -> bytes | None:
     """The MIME bytes from a record's ``raw`` or ``zraw`` field (None: neither stored).
-    Raises ``zlib.error`` on a damaged compressed body."""
+    Raises ``zlib.error`` on a damaged compressed body, and ``ValueError`` when both
+    fields are stored: mailworker never writes both (something else wrote one beside
+    the other, e.g. a body "fixed" by hand), so which bytes were meant is unknown and
+    the record is set aside rather than either body sent."""
+    if zraw is not None and raw is not None:
+        raise ValueError("both raw and zraw are stored: which is the message is unknown")
     if zraw is not None:
         return zlib.decompress(zraw if isinstance(zraw, bytes) else bytes(zraw))
     if raw is None:

@@ -346,12 +346,13 @@ class Store:
     def raw(self, mid: str) -> bytes | None:
         """The message's MIME bytes as accepted (uncompressed); None when none are stored
         (gone, or delivered: a delivered record keeps its document, not its body), or
-        when the compressed body is damaged: such a record is set aside as unreadable
-        (its reason says why), and ``mailworker dlq show`` must still show it."""
+        when the body cannot be read (damaged, or stored twice: see ``body_of``): such a
+        record is set aside as unreadable (its reason says why), and
+        ``mailworker dlq show`` must still show it."""
         raw, zraw = self.redis.hmget(self.keys.record(mid), "raw", "zraw")
         try:
             return body_of(raw, zraw)
-        except zlib.error:
+        except (zlib.error, ValueError):
             return None
 
     def document(self, mid: str) -> str | None:
