@@ -25,12 +25,14 @@ again (defence in depth; the check costs one slice per reply).
 from __future__ import annotations
 
 import logging
+import re
+import smtplib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import structlog
 
-from mailworker.logging import fast_info, redact_command
+from mailworker.logging import REDACTED, fast_info, redact_command
 from mailworker.smtp.errors import enhanced_code_of, failure_of
 
 __all__ = ["LOGGER_NAME", "ReplyLog"]
@@ -48,6 +50,11 @@ def _info_enabled(logger: Any) -> bool:
     except Exception:  # a custom wrapper with another signature: log rather than guess
         return True
 
+
+# A base64 run a server may echo from the AUTH dialogue (a PLAIN payload, a LOGIN answer):
+# 8 or more characters of the alphabet with at least one digit, "+", "/" or "=", so that
+# words ("Authentication") stay.
+_BASE64ISH = re.compile(r"(?<![\w+/=])(?=[A-Za-z0-9+/]*[0-9+/=])[A-Za-z0-9+/]{8,}={0,2}(?![\w+/=])")
 
 _enhanced: dict[str, str | None] = {}
 
@@ -74,7 +81,7 @@ def _enhanced_code(text: str) -> str | None:
 class ReplyLog:
     """Per-connection emitter of ``smtp.reply``, ``smtp.connect`` and ``smtp.close`` events."""
 
-    __slots__ = ("_conn_id", "_lean", "_log", "_logs", "_relay")
+    __slots__ = ("_conn_id", "_hide", "_lean", "_log", "_logs", "_relay")
 
     #: Called with (relay, command, code) for every reply, logged or not; installed by
     #: :func:`mailworker.metrics.enable` so this layer imports nothing of Prometheus.
@@ -88,6 +95,19 @@ class ReplyLog:
         # The lean path renders what structlog would: only for structlog's own logger.
         self._lean = logger is None
         self._logs = _info_enabled(self._log)
+        self._hide: tuple[str, ...] = ()
+
+    def hide(self, *secrets: str) -> None:
+        """Never log these strings (the connection's password and the AUTH payloads it
+        sends) in a reply text or failure detail: a server may echo them back
+        ("535 5.7.8 bad credentials <payload>"). Longest first, empty ones ignored."""
+        self._hide = tuple(sorted({*self._hide, *(s for s in secrets if s)}, key=len,
+                                  reverse=True))
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._hide:
+            text = text.replace(secret, REDACTED)
+        return text
 
     @property
     def enabled(self) -> bool:
@@ -116,6 +136,10 @@ class ReplyLog:
             return
         if command.lstrip()[:4].upper() == "AUTH":
             command = redact_command(command)
+            if code != 334:  # a challenge is the server's own text; the rest may echo ours
+                text = _BASE64ISH.sub(REDACTED, text)
+        if self._hide:
+            text = self._scrub(text)
         # The bound context first, as structlog orders a bound logger's event (passing it
         # again to the bound logger below changes nothing).
         event: dict[str, Any] = {
@@ -146,10 +170,13 @@ class ReplyLog:
 
     def failure(self, event: str, exc: BaseException, **facts: Any) -> None:
         """A connection-level failure, logged at WARNING with the stage it happened at."""
+        detail = self._scrub(str(exc))
+        if isinstance(exc, smtplib.SMTPAuthenticationError):
+            detail = _BASE64ISH.sub(REDACTED, detail)
         self._log.warning(
             event,
             error=type(exc).__name__,
-            detail=str(exc)[:300],
+            detail=detail[:300],
             stage=failure_of(exc).stage,
             **facts,
         )

@@ -230,3 +230,34 @@ def test_metrics_hook_sees_every_reply_logged_or_not(
     assert [(r, c) for r, _, c in seen] == [("r", 250), ("r", 250)]
     assert (buf.getvalue().count("\n") == 2) == (level == "INFO")
     assert "aHVudGVyMlpx" not in buf.getvalue()
+
+
+PLAIN = "AGFsaWNlAGh1bnRlcjJacQ=="  # base64 of "\0alice\0hunter2Zq"
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_reply_echoing_the_credentials_is_redacted(lean: bool) -> None:
+    buf = io.StringIO()
+    configure_logging(fmt="json", level="INFO", stream=buf)
+    log = ReplyLog("r", "c") if lean else ReplyLog("r", "c", structlog.get_logger("m"))
+    log.hide(SECRET, PLAIN)  # what the connection sends in the AUTH dialogue
+    log.reply("AUTH PLAIN ***", 535, f"5.7.8 bad credentials {PLAIN} (password {SECRET})",
+              0.0, 0.0)
+    log.reply("AUTH ***", 501, "5.5.2 cannot decode aGVsbG8gd29ybGQ9PQ", 0.0, 0.0)
+    log.failure("smtp.failed", ValueError(f"(535, b'bad {SECRET}')"))
+    out = buf.getvalue()
+    assert SECRET not in out and PLAIN not in out and "aGVsbG8gd29ybGQ9PQ" not in out, out
+    first = json.loads(out.splitlines()[0])
+    assert first["text"] == "5.7.8 bad credentials *** (password ***)"
+    assert first["enhanced_code"] == "5.7.8"
+
+
+def test_auth_dialogue_base64_echo_redacted_without_hide() -> None:
+    buf = io.StringIO()
+    configure_logging(fmt="json", level="INFO", stream=buf)
+    log = ReplyLog("r", "c")
+    log.reply("AUTH PLAIN ***", 535, f"5.7.8 Authentication failed: {PLAIN}", 0.0, 0.0)
+    log.reply("AUTH LOGIN", 334, "VXNlcm5hbWU6", 0.0, 0.0)  # the server's challenge: kept
+    log.reply("MAIL FROM:<a@b.test>", 250, "2.1.0 Ok AGFsaWNl0", 0.0, 0.0)
+    texts = [json.loads(line)["text"] for line in buf.getvalue().splitlines()]
+    assert texts == ["5.7.8 Authentication failed: ***", "VXNlcm5hbWU6", "2.1.0 Ok AGFsaWNl0"]
