@@ -337,3 +337,68 @@ def test_a_record_with_both_raw_and_zraw_is_set_aside_not_guessed(real_store: St
     bad, good = got[recs[0].id], got[recs[1].id]
     assert not isinstance(bad, Claim | str) and "raw and zraw" in bad.error
     assert isinstance(good, Claim) and good.raw == body
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    ('"created_at": NaN', "created_at"),
+    ('"expires_at": Infinity', "expires_at"),
+    ('"size": 100000000000000000000000', "whole numbers"),
+    ('"attempts": 1.0', "whole numbers"),
+    ('"next_attempt_at": "soon"', "next_attempt_at"),
+    ('"sender": 5', "sender"),
+])
+def test_invalid_reason_names_the_bad_field_of_a_compact_document(
+        edit: str, named: str) -> None:
+    """orjson refuses NaN, Infinity and integers past 64 bits; the json fallback reads
+    them so that invalid_reason names the field (the record is set aside alone)."""
+    from mailworker.record import invalid_reason
+    from mailworker.store.body import compact_json
+
+    doc = compact_json(make_record()).decode()
+    doc = doc[:-1] + ", " + edit + "}"
+    reason = invalid_reason(Record.from_json(doc.encode()))
+    assert reason is not None and named in reason
+
+
+def test_heartbeat_renews_every_registration_among_many_comings_and_goings() -> None:
+    """The heartbeat wakes on register only when the new lease's first renewal comes
+    before its planned wake-up. Under churn (registrations with different leases,
+    unregistrations, an id reused), every registration still held gets renewed, and
+    one unregistered is not renewed any more."""
+    import random
+    import threading
+
+    from mailworker.leases import Heartbeat
+    from mailworker.testing.polling import wait_until
+
+    class Fake:
+        def __init__(self, lease: float) -> None:
+            self.lease, self.count = lease, 0
+            self.lock = threading.Lock()
+
+        def renew(self) -> None:
+            with self.lock:
+                self.count += 1
+
+    beat = Heartbeat()
+    rng = random.Random(7)
+    kept: list[Fake] = []
+    gone: list[Fake] = []
+    for i in range(200):
+        f = Fake(rng.choice([0.3, 0.6, 3.0, 60.0]))
+        beat.register(f)  # type: ignore[arg-type]
+        if i % 3 == 0:
+            beat.unregister(f)  # type: ignore[arg-type]
+            gone.append(f)
+        elif f.lease < 1.0:
+            kept.append(f)
+    long = Fake(60.0)
+    beat.register(long)  # type: ignore[arg-type]  # plans a wake-up a minute away ...
+    short = Fake(0.15)
+    beat.register(short)  # type: ignore[arg-type]  # ... which this one must cut short
+    wait_until(lambda: all(f.count >= 3 for f in [*kept, short]), timeout=20)
+    assert all(f.count == 0 for f in gone)
+    assert long.count == 0
+    for f in [*kept, short]:
+        beat.unregister(f)  # type: ignore[arg-type]
+    beat.unregister(long)  # type: ignore[arg-type]
