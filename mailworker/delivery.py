@@ -313,6 +313,23 @@ class Deliverer:
         (:class:`~mailworker.fleet.FleetSlots`): a new connection opens only in a slot of
         the relay's window, and a kept one keeps it.
         """
+        # Envelopes first: a record set aside for its envelope is never marked (a mark
+        # kept by the quarantine would flag it after a `dlq retry`, though never sent).
+        envelopes: dict[str, Envelope] = {}
+        sendable: list[Claim] = []
+        for c in group:
+            try:
+                envelopes[c.record.id] = Envelope(
+                    c.record.sender, tuple(r.address for r in c.record.open_recipients),
+                    c.raw, message_id=c.record.id)
+                sendable.append(c)
+            except ValueError as exc:  # stored before today's checks: set aside, alone
+                self._quarantine([(c.record.id, c.token, f"invalid record: {exc}")],
+                                 self._report)
+                held.release([c.record.id])
+        group = sendable
+        if not group:
+            return []
         admission = self.window.admit(relay, len(group), [held.mark_rider(
             group[:MARK_WINDOW], self._premarked)])
         now = self.clock()
@@ -335,26 +352,15 @@ class Deliverer:
         if rest:
             self._save([(c, apply_hold(c.record, now, hold)) for c in rest])
         return self._send_and_decide(relay, group[:granted], task_id,
-                                     self.pools.get(relay).send_many, held)
+                                     self.pools.get(relay).send_many, held, envelopes)
 
     def _send_and_decide(
         self, relay: Relay, group: list[Claim], task_id: str | None,
-        send_many: SendMany, held: HeldLeases,
+        send_many: SendMany, held: HeldLeases, built: dict[str, Envelope],
     ) -> list[tuple[Claim, Step]]:
+        """Send *group* (its envelopes *built* by :meth:`_deliver_limited`) in chunks."""
         relay_name = relay.name
-        envelopes: list[Envelope] = []
-        sendable: list[Claim] = []
-        for c in group:
-            try:
-                envelopes.append(Envelope(
-                    c.record.sender, tuple(r.address for r in c.record.open_recipients), c.raw,
-                    message_id=c.record.id))
-                sendable.append(c)
-            except ValueError as exc:  # stored before today's checks: set aside, alone
-                self._quarantine([(c.record.id, c.token, f"invalid record: {exc}")],
-                                 self._report)
-                held.release([c.record.id])
-        group = sendable
+        envelopes = [built[c.record.id] for c in group]
         with structlog.contextvars.bound_contextvars(task_id=task_id, relay=relay_name):
             for i in range(0, len(envelopes), CHUNK):
                 claims, chunk = group[i:i + CHUNK], envelopes[i:i + CHUNK]

@@ -402,3 +402,33 @@ def test_heartbeat_renews_every_registration_among_many_comings_and_goings() -> 
     for f in [*kept, short]:
         beat.unregister(f)  # type: ignore[arg-type]
     beat.unregister(long)  # type: ignore[arg-type]
+
+
+def test_a_record_set_aside_for_its_envelope_keeps_no_mark_it_did_not_earn(
+        make_local: Any) -> None:
+    """A record stored before today's envelope checks is set aside when its envelope is
+    built; it was pre-marked with the first window (on the rate call), and quarantine
+    keeps a mark, so a later `dlq retry` flagged a message never sent as a possible
+    duplicate. Its envelope is checked before any mark."""
+    from mailworker import dlq
+
+    local = make_local()
+    ids = local.send_many([{"to": f"r{i}@example.com", "subject": f"m{i}", "text": "hi"}
+                           for i in range(3)])
+    key = local.store.keys.record(ids[1])
+    rec = local.record(ids[1])
+    assert rec is not None
+    rec.sender = "a@example.com\r\nRCPT TO:<x@evil.example>"
+    from mailworker.store.body import compact_json
+    local.redis.hset(key, "doc", compact_json(rec))
+    local.run_until_idle()
+    assert len(local.server.messages) == 2
+    assert local.redis.hget(key, "poison") is not None
+    assert local.redis.hget(key, "sending") is None
+    rec.sender = "a@example.com"  # the operator fixes it, then retries it
+    local.redis.hset(key, "doc", compact_json(rec))
+    assert dlq.retry([ids[1]]) == [ids[1]]
+    local.run_until_idle()
+    fixed = local.record(ids[1])
+    assert fixed is not None and fixed.state is MessageState.DELIVERED
+    assert not fixed.possible_duplicate
