@@ -29,11 +29,15 @@ __all__ = ["add_timestamp", "configure_logging", "fast_info", "get_logger",
            "merge_contextvars", "redact_command", "redact_secrets"]
 
 _SECRET_KEYS = re.compile(r"(pass(word)?|secret|token|credential|auth_payload|api_key)", re.I)
-# Bounded quantifiers and a start-of-scheme look-behind keep this linear: a reply text
-# full of word characters before a URL made the unbounded version backtrack quadratically.
-# The password runs to the *last* "@" before white space: it may itself hold "@", ":" or
-# "/" unencoded, and redacting a little too much is the safe way to be wrong.
-_DSN_PASSWORD = re.compile(r"(?<![\w+.-])([A-Za-z][\w+.-]{0,31}://[^:/@\s]{0,256}:)\S{0,256}@")
+# Anchored on the literal "://" (whatever the scheme, however long) and bounded, so linear:
+# a reply text full of word characters before a URL made an unbounded version backtrack
+# quadratically. The user may hold an unencoded "@" (user names are often mail addresses:
+# smtp://alice@example.com:pw@host); the password runs to the *last* "@" before white
+# space: it may itself hold "@", ":" or "/" unencoded, and redacting a little too much is
+# the safe way to be wrong. A password in the query string (?password=...) too.
+_DSN_PASSWORD = re.compile(r"(://[^:/\s]{0,256}:)\S{0,512}@")
+_DSN_QUERY = re.compile(r"([?&;](?:pass(?:word)?|pwd|secret|token|api_key|auth)=)[^&;#\s]*",
+                        re.I)
 _AUTH_CMD = re.compile(r"^(AUTH\s+\S+)(\s+.*)?$", re.I | re.S)
 REDACTED = "***"
 
@@ -62,13 +66,18 @@ def redact_secrets(
         if _secret_key(key):
             event_dict[key] = REDACTED
         elif value.__class__ is str and "://" in value:
-            event_dict[key] = _DSN_PASSWORD.sub(rf"\g<1>{REDACTED}@", value)
+            event_dict[key] = _redact_url(value)
     command = event_dict.get("command")
     # lstrip: " AUTH PLAIN <payload>" is as secret (a str without leading white space
     # is returned as is, no copy).
     if isinstance(command, str) and command.lstrip()[:4].upper() == "AUTH":
         event_dict["command"] = redact_command(command)
     return event_dict
+
+
+def _redact_url(text: str) -> str:
+    """*text* (holding a "://") with the password of every URL in it replaced."""
+    return _DSN_QUERY.sub(rf"\g<1>{REDACTED}", _DSN_PASSWORD.sub(rf"\g<1>{REDACTED}@", text))
 
 
 def _secret_key(key: str) -> bool:
@@ -98,7 +107,7 @@ def _redact_deep(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_redact_deep(v) for v in obj]
     if isinstance(obj, str) and "://" in obj:
-        return _DSN_PASSWORD.sub(rf"\g<1>{REDACTED}@", obj)
+        return _redact_url(obj)
     return obj
 
 

@@ -261,3 +261,15 @@ def test_auth_dialogue_base64_echo_redacted_without_hide() -> None:
     log.reply("MAIL FROM:<a@b.test>", 250, "2.1.0 Ok AGFsaWNl0", 0.0, 0.0)
     texts = [json.loads(line)["text"] for line in buf.getvalue().splitlines()]
     assert texts == ["5.7.8 Authentication failed: ***", "VXNlcm5hbWU6", "2.1.0 Ok AGFsaWNl0"]
+
+
+@pytest.mark.parametrize("text", [
+    "relay smtp://alice@example.com:" + SECRET + "@smtp.example.com:587 refused",
+    "see x-very-long-scheme-name-of-some-proxy-layer+smtp://u:" + SECRET + "@h",
+    "smtp://u:" + SECRET + "x" * 300 + "@h",
+    "redis://127.0.0.1:6379/0?db=1&password=" + SECRET + "&x=1",
+    "amqp://u:" + SECRET + "@h/vhost, redis://:" + SECRET + "@r:6379",
+])
+def test_any_url_password_redacted(text: str) -> None:
+    line = _both({"text": text, "nested": [text]})
+    assert SECRET not in line, line
