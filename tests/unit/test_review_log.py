@@ -121,12 +121,15 @@ def test_context_variables_in_the_order_the_chain_writes_them() -> None:
     assert lean == chain
 
 
-_keys = st.text(min_size=1, max_size=12).filter(lambda k: k not in ("event", "exc_info"))
+_keys = st.one_of(
+    st.text(min_size=1, max_size=12),
+    st.sampled_from(["password", "smtp_pass", "Api_Key", "token", "command", "url", "text"]),
+).filter(lambda k: k not in ("event", "exc_info"))
 _leaves = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
     st.sampled_from(["smtp://u:" + SECRET + "@h:25", " AUTH PLAIN x", "a\nb\r\x00\u2028\x85é",
-                     "x[1]", "{", "://"]),
+                     "x[1]", "{", "://", "AUTH LOGIN " + SECRET, "plain-" + SECRET]),
     st.binary(max_size=12), st.datetimes(), st.builds(ValueError, st.text(max_size=20)),
     st.builds(_Str, st.text(max_size=10)))
 _values = st.recursive(_leaves, lambda inner: st.one_of(
@@ -143,8 +146,23 @@ def test_lean_line_is_the_chain_line_for_any_event(ctx: dict[str, Any],
     assert lean == chain
     if not lean.startswith("raised"):
         assert lean.endswith("\n") and lean.count("\n") == 1 and "\r" not in lean
-        assert SECRET not in lean
-        json.loads(lean)
+        _no_secret_in(json.loads(lean))
+
+
+def _no_secret_in(obj: Any) -> None:
+    """Secret-looking keys blank at every depth; no URL password; no AUTH payload."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if mwlog._SECRET_KEYS.search(key):
+                assert value == "***", (key, value)
+            elif key == "command" and isinstance(value, str) and "AUTH" in value.upper():
+                assert SECRET not in value
+            _no_secret_in(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            _no_secret_in(value)
+    elif isinstance(obj, str):
+        assert ":" + SECRET + "@" not in obj
 
 
 @pytest.mark.parametrize("value", [False, True, ValueError("boom")])
