@@ -129,15 +129,16 @@ class ReplyLog:
     ) -> None:
         """Log one reply (its text already decoded); *started* is when the command group it
         answers was written."""
+        auth = command.lstrip()[:4].upper() == "AUTH"
+        if auth:  # before the hook too: it gets the command as the log shows it
+            command = redact_command(command)
         hook = ReplyLog.on_reply
         if hook is not None:
             hook(self._relay, command, code)
         if not self._logs:
             return
-        if command.lstrip()[:4].upper() == "AUTH":
-            command = redact_command(command)
-            if code != 334:  # a challenge is the server's own text; the rest may echo ours
-                text = _BASE64ISH.sub(REDACTED, text)
+        if auth and code != 334:  # a challenge is the server's own text; the rest may echo
+            text = _BASE64ISH.sub(REDACTED, text)
         if self._hide:
             text = self._scrub(text)
         # The bound context first, as structlog orders a bound logger's event (passing it

@@ -291,3 +291,51 @@ def test_auth_dialogue_base64_echo_redacted_without_hide() -> None:
 def test_any_url_password_redacted(text: str) -> None:
     line = _both({"text": text, "nested": [text]})
     assert SECRET not in line, line
+
+
+def test_any_reconfiguration_sends_events_through_the_chain() -> None:
+    import logging
+
+    buf = io.StringIO()
+    configure_logging(fmt="json", level="INFO", stream=buf)
+    other = io.StringIO()
+    structlog.configure(logger_factory=structlog.WriteLoggerFactory(other))
+    assert not fast_info("e", {})
+    configure_logging(fmt="json", level="INFO", stream=buf)
+    procs = structlog.get_config()["processors"]
+    structlog.configure(processors=list(procs))  # equal, but an application's own list
+    assert not fast_info("e", {})
+    configure_logging(fmt="json", level="INFO", stream=buf)
+    structlog.get_config()["processors"].insert(0, structlog.processors.add_log_level)
+    assert not fast_info("e", {})
+    configure_logging(fmt="json", level="INFO", stream=buf)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    assert not fast_info("e", {})
+    structlog.reset_defaults()
+    assert not fast_info("e", {})
+    configure_logging(fmt="console", level="INFO", stream=buf)
+    assert not fast_info("e", {})
+    assert buf.getvalue() == ""
+    second = io.StringIO()
+    configure_logging(fmt="json", level="INFO", stream=second)
+    assert fast_info("e", {}) and second.getvalue().count("\n") == 1
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_closed_stream_fails_alike(lean: bool) -> None:
+    buf = io.StringIO()
+    configure_logging(fmt="json", level="INFO", stream=buf)
+    buf.close()
+    with pytest.raises(ValueError):
+        if not (lean and fast_info("e", {})):
+            structlog.get_logger("x").info("e")
+
+
+@pytest.mark.parametrize("level", ["INFO", "WARNING"])
+def test_metrics_hook_never_gets_an_auth_payload(
+        level: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    configure_logging(fmt="json", level=level, stream=io.StringIO())
+    seen: list[str] = []
+    monkeypatch.setattr(ReplyLog, "on_reply", lambda relay, command, code: seen.append(command))
+    ReplyLog("r", "c").reply(" auth plain aHVudGVyMlpx", 235, "ok", 0.0, 0.0)
+    assert seen == ["AUTH PLAIN ***"]
