@@ -339,3 +339,45 @@ def test_metrics_hook_never_gets_an_auth_payload(
     monkeypatch.setattr(ReplyLog, "on_reply", lambda relay, command, code: seen.append(command))
     ReplyLog("r", "c").reply(" auth plain aHVudGVyMlpx", 235, "ok", 0.0, 0.0)
     assert seen == ["AUTH PLAIN ***"]
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_auth_login_dialogue_in_the_json_log_holds_no_payload(lean: bool) -> None:
+    """A real AUTH LOGIN dialogue (the user name and the password each in a base64 line
+    after a 334) through the production JSON configuration, lean path or chain."""
+    import base64
+
+    from mailworker.config import parse_relay
+    from mailworker.smtp import Connection
+    from mailworker.testing import SMTPTestServer
+
+    server = SMTPTestServer(auth={"alice": SECRET})
+    server.start()
+    try:
+        buf = io.StringIO()
+        configure_logging(fmt="json", level="INFO", stream=buf)
+        if not lean:
+            mwlog._lean[0] = None
+        relay = parse_relay("t", server.dsn(timeout=5, connect_timeout=5, deadline=10,
+                                            allow_plain_auth=True))
+        conn = Connection(relay)
+        conn.open()
+        client = conn._client
+        assert client is not None
+        client.user, client.password = "alice", SECRET
+        client._secret = True
+        try:
+            code, _ = client.auth("LOGIN", client.auth_login, initial_response_ok=False)
+        finally:
+            client._secret = False
+        conn.close()
+    finally:
+        server.stop()
+    assert code == 235
+    out = buf.getvalue()
+    replies = [json.loads(line) for line in out.splitlines()]
+    commands = [e["command"] for e in replies if e["event"] == "smtp.reply"]
+    assert commands[-4:-1] == ["AUTH LOGIN", "AUTH ***", "AUTH ***"]
+    for secret in (SECRET, base64.b64encode(SECRET.encode()).decode(),
+                   base64.b64encode(b"alice").decode()):
+        assert secret not in out
