@@ -347,7 +347,7 @@ def test_auth_login_dialogue_in_the_json_log_holds_no_payload(lean: bool) -> Non
     after a 334) through the production JSON configuration, lean path or chain."""
     import base64
 
-    from mailworker.config import parse_relay
+    from mailworker.relay import parse_relay
     from mailworker.smtp import Connection
     from mailworker.testing import SMTPTestServer
 
