@@ -432,3 +432,82 @@ def test_a_record_set_aside_for_its_envelope_keeps_no_mark_it_did_not_earn(
     fixed = local.record(ids[1])
     assert fixed is not None and fixed.state is MessageState.DELIVERED
     assert not fixed.possible_duplicate
+
+
+@pytest.mark.parametrize("lost", ["request", "reply"])
+def test_a_commit_lost_mid_batch_never_sends_unflagged_twice(
+        make_local: Any, lost: str) -> None:
+    """The first chunk's commit carries the next window's marks. Redis goes away with it
+    (the request never ran, or it ran and the reply was lost). After the leases run out
+    every message is delivered; a message sent twice is flagged; the messages flagged
+    although sent once are at most the one window marked ahead."""
+    from mailworker.delivery import CHUNK, MARK_WINDOW
+
+    local = make_local()
+    ids = local.send_many([{"to": f"r{i}@example.com", "subject": f"m{i}", "text": "hi"}
+                           for i in range(40)])
+    commit_many = local.store.commit_many
+    calls = [0]
+
+    def failing_once(*a: Any, **kw: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            if lost == "reply":
+                commit_many(*a, **kw)
+            raise ConnectionError("Redis went away")
+        return commit_many(*a, **kw)
+
+    local.store.commit_many = failing_once  # type: ignore[method-assign]
+    [(batch, _)] = local.wakeups[:1]
+    local.deliver(batch)
+    local.store.commit_many = commit_many  # type: ignore[method-assign]
+    assert len(local.server.messages) == CHUNK  # the group stopped at the failure
+    for mid in ids:
+        local.redis.delete(local.store.keys.lease(mid))  # the leases run out
+    local.clock.advance(local.settings.lease_seconds + local.settings.stuck_after + 1)
+    local.run_until_idle()
+    sent: dict[str, int] = {}
+    for m in local.server.messages:
+        for line in m.data.split(b"\r\n"):
+            if line.startswith(b"Subject: "):
+                sent[line[9:].decode()] = sent.get(line[9:].decode(), 0) + 1
+    flagged_once = 0
+    for i, mid in enumerate(ids):
+        rec = local.record(mid)
+        assert rec is not None and rec.state is MessageState.DELIVERED, i
+        assert sent[f"m{i}"] in (1, 2)
+        if sent[f"m{i}"] == 2:
+            assert rec.possible_duplicate, i
+        elif rec.possible_duplicate:
+            flagged_once += 1
+    assert flagged_once <= MARK_WINDOW
+
+
+def test_a_rate_call_whose_reply_is_lost_flags_at_most_its_window(make_local: Any) -> None:
+    """The rate call carries the first window's marks: when its reply is lost (it ran),
+    nothing is sent; after the leases run out all are delivered once, and at most that
+    window is flagged."""
+    from mailworker.delivery import MARK_WINDOW
+
+    local = make_local()
+    ids = local.send_many([{"to": f"r{i}@example.com", "subject": f"m{i}", "text": "hi"}
+                           for i in range(20)])
+    admit = local.store.relays.admit
+
+    def reply_lost(*a: Any, **kw: Any) -> Any:
+        admit(*a, **kw)
+        raise ConnectionError("Redis went away")
+
+    local.store.relays.admit = reply_lost  # type: ignore[method-assign]
+    [(batch, _)] = local.wakeups[:1]
+    local.deliver(batch)
+    local.store.relays.admit = admit  # type: ignore[method-assign]
+    assert local.server.messages == []
+    for mid in ids:
+        local.redis.delete(local.store.keys.lease(mid))
+    local.clock.advance(local.settings.lease_seconds + local.settings.stuck_after + 1)
+    local.run_until_idle()
+    assert len(local.server.messages) == 20
+    recs = [local.record(mid) for mid in ids]
+    assert all(r is not None and r.state is MessageState.DELIVERED for r in recs)
+    assert sum(1 for r in recs if r is not None and r.possible_duplicate) <= MARK_WINDOW
