@@ -44,10 +44,13 @@ REDACTED = "***"
 
 def redact_command(command: str) -> str:
     """An SMTP command line fit for logging: AUTH arguments are replaced."""
-    m = _AUTH_CMD.match(command.strip())
+    stripped = command.strip()
+    m = _AUTH_CMD.match(stripped)
     if m:
         return m.group(1).upper() + (f" {REDACTED}" if m.group(2) else "")
-    return command.strip()
+    if stripped[:4].upper() == "AUTH" and len(stripped) > 4:  # "AUTH=PLAIN <payload>", ...
+        return f"AUTH {REDACTED}"
+    return stripped
 
 
 _secret_key_cache: dict[str, bool] = {}

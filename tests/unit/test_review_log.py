@@ -381,3 +381,11 @@ def test_auth_login_dialogue_in_the_json_log_holds_no_payload(lean: bool) -> Non
     for secret in (SECRET, base64.b64encode(SECRET.encode()).decode(),
                    base64.b64encode(b"alice").decode()):
         assert secret not in out
+
+
+@pytest.mark.parametrize("command", ["AUTH=PLAIN aHVudGVyMlpx", "AUTHaHVudGVyMlpx",
+                                     "auth:aHVudGVyMlpx"])
+def test_a_malformed_auth_command_is_redacted_whole(command: str) -> None:
+    line = _both({"command": command})
+    assert "aHVudGVyMlpx" not in line
+    assert mwlog.redact_command("AUTH") == "AUTH" and mwlog.redact_command(" AUTH ") == "AUTH"
