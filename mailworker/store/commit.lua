@@ -9,7 +9,8 @@
 --       1 when its claim found it in the in-flight set (then it is in no other: only
 --       the lease holder moves it) else 0
 -- A record that is live again (a dead letter retried) loses any expiry it had. A delivered
--- record loses its body (raw, zraw): nothing sends it again, and it was most of its memory.
+-- record loses its body (raw becomes empty, zraw goes): nothing sends it again, and it was
+-- most of its memory.
 -- Returns per record 1 when saved (or found saved by this same call before), 0 when another worker has claimed it since, or when
 -- its key is no record any more (deleted, or overwritten by another program: then it goes
 -- into the dead letters by id, as claim.lua does, to be seen and purged).
@@ -65,7 +66,10 @@ for a = 5, #ARGV, 8 do
   end
   if ours then
     if state == "delivered" then
-      redis.call("HDEL", rec, "sending", "raw", "zraw")
+      -- An empty raw, not none: a worker of the previous version (rolling deploy) reads
+      -- raw to claim a stale wake-up, and would set aside a record without one.
+      redis.call("HDEL", rec, "sending", "zraw")
+      redis.call("HSET", rec, "raw", "")
     else
       redis.call("HDEL", rec, "sending")
     end

@@ -34,7 +34,7 @@ class Family:
 #: Fields of the record hash ``m:<id>``.
 RECORD_FIELDS = {
     "doc": "the Record as JSON (mailworker.record)",
-    "raw": "the MIME bytes, as sent (dropped once delivered)",
+    "raw": "the MIME bytes, as sent (emptied once delivered)",
     "zraw": "instead of raw: the MIME bytes compressed with zlib (large bodies; "
             "mailworker.store.body)",
     "route": '"<queue> <relay>", read without parsing the document',

@@ -351,9 +351,10 @@ class Store:
         ``mailworker dlq show`` must still show it."""
         raw, zraw = self.redis.hmget(self.keys.record(mid), "raw", "zraw")
         try:
-            return body_of(raw, zraw)
+            body = body_of(raw, zraw)
         except (zlib.error, ValueError):
             return None
+        return body or None  # a delivered record keeps an empty raw (commit.lua)
 
     def document(self, mid: str) -> str | None:
         """The record's stored JSON document as text (undecodable bytes replaced), for an
