@@ -28,7 +28,9 @@ except ImportError:  # a dependency; the standard library's json is the fallback
 __all__ = ["add_timestamp", "configure_logging", "fast_info", "get_logger",
            "merge_contextvars", "redact_command", "redact_secrets"]
 
-_SECRET_KEYS = re.compile(r"(pass(word)?|secret|token|credential|auth_payload|api_key)", re.I)
+_SECRET_KEYS = re.compile(
+    r"(pass(word)?|pwd|secret|token|credential|auth_payload|api[_-]?key|private_key"
+    r"|authorization)", re.I)
 # Anchored on the literal "://" (whatever the scheme, however long) and bounded, so linear:
 # a reply text full of word characters before a URL made an unbounded version backtrack
 # quadratically. The user may hold an unencoded "@" (user names are often mail addresses:

@@ -389,3 +389,11 @@ def test_a_malformed_auth_command_is_redacted_whole(command: str) -> None:
     line = _both({"command": command})
     assert "aHVudGVyMlpx" not in line
     assert mwlog.redact_command("AUTH") == "AUTH" and mwlog.redact_command(" AUTH ") == "AUTH"
+
+
+@pytest.mark.parametrize("key", ["pwd", "smtp_pwd", "apikey", "ApiKey", "api-key",
+                                 "private_key", "authorization", "Authorization"])
+def test_more_secret_key_spellings_blanked(key: str) -> None:
+    structlog.contextvars.bind_contextvars(**{key: SECRET})
+    line = _both({"headers": {key: SECRET}})
+    assert SECRET not in line
