@@ -397,3 +397,15 @@ def test_more_secret_key_spellings_blanked(key: str) -> None:
     structlog.contextvars.bind_contextvars(**{key: SECRET})
     line = _both({"headers": {key: SECRET}})
     assert SECRET not in line
+
+
+def test_a_logged_relay_object_holds_no_password() -> None:
+    """orjson renders a dataclass field by field, repr=False ones included: a Relay bound
+    to the context or passed as a value carried its password into the line (before the
+    redaction at depth, 54ddd8b)."""
+    from mailworker.relay import parse_relay
+
+    relay = parse_relay("t", f"smtp://alice:{SECRET}@h:25")
+    structlog.contextvars.bind_contextvars(current=relay)
+    line = _both({"relay": relay, "relays": [relay]})
+    assert SECRET not in line and json.loads(line)["relay"]["password"] == "***"
