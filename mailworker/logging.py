@@ -1,8 +1,10 @@
 """structlog set-up: JSON in production, console in development, secrets always redacted.
 
 Every log line passes through :func:`redact_secrets`, so a password or an AUTH payload
-cannot reach a log line even if a caller binds it by mistake. The SMTP layer also never
-logs AUTH arguments in the first place (defence in depth).
+cannot reach a log line even if a caller binds it by mistake; the rendered line is checked
+too, at every depth (nested dicts and lists, dataclasses, bytes, exceptions: see
+:func:`_render`). The SMTP layer also never logs AUTH arguments in the first place
+(defence in depth).
 """
 
 from __future__ import annotations

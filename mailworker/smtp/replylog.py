@@ -19,7 +19,11 @@ the ``merge_contextvars`` processor of :func:`mailworker.logging.configure_loggi
 
 AUTH arguments never reach this module unredacted: the connection passes AUTH commands
 already redacted, and :meth:`ReplyLog.reply` redacts any command starting with ``AUTH``
-again (defence in depth; the check costs one slice per reply).
+again (defence in depth; the check costs one slice per reply), before the metrics hook
+sees it. A server may echo the payload back ("535 5.7.8 bad credentials <base64>"): the
+texts of replies in the AUTH dialogue (not the server's 334 challenges) lose base64-looking
+runs, and :meth:`ReplyLog.hide` removes given strings from every reply text and failure
+detail of the connection.
 """
 
 from __future__ import annotations
