@@ -534,3 +534,28 @@ def test_a_worker_of_the_previous_version_releases_a_delivered_record(
     assert Record.from_json(doc).state is MessageState.DELIVERED
     assert store.redis.hget(key, "zraw") is None and len(raw) == 0
     assert store.raw(rec.id) is None  # no body stored, as before
+
+
+def test_a_compressed_record_set_aside_by_an_old_worker_is_delivered_after_dlq_retry(
+        make_local: Any) -> None:
+    """Documented mix (upgrade workers before producers): a worker of the previous
+    version cannot read zraw and sets the record aside, as its quarantine.lua does;
+    after the upgrade `dlq retry` delivers exactly the accepted bytes, unflagged."""
+    from mailworker import api, dlq
+
+    local = make_local()
+    [(rec, raw)] = api.prepare_many([{"to": "r@example.com", "subject": "old",
+                                      "text": "mail text line\r\n" * 300}])
+    [mid] = api.enqueue_prepared([(rec, raw)])
+    assert local.redis.hget(local.store.keys.record(mid), "zraw") is not None
+    claimed = local.store.claim_many([mid], "old-worker", 30, time.time() + 60)
+    assert isinstance(claimed[mid], Claim)
+    assert local.store.quarantine_many(
+        [(mid, "old-worker", "unreadable record: the record has no message bytes (raw)")]
+    ) == [True]
+    assert dlq.retry([mid]) == [mid]
+    local.run_until_idle()
+    got = local.record(mid)
+    assert got is not None and got.state is MessageState.DELIVERED
+    assert not got.possible_duplicate
+    assert local.server.messages[-1].data in (raw, raw + b"\r\n")
