@@ -39,9 +39,10 @@ class Scripts:
             self._registered[name] = self.redis.register_script(text(name))
         return self._registered[name]
 
-    def run(self, calls: Sequence[Call]) -> list[Any]:
+    def run(self, calls: Sequence[Call], keep_errors: bool = False) -> list[Any]:
         """Run script calls in one round trip (EVALSHA), loading a script only when Redis
-        lacks it (after a restart or failover).
+        lacks it (after a restart or failover). A call's error is raised (after all ran),
+        or with *keep_errors* left in its place among the results.
 
         redis-py's pipelined scripts send SCRIPT EXISTS before every execute: a second
         round trip on the enqueue path, which this avoids.
@@ -59,7 +60,7 @@ class Scripts:
             for i, value in zip(todo, pipe.execute(raise_on_error=False), strict=True):
                 if isinstance(value, redis.exceptions.NoScriptError) and attempt == 0:
                     missing.append(i)
-                elif isinstance(value, Exception):
+                elif isinstance(value, Exception) and not keep_errors:
                     raise value
                 else:
                     results[i] = value
@@ -72,14 +73,24 @@ class Scripts:
 
     def run_with(self, calls: Sequence[Call], riders: Sequence[Rider]) -> list[Any]:
         """:meth:`run` *calls* and the riders' calls after them, in one round trip; hand
-        each rider its results; return the results of *calls*."""
+        each rider its results; return the results of *calls*.
+
+        A rider's failure is its own: a rider whose call failed is handed nothing (as if
+        its round trip had failed: the gate marks a window itself, feedback is lost), and
+        the calls it rode on stand. An error of *calls* is raised (riders handed nothing).
+        """
         if not riders:
             return self.run(calls)
         extra = [c for rider_calls, _ in riders for c in rider_calls]
-        results = self.run([*calls, *extra])
+        results = self.run([*calls, *extra], keep_errors=True)
+        for value in results[:len(calls)]:
+            if isinstance(value, Exception):
+                raise value
         at = len(calls)
         for rider_calls, done in riders:
-            done(results[at:at + len(rider_calls)])
+            got = results[at:at + len(rider_calls)]
+            if not any(isinstance(v, Exception) for v in got):
+                done(got)
             at += len(rider_calls)
         return results[:len(calls)]
 

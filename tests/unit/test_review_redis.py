@@ -559,3 +559,40 @@ def test_a_compressed_record_set_aside_by_an_old_worker_is_delivered_after_dlq_r
     assert got is not None and got.state is MessageState.DELIVERED
     assert not got.possible_duplicate
     assert local.server.messages[-1].data in (raw, raw + b"\r\n")
+
+
+def test_a_rider_that_fails_does_not_fail_the_commit_it_rides_on(
+        make_local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fleet feedback was best effort (its failure logged, outcomes kept); riding on the
+    chunk's commit, a feedback script error made the whole commit round trip raise after
+    the commits ran: the group counted as failed, the rest of the batch left unsent until
+    its leases ran out and its next window flagged. A rider's failure is its own."""
+    local = make_local()
+    ids = local.send_many([{"to": f"r{i}@example.com", "subject": f"m{i}", "text": "hi"}
+                           for i in range(40)])
+    window = local.deliverer.window
+    broken = local.store.scripts.redis.register_script("return redis.error_reply('boom')")
+
+    def failing_rider(*a: Any, **kw: Any) -> Any:
+        return [(broken, [], [])], lambda results: None
+
+    monkeypatch.setattr(window, "feedback_rider", failing_rider)
+    [(batch, _)] = local.wakeups[:1]
+    local.deliver(batch)
+    assert len(local.server.messages) == 40
+    for mid in ids:
+        rec = local.record(mid)
+        assert rec is not None and rec.state is MessageState.DELIVERED
+        assert not rec.possible_duplicate
+
+
+def test_run_with_hands_a_rider_nothing_when_its_call_failed(real_store: Store) -> None:
+    scripts = real_store.scripts
+    ok = scripts.redis.register_script("return 7")
+    bad = scripts.redis.register_script("return redis.error_reply('boom')")
+    got: list[Any] = []
+    assert scripts.run_with([(ok, [], [])], [([(bad, [], [])], got.append),
+                                             ([(ok, [], [])], got.append)]) == [7]
+    assert got == [[7]]
+    with pytest.raises(redis.ResponseError):
+        scripts.run_with([(bad, [], [])], [([(ok, [], [])], got.append)])
