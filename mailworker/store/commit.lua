@@ -53,6 +53,7 @@ for a = 5, #ARGV, 8 do
   if type(added) == "table" then
     -- Not a hash (overwritten while we sent): set aside by id, never woken again.
     ours = false
+    redis.call("DEL", lease_key)  -- ours (else the HSET was not tried)
     redis.call("ZREM", KEYS[1], id)
     redis.call("ZREM", KEYS[2], id)
     redis.call("ZADD", KEYS[3], redis.call("TIME")[1], id)

@@ -75,6 +75,7 @@ def test_a_record_overwritten_mid_send_does_not_fail_its_chunk_mates(
     # The damaged key is set aside by id (as claim.lua does), never woken again.
     assert store.redis.zscore(store.keys.inflight, claims[2].record.id) is None
     assert store.redis.zscore(store.keys.dead, claims[2].record.id) is not None
+    assert not store.redis.exists(store.keys.lease(claims[2].record.id))
 
 
 def test_a_lease_key_overwritten_does_not_fail_its_chunk_mates(real_store: Store) -> None:
