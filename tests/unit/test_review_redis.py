@@ -597,3 +597,43 @@ def test_run_with_hands_a_rider_nothing_when_its_call_failed(real_store: Store) 
     assert got == [[7]]
     with pytest.raises(redis.ResponseError):
         scripts.run_with([(bad, [], [])], [([(ok, [], [])], got.append)])
+
+
+def test_marks_hold_through_a_452_split_and_a_421_mid_batch(
+        make_local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every transaction the gate lets start (the later part of a 452 split included) has
+    its record's mark in Redis; after a 421 mid-batch the records never started keep no
+    mark and are not flagged."""
+    from mailworker.testing import Fault
+
+    local = make_local()
+    msgs = [{"to": [f"a{i}@example.com", f"b{i}@example.com"], "subject": f"m{i}",
+             "text": "hi"} for i in range(40)]
+    ids = local.send_many(msgs)
+    local.server.add_fault(Fault.reply("RCPT", 452, "4.5.3 too many recipients",
+                                       match="b3@", times=1))
+    local.server.add_fault(Fault.reply("RCPT", 421, "4.3.2 shutting down", match="a20@",
+                                       times=1))
+    pool = local.pools.get(local.settings.relay("default"))
+    send_many = pool.send_many
+    started: list[str] = []
+
+    def watching(envelopes: Any, gate: Any = None, **kw: Any) -> Any:
+        def checking_gate(i: int) -> bool:
+            ok = bool(gate(i))
+            if ok:
+                mid = envelopes[i].message_id
+                assert local.redis.hget(local.store.keys.record(mid), "sending"), i
+                started.append(mid)
+            return ok
+        return send_many(envelopes, gate=checking_gate, **kw)
+
+    monkeypatch.setattr(pool, "send_many", watching)
+    [(batch, _)] = local.wakeups[:1]
+    local.deliver(batch)
+    never = [mid for mid in ids if mid not in started]
+    for mid in never:
+        assert local.redis.hget(local.store.keys.record(mid), "sending") is None
+        rec = local.record(mid)
+        assert rec is not None and not rec.possible_duplicate
+    assert started
