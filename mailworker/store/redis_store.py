@@ -161,7 +161,7 @@ class Store:
             except Exception as exc:  # one bad record must never fail its batch-mates
                 out[mid] = Unreadable(mid, token, f"{type(exc).__name__}: {exc}"[:500])
                 continue
-            if body is None:
+            if not body:  # none, or the empty raw a delivered record keeps (commit.lua)
                 if record.state is not MessageState.DELIVERED:  # never send an empty message
                     out[mid] = Unreadable(mid, token, "the record has no message bytes (raw)")
                     continue
