@@ -278,8 +278,18 @@ class Connection:
                 "smtp+starttls://, or set allow_plain_auth=true for a relay on localhost "
                 "or a trusted network")
         client._secret = True
+        client.log.hide(relay.password or "")  # never in a reply text, even echoed back
         try:
             client.login(relay.username or "", relay.password or "")
+        except smtplib.SMTPResponseException as exc:
+            # Its text goes into the record (Redis) and the delivery log: a server may
+            # have echoed the payload or the password in it.
+            said = exc.smtp_error
+            text = client.log.scrub_auth_reply(
+                said.decode("utf-8", "replace") if isinstance(said, bytes) else said)
+            exc.smtp_error = text.encode()
+            exc.args = (exc.smtp_code, exc.smtp_error)
+            raise
         except UnicodeError:  # never chained or quoted: the text would show a character
             raise smtplib.SMTPException(
                 f"relay {relay.name!r}: the user name or password is not valid UTF-8 text"

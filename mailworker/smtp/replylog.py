@@ -108,6 +108,12 @@ class ReplyLog:
         self._hide = tuple(sorted({*self._hide, *(s for s in secrets if s)}, key=len,
                                   reverse=True))
 
+    def scrub_auth_reply(self, text: str) -> str:
+        """A reply text from the AUTH dialogue without what it may echo of the credentials:
+        the hidden strings and base64-looking runs. For texts that leave this module (an
+        ``SMTPAuthenticationError`` is stored in the record and logged by delivery)."""
+        return self._scrub(_BASE64ISH.sub(REDACTED, text))
+
     def _scrub(self, text: str) -> str:
         for secret in self._hide:
             text = text.replace(secret, REDACTED)

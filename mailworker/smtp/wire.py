@@ -84,6 +84,8 @@ class ReplyWire:
         verb = cmd.upper()
         if self._secret:  # inside login(): the AUTH argument and any continuation are secret
             self._last_cmd = redact_command(s) if verb == "AUTH" else "AUTH ***"
+            # A server may echo what it got ("535 5.7.8 bad credentials <payload>").
+            self.log.hide(*(s.split()[2:] if verb == "AUTH" else [s]))
         else:
             self._last_cmd = f"{verb} {args}" if args else verb
         self.write(f"{s}\r\n".encode(self.command_encoding))

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from mailworker.logging import configure_logging
 from mailworker.smtp import CleartextAuthRefused, Connection, Pool, Stage, failure_of
-from mailworker.testing import SMTPTestServer
+from mailworker.testing import Fault, SMTPTestServer
 
 from .helpers import envelope, relay_for, verbs
 
@@ -159,6 +159,25 @@ def test_failed_login_does_not_log_secrets_either(make_server: MakeServer) -> No
         Connection(relay_for(server, user="alice", password=PASSWORD)).open()
     dump = repr(events)
     assert all(secret not in dump for secret in _secrets())
+
+
+@pytest.mark.parametrize("echo", ["password", "payload"])
+def test_a_server_echoing_the_credentials_is_not_logged(make_server: MakeServer,
+                                                         echo: str) -> None:
+    # A password of plain words: no base64-looking run for the AUTH-dialogue scrub to catch.
+    words = "correct horse battery staple"
+    plain = base64.b64encode(f"\0alice\0{words}".encode()).decode()
+    server = make_server(tls="starttls", auth={"alice": words})
+    server.add_fault(Fault.reply("AUTH", 535, "5.7.8 bad credentials "
+                                 + (words if echo == "password" else plain)))
+    with capture_logs() as events, pytest.raises(smtplib.SMTPAuthenticationError) as info:
+        Connection(relay_for(server, user="alice", password=words)).open()
+    replies = [e for e in events if e["event"] == "smtp.reply" and e["code"] == 535]
+    assert replies and "bad credentials" in replies[0]["text"]
+    assert words not in repr(events) and plain not in repr(events)
+    # The exception's text is stored in the record and logged by delivery: clean too.
+    said = f"{info.value} {failure_of(info.value).text}"
+    assert "bad credentials" in said and words not in said and plain not in said
 
 
 def test_reply_events_carry_context_through_the_production_pipeline(
