@@ -535,8 +535,10 @@ class _StallingServer:
         self.slow = slow  # read content at about 8 MB/s (400 KB every 50 ms), never stalled
         self.stop = threading.Event()
         self._listener = socket.socket()
-        if slow:
-            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        # A fixed receive buffer (inherited by the accepted socket): loopback autotuning
+        # may otherwise grow it to tcp_rmem's maximum (32 MB on some hosts), and a stalled
+        # server would then still absorb the whole window: no write would ever stall.
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen()
         self.port = self._listener.getsockname()[1]
