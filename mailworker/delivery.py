@@ -22,7 +22,7 @@ from mailworker import metrics
 from mailworker.config import ConfigError, Settings
 from mailworker.fleet import Window
 from mailworker.fleet import install as install_slots
-from mailworker.groups import Groups, forget
+from mailworker.groups import Groups, failed_member, forget
 from mailworker.hooks import Hooks
 from mailworker.leases import HeldLeases, heartbeat
 from mailworker.logging import fast_info
@@ -247,7 +247,8 @@ class Deliverer:
         out: dict[str, list[Claim]] = defaultdict(list)
         for name, claims in ready.items():
             for c in claims:
-                out[self.groups.pick(name, health)].append(c)
+                avoid = failed_member(c.record.history)
+                out[self.groups.pick(name, health, avoid)].append(c)
         return out
 
     def _save(self, saves: Sequence[tuple[Claim, Step]], premark: Sequence[Claim] = ()

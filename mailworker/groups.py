@@ -22,16 +22,17 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
 from mailworker.config import Settings
+from mailworker.record import Attempt
 from mailworker.relay_groups import RelayGroup
 from mailworker.store import Store
 
-__all__ = ["HEALTH_TTL", "Groups", "forget"]
+__all__ = ["HEALTH_TTL", "Groups", "failed_member", "forget"]
 
 log = structlog.get_logger("mailworker.groups")
 
@@ -59,6 +60,23 @@ def _state(store: Store) -> _Shared:
         if state is None:
             state = _shared[store] = _Shared()
         return state
+
+
+#: Stages at which a failure is the relay's, not the message's: connect, greeting, EHLO,
+#: TLS, AUTH (a 421 at any stage too).
+_RELAY_STAGES = frozenset({"connect", "greeting", "ehlo", "tls", "auth"})
+
+
+def failed_member(history: Sequence[Attempt]) -> str | None:
+    """The relay the last attempt failed on at the relay level (it was down, closing or
+    refusing the session), or None: the next pick avoids it when another member is up."""
+    if not history:
+        return None
+    last = history[-1]
+    error = last.error or {}
+    if error.get("stage") in _RELAY_STAGES or error.get("code") == 421:
+        return last.relay
+    return None
 
 
 def forget(store: Store) -> None:
@@ -99,12 +117,20 @@ class Groups:
             state.read_at, state.health = now, health
         return health
 
-    def pick(self, name: str, health: dict[str, str | None]) -> str:
-        """The member (a relay name) that carries the next message sent to *name*."""
+    def pick(self, name: str, health: dict[str, str | None], avoid: str | None = None) -> str:
+        """The member (a relay name) that carries the next message sent to *name*.
+
+        *avoid*: the member this message's last attempt failed on at the relay level (see
+        :func:`failed_member`); another healthy member is preferred. Without it, a member
+        whose probe is due counts as healthy, so the messages held until that probe time
+        would all go back to it as the probe, fail with it, be held to the next probe,
+        and so on: they would never reach the healthy member while it stayed down."""
         group = self.groups.get(name)
         if group is None:
             return name
         healthy = [m for m in group.members if self._healthy(m, health)]
+        if avoid is not None:
+            healthy = [m for m in healthy if m != avoid] or healthy
         if group.kind == "failover":
             return self.pick((healthy or list(group.members))[0], health)
         return self.pick(self._next(group, healthy or list(group.members)), health)
