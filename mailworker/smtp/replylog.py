@@ -28,9 +28,11 @@ detail of the connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import smtplib
+import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -61,6 +63,22 @@ def _info_enabled(logger: Any) -> bool:
 _BASE64ISH = re.compile(r"(?<![\w+/=])(?=[A-Za-z0-9+/]*[0-9+/=])[A-Za-z0-9+/]{8,}={0,2}(?![\w+/=])")
 
 _enhanced: dict[str, str | None] = {}
+
+_unrecorded_said: set[str] = set()
+
+
+def _unrecorded(what: str, exc: BaseException) -> None:
+    """Say once per process (on stderr: the log itself may be what is broken) that replies
+    went unrecorded, and go on delivering."""
+    if what in _unrecorded_said:
+        return
+    _unrecorded_said.add(what)
+    stream = sys.__stderr__
+    with contextlib.suppress(Exception):  # nowhere left to say it
+        if stream is not None:
+            stream.write(f"mailworker: {what} failed ({type(exc).__name__}: "
+                         f"{str(exc)[:200]}); delivery goes on, replies may be missing "
+                         "from it. Said once per process.\n")
 
 
 def _enhanced_code(text: str) -> str | None:
@@ -144,9 +162,22 @@ class ReplyLog:
             command = redact_command(command)
         hook = ReplyLog.on_reply
         if hook is not None:
-            hook(self._relay, command, code)
+            try:
+                hook(self._relay, command, code)
+            except Exception as exc:  # metrics must never decide a delivery
+                _unrecorded("the reply metrics hook", exc)
         if not self._logs:
             return
+        try:
+            self._emit(command, code, text, started, now, auth, message_id, recipient)
+        except Exception as exc:
+            # A log that cannot be written (a closed stream, a full disk, a value the
+            # renderer refuses) must not fail the SMTP session: the reply was read and
+            # decides its message; failing here would make answered messages uncertain.
+            _unrecorded("the reply log", exc)
+
+    def _emit(self, command: str, code: int, text: str, started: float, now: float,
+              auth: bool, message_id: str | None, recipient: str | None) -> None:
         if auth and code != 334:  # a challenge is the server's own text; the rest may echo
             text = _BASE64ISH.sub(REDACTED, text)
         if self._hide:
@@ -172,22 +203,31 @@ class ReplyLog:
     def connect(self, **facts: Any) -> None:
         """``smtp.connect``: the session is ready (after greeting, EHLO, TLS and AUTH)."""
         if self._logs:
-            self._log.info("smtp.connect", **facts)
+            self._info("smtp.connect", facts)
 
     def close(self, **facts: Any) -> None:
         """``smtp.close``: the socket is gone, with why and how much it carried."""
         if self._logs:
-            self._log.info("smtp.close", **facts)
+            self._info("smtp.close", facts)
+
+    def _info(self, event: str, facts: dict[str, Any]) -> None:
+        try:
+            self._log.info(event, **facts)
+        except Exception as exc:  # as in reply(): a broken log never fails the session
+            _unrecorded("the connection log", exc)
 
     def failure(self, event: str, exc: BaseException, **facts: Any) -> None:
         """A connection-level failure, logged at WARNING with the stage it happened at."""
         detail = self._scrub(str(exc))
         if isinstance(exc, smtplib.SMTPAuthenticationError):
             detail = _BASE64ISH.sub(REDACTED, detail)
-        self._log.warning(
-            event,
-            error=type(exc).__name__,
-            detail=detail[:300],
-            stage=failure_of(exc).stage,
-            **facts,
-        )
+        try:
+            self._log.warning(
+                event,
+                error=type(exc).__name__,
+                detail=detail[:300],
+                stage=failure_of(exc).stage,
+                **facts,
+            )
+        except Exception as log_exc:  # the failure itself is raised by the caller
+            _unrecorded("the connection log", log_exc)

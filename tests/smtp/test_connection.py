@@ -355,3 +355,26 @@ def test_bad_envelopes_are_refused_when_made() -> None:
     with pytest.raises(ValueError, match="recipient"):
         envelope(25, ())
     assert envelope(26, ("<a@example.test>",)).recipients == ("a@example.test",)
+
+
+class _BrokenLog:
+    """A logger whose every event fails, as a closed stream or a full disk makes it."""
+
+    def bind(self, **_: object) -> _BrokenLog:
+        return self
+
+    def info(self, *_: object, **__: object) -> None:
+        raise ValueError("I/O operation on closed file")
+
+    warning = info
+
+
+def test_a_log_that_cannot_be_written_never_fails_a_delivery(server: SMTPTestServer) -> None:
+    """The reply was read and decides its message: a failing log must not turn answered
+    messages into failures (uncertain ones, sent again)."""
+    conn = Connection(relay_for(server), logger=_BrokenLog())
+    conn.open()
+    results = conn.send_many([envelope(i) for i in range(3)])
+    conn.close()
+    assert all(not isinstance(r, BaseException) and r.accepted for r in results), results
+    assert len(server.wait_for_messages(3)) == 3
