@@ -266,17 +266,7 @@ class ReplyWire:
 
     def peer_spoke(self) -> bool:
         """True when the server sent anything or hung up while we expected silence."""
-        sock = self.sock
-        if sock is None or self.buffered():
-            return True
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
-        try:
-            poller = select.poll()
-            poller.register(sock, select.POLLIN | select.POLLPRI)
-            return bool(poller.poll(0))
-        except (OSError, ValueError):
-            return True
+        return self.wait_readable(0.0)
 
     def wait_readable(self, seconds: float) -> bool:
         """True when reply bytes are here or arrive within *seconds*; nothing is read, and
