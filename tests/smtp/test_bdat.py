@@ -201,7 +201,13 @@ def bdat_server() -> Any:
 
 def send(server: BdatServer, envelopes: list[Envelope], gate: Any = None, **options: Any
          ) -> tuple[list[SendResult | BaseException], Connection]:
-    conn = Connection(server.relay(**options))
+    return send_over(server.relay(**options), envelopes, gate)
+
+
+def send_over(relay: Relay, envelopes: list[Envelope], gate: Any = None
+              ) -> tuple[list[SendResult | BaseException], Connection]:
+    """One connection: open, send the batch, close (the connection is returned closed)."""
+    conn = Connection(relay)
     conn.open()
     try:
         return conn.send_many(envelopes, gate=gate), conn
@@ -477,12 +483,7 @@ def test_test_server_receives_bdat_byte_exact(make_server: Any) -> None:
 
     server = make_server(chunking=True)
     envs = [envelope(i, body=body(i)) for i in range(30)]
-    conn = Connection(relay_for(server, pipeline_window=5))
-    conn.open()
-    try:
-        entries = conn.send_many(envs)
-    finally:
-        conn.close()
+    entries, _ = send_over(relay_for(server, pipeline_window=5), envs)
     assert all(kind(e) == "ok" for e in entries)
     assert [m.data for m in server.messages] == [e.data for e in envs]
     assert sum(c.startswith("BDAT") for _, c in server.commands) == 30

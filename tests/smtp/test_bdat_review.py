@@ -29,7 +29,7 @@ from mailworker.smtp import (
 from mailworker.smtp.connection import prepare
 
 from .helpers import envelope, relay_for
-from .test_bdat import CLOSE, BdatServer, bdat_server, kind, send
+from .test_bdat import CLOSE, BdatServer, bdat_server, kind, send, send_over
 
 __all__ = ["bdat_server"]  # the fixture, re-used from test_bdat
 
@@ -594,6 +594,32 @@ class _StallingServer:
         self._thread.join(5)
 
 
+def _send_over_a_slow_link(monkeypatch: pytest.MonkeyPatch, options: str,
+                           envs: list[Envelope]) -> list[Any]:
+    """*envs* to a server reading about 8 MB/s, with small client socket buffers, so that
+    the write itself waits on the server (not the kernel's buffers, which the reply wait
+    would pay for)."""
+    from mailworker.relay import parse_relay
+    from mailworker.smtp import connection
+
+    real = connection._no_delay
+
+    def small_buffers(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        real(sock)
+
+    monkeypatch.setattr(connection, "_no_delay", small_buffers)
+    server = _StallingServer(stall_at=10**9, refuse_mail=set(), slow=True)
+    relay = parse_relay("slow", f"smtp://127.0.0.1:{server.port}?tls=none&{options}")
+    conn = Connection(relay)
+    conn.open()
+    try:
+        return list(conn.send_many(envs))
+    finally:
+        conn.close()
+        server.close()
+
+
 def test_write_stall_keeps_the_replies_already_received() -> None:
     """The server answered messages 0 (MAIL refused) and 1 (queued), then stopped reading
     while the client was still writing the window: the write times out, but 0 and 1 are
@@ -604,12 +630,9 @@ def test_write_stall_keeps_the_replies_already_received() -> None:
     relay = parse_relay("stall", f"smtp://127.0.0.1:{server.port}?tls=none&timeout=1"
                         "&connect_timeout=5&deadline=10&pipeline_window=4")
     envs = [envelope(i, body=b"z" * 998 + b"\r\n" * 2_000_000) for i in range(6)]
-    conn = Connection(relay)
-    conn.open()
     try:
-        entries = conn.send_many(envs)
+        entries, _ = send_over(relay, envs)
     finally:
-        conn.close()
         server.close()
     kinds = [kind(e) for e in entries]
     assert kinds[:2] == ["mail 550", "ok"], kinds
@@ -664,12 +687,7 @@ def test_drop_in_the_middle_of_a_chunk(make_server: Any) -> None:
     server = make_server(chunking=True)
     server.add_fault(Fault.drop_during_data(nth=3, times=1))
     envs = [envelope(i, body=b"w" * 900 + b"\r\n" * 1_000_000) for i in range(6)]
-    conn = Connection(relay_for(server, pipeline_window=4))
-    conn.open()
-    try:
-        entries = conn.send_many(envs)
-    finally:
-        conn.close()
+    entries, _ = send_over(relay_for(server, pipeline_window=4), envs)
     kinds = [kind(e) for e in entries]
     assert kinds[:2] == ["ok", "ok"], kinds
     uncertain, cut = kinds.count("uncertain"), kinds.count("data None")
@@ -684,27 +702,9 @@ def test_a_large_message_on_a_slow_link_is_not_a_timeout(monkeypatch: pytest.Mon
     slower than the body takes to write in ``timeout``, gets the message (the transaction
     ``deadline`` still bounds the whole). Small socket buffers, so that the write itself
     waits on the server (not the kernel's buffers, which the reply wait would pay for)."""
-    from mailworker.relay import parse_relay
-    from mailworker.smtp import connection
-
-    real = connection._no_delay
-
-    def small_buffers(sock: socket.socket) -> None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-        real(sock)
-
-    monkeypatch.setattr(connection, "_no_delay", small_buffers)
-    server = _StallingServer(stall_at=10**9, refuse_mail=set(), slow=True)
-    relay = parse_relay("slow", f"smtp://127.0.0.1:{server.port}?tls=none&timeout=0.5"
-                        "&connect_timeout=5&deadline=30&pipeline_window=2")
     envs = [envelope(i, body=b"s" * 998 + b"\r\n" * 2_000_000) for i in range(2)]
-    conn = Connection(relay)
-    conn.open()
-    try:
-        entries = conn.send_many(envs)
-    finally:
-        conn.close()
-        server.close()
+    entries = _send_over_a_slow_link(
+        monkeypatch, "timeout=0.5&connect_timeout=5&deadline=30&pipeline_window=2", envs)
     assert [kind(e) for e in entries] == ["ok", "ok"]
 
 
@@ -889,12 +889,9 @@ def test_421_and_hang_up_while_the_window_is_still_being_written(reset: bool) ->
     relay = parse_relay("busy", f"smtp://127.0.0.1:{port}?tls=none&timeout=2"
                         "&connect_timeout=5&deadline=10&pipeline_window=4")
     envs = [envelope(i, body=b"q" * 998 + b"\r\n" * 1_500_000) for i in range(6)]
-    conn = Connection(relay)
-    conn.open()
     try:
-        entries = conn.send_many(envs)
+        entries, conn = send_over(relay, envs)
     finally:
-        conn.close()
         listener.close()
         thread.join(5)
     kinds = [kind(e) for e in entries]
@@ -957,12 +954,9 @@ def test_probe_never_stalls_on_a_server_that_holds_replies_to_the_group_end(
     relay = parse_relay("holder", f"smtp://127.0.0.1:{port}?tls=none&timeout=5"
                         "&connect_timeout=5&deadline=10&pipeline_window=4")
     envs = [envelope(i) for i in range(3)]
-    conn = Connection(relay)
-    conn.open()
     try:
-        entries = conn.send_many(envs)
+        entries, _ = send_over(relay, envs)
     finally:
-        conn.close()
         listener.close()
         thread.join(5)
     assert [kind(e) for e in entries] == ["ok"] * 3
@@ -975,27 +969,9 @@ def test_window_longer_than_a_deadline_still_reads_the_replies_that_came(
     transaction's deadline, which bounds the write. Its reply arrived long ago: after the
     write times out it must still decide that message (not leave it uncertain, a flagged
     duplicate on retry), and nothing is ever claimed that the server did not answer."""
-    from mailworker.relay import parse_relay
-    from mailworker.smtp import connection
-
-    real = connection._no_delay
-
-    def small_buffers(sock: socket.socket) -> None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-        real(sock)
-
-    monkeypatch.setattr(connection, "_no_delay", small_buffers)
-    server = _StallingServer(stall_at=10**9, refuse_mail=set(), slow=True)
-    relay = parse_relay("slow", f"smtp://127.0.0.1:{server.port}?tls=none&timeout=5"
-                        "&connect_timeout=5&deadline=1&pipeline_window=3")
     envs = [envelope(i, body=b"s" * 998 + b"\r\n" * 500_000) for i in range(4)]
-    conn = Connection(relay)
-    conn.open()
-    try:
-        entries = conn.send_many(envs)
-    finally:
-        conn.close()
-        server.close()
+    entries = _send_over_a_slow_link(
+        monkeypatch, "timeout=5&connect_timeout=5&deadline=1&pipeline_window=3", envs)
     kinds = [kind(e) for e in entries]
     assert kinds[0] == "ok", kinds
     assert all(k in ("ok", "uncertain", "data None", "not-attempted") for k in kinds), kinds

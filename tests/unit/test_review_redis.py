@@ -12,18 +12,10 @@ from typing import Any
 import pytest
 import redis
 
-from mailworker.record import MessageState, RecipientState, Record
+from mailworker.record import MessageState, Record
 from mailworker.store import Claim, Store
 
-
-def make_record(**kw: Any) -> Record:
-    now = time.time()
-    base: dict[str, Any] = dict(
-        id=uuid.uuid4().hex, queue="transactional", relay="default", sender="a@example.com",
-        recipients=[RecipientState("b@example.com")], created_at=now,
-        expires_at=now + 3600, size=100)
-    base.update(kw)
-    return Record(**base)
+from .test_store_body import make_record
 
 
 @pytest.fixture
